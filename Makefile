@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv demo test clean
+.PHONY: venv data demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,22 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Fashion-MNIST from Debian (IDX files under /usr/share/datasets/fashion-mnist); needs root on a fresh machine.
+data:
+	@[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
+
+# LPIPS calibration heads as the `lpips` wheel ships them (data only; the package itself is never installed).
+LPIPS_HEADS := .cache/lpips/vgg.pth
+$(LPIPS_HEADS): | venv
+	$(PIP) download -q --no-deps lpips==0.1.4 -d .cache/lpips
+	$(PY) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('.cache/lpips/lpips-*.whl')[0]); open('$@', 'wb').write(z.read('lpips/weights/v0.1/vgg.pth'))"
+
 demo: venv
 	$(VENV)/bin/openldm demo
 
-test: venv
-	$(PY) -m pytest -q
+test: venv data $(LPIPS_HEADS)
+	OPENLDM_LPIPS_HEADS=$(LPIPS_HEADS) $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info
