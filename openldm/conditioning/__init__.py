@@ -1,4 +1,35 @@
-"""Conditioners: each turns one kind of condition into the UNet's named slots (see slots.py)."""
-from openldm.conditioning.slots import Slots
+"""Conditioners: each turns one kind of condition into the UNet's named slots (see slots.py).
 
-__all__ = ["Slots"]
+Importing this package registers every conditioner in ``openldm.registry.CONDITIONERS``: "class_label", "text",
+"segmentation", "low_res", "inpaint". ``compose`` merges several into one ``Slots`` with condition dropout and
+the null condition classifier-free guidance needs.
+"""
+from openldm.conditioning.slots import Slots
+from openldm.conditioning.compose import (
+    ComposedConditioner,
+    ConditionConfig,
+    Conditioner,
+    Resources,
+    SlotDims,
+    build_conditioning,
+    merge_slots,
+)
+from openldm.conditioning.class_label import ClassLabelConditioner, ClassLabelConfig
+from openldm.conditioning.text import PromptEncoder, TextConditioner, TextConfig, wrap_text_encoder
+from openldm.conditioning.spatial import (
+    InpaintConditioner,
+    InpaintConfig,
+    LowResConditioner,
+    LowResConfig,
+    MaskGenerator,
+    MaskGeneratorConfig,
+    SegmentationConditioner,
+    SegmentationConfig,
+)
+
+__all__ = [
+    "Slots", "Conditioner", "ComposedConditioner", "ConditionConfig", "Resources", "SlotDims", "build_conditioning",
+    "merge_slots", "ClassLabelConditioner", "ClassLabelConfig", "TextConditioner", "TextConfig", "PromptEncoder",
+    "wrap_text_encoder", "SegmentationConditioner", "SegmentationConfig", "LowResConditioner", "LowResConfig",
+    "InpaintConditioner", "InpaintConfig", "MaskGenerator", "MaskGeneratorConfig",
+]
