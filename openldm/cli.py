@@ -59,7 +59,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 100], help="sampling step counts to compare")
-    p.add_argument("--samples", type=int, default=20000, help="number of points drawn per sampler")
+    p.add_argument("--samples", type=int, default=8000, help="number of points drawn per sampler")
     p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
@@ -68,6 +68,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from openldm.evaluation.toy import mixture_report
 
     print(mixture_report(steps=args.steps, num_samples=args.samples, seed=args.seed))
+    return 0
+
+
+# --- openldm train ----------------------------------------------------------------------------------------------
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML file of a DiffusionTrainConfig (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=2000 optim.lr=3e-4 unet.model_channels=64")
+
+
+@command("train", "train a (latent) diffusion model; conditions, data and UNet named in the config", _train_args)
+def cmd_train(args: argparse.Namespace) -> int:
+    from openldm.config import load
+    from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
+
+    cfg = load(DiffusionTrainConfig, args.config, args.overrides)
+    out = train_diffusion(cfg, resume=args.resume, progress=not args.quiet)
+    last = out["history"][-1] if out["history"] else {}
+    print(f"step {out['step']}" + (f", loss {last['loss']:.4f}" if last else "") + f"; run saved in {cfg.out_dir}")
     return 0
 
 

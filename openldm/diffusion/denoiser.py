@@ -25,14 +25,18 @@ class Denoiser(Protocol):
 
 
 class DiscreteDenoiser(nn.Module):
-    """``D(x, sigma, cond)`` for a network ``net(x_t, t, **slots)`` trained on ``alphas_cumprod``."""
+    """``D(x, sigma, cond)`` for a network ``net(x_t, t, **slots)`` trained on ``alphas_cumprod``.
 
-    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, prediction: str = "eps"):
+    ``quantize``: give the network the nearest integer timestep, as diffusers' DPM-Solver does with Karras sigmas
+    (its plan's timesteps are integers); input scaling and output conversion still use the exact sigma."""
+
+    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, prediction: str = "eps", quantize: bool = False):
         super().__init__()
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction type {prediction!r} is not one of {PREDICTION_TYPES}")
         self.net = net
         self.prediction = prediction
+        self.quantize = quantize
         sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.float())
         self.register_buffer("sigmas", sigmas, persistent=False)  # (T,) increasing
         self.register_buffer("log_sigmas", sigmas.log(), persistent=False)
@@ -46,7 +50,8 @@ class DiscreteDenoiser(nn.Module):
         return float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        return sigma_to_t(sigma, self.log_sigmas)
+        t = sigma_to_t(sigma, self.log_sigmas)
+        return t.round() if self.quantize else t
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Slots | None = None) -> torch.Tensor:
         sigma = sigma.to(x.device, torch.float32).expand(x.shape[0]) if sigma.dim() == 0 else sigma.to(x.device, torch.float32)

@@ -83,8 +83,10 @@ MIN_ALPHA_BAR = 2.0**-24
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the noise level in sigma space."""
-    ab = alphas_cumprod.clamp(min=MIN_ALPHA_BAR)
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the noise level in sigma space. An alpha_bar of exactly 0
+    (zero terminal SNR) is read as MIN_ALPHA_BAR, as diffusers does; tiny positive values (the cosine schedule's last
+    step, ~2e-9) are kept, also as diffusers does."""
+    ab = torch.where(alphas_cumprod > 0, alphas_cumprod, torch.full_like(alphas_cumprod, MIN_ALPHA_BAR))
     return ((1 - ab) / ab) ** 0.5
 
 

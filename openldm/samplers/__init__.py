@@ -1,0 +1,41 @@
+"""Samplers: stateless functions with one signature over the denoiser interface (see ``base``), registered in
+``SAMPLERS`` as ``SamplerSpec`` entries (callable like the function they hold).
+
+=================  ==============================  ===========================================
+name               function                        schedule convention (diffusers scheduler)
+=================  ==============================  ===========================================
+ddpm               ddpm.sample_ddpm                DDPMScheduler (variance "fixed_small")
+ddim               ddim.sample_ddim                DDIMScheduler
+euler              euler.sample_euler              EulerDiscreteScheduler
+euler_ancestral    euler.sample_euler_ancestral    EulerAncestralDiscreteScheduler
+heun               euler.sample_heun               HeunDiscreteScheduler
+dpmpp_2m           dpm_solver.sample_dpmpp_2m      DPMSolverMultistepScheduler (dpmsolver++)
+dpmpp_2m_sde       dpm_solver.sample_dpmpp_2m_sde  DPMSolverMultistepScheduler (sde-dpmsolver++)
+=================  ==============================  ===========================================
+
+Build the noise levels for any of them with ``openldm.diffusion.spacing.make_plan(name, ...)``.
+"""
+from openldm.registry import SAMPLERS
+from openldm.samplers.base import SamplerSpec, blend_known
+from openldm.samplers.ddim import sample_ddim
+from openldm.samplers.ddpm import sample_ddpm
+from openldm.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
+from openldm.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
+from openldm.samplers.guidance import CFGDenoiser, rescale_guidance
+
+SAMPLERS.register("ddpm", SamplerSpec(sample_ddpm, "ddpm", "DDPMScheduler", supports_karras=False, stochastic=True))
+SAMPLERS.register("ddim", SamplerSpec(sample_ddim, "ddim", "DDIMScheduler", supports_karras=False, stochastic=False))
+SAMPLERS.register("euler", SamplerSpec(sample_euler, "euler", "EulerDiscreteScheduler", supports_karras=True,
+                                       stochastic=False))
+SAMPLERS.register("euler_ancestral", SamplerSpec(sample_euler_ancestral, "euler_ancestral",
+                                                 "EulerAncestralDiscreteScheduler", supports_karras=True,
+                                                 stochastic=True))
+SAMPLERS.register("heun", SamplerSpec(sample_heun, "heun", "HeunDiscreteScheduler", supports_karras=True,
+                                      stochastic=False))
+SAMPLERS.register("dpmpp_2m", SamplerSpec(sample_dpmpp_2m, "dpm", "DPMSolverMultistepScheduler",
+                                          supports_karras=True, stochastic=False))
+SAMPLERS.register("dpmpp_2m_sde", SamplerSpec(sample_dpmpp_2m_sde, "dpm", "DPMSolverMultistepScheduler",
+                                              supports_karras=True, stochastic=True))
+
+__all__ = ["SamplerSpec", "CFGDenoiser", "rescale_guidance", "blend_known", "sample_ddpm", "sample_ddim",
+           "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde"]
