@@ -15,14 +15,6 @@ class PresetRow:
     parameters: int
 
 
-def kind_of_config(config: object) -> str:
-    """The registered model kind whose ``config_class`` is ``type(config)``."""
-    for name, cls in MODELS.items():
-        if getattr(cls, "config_class", None) is type(config):
-            return name
-    raise ValueError(f"no registered model takes a {type(config).__name__}")
-
-
 def count_parameters(kind: str, config: object) -> int:
     """Parameter count of model ``kind`` built from ``config`` on the meta device (no memory, no init time)."""
     with torch.device("meta"):
@@ -33,7 +25,6 @@ def count_parameters(kind: str, config: object) -> int:
 def preset_rows() -> list[PresetRow]:
     rows = []
     for name, factory in PRESETS.items():
-        config = factory()
-        kind = kind_of_config(config)
+        kind, config = factory()  # a preset names its model kind and returns that model's config
         rows.append(PresetRow(name, kind, count_parameters(kind, config)))
     return rows

@@ -24,14 +24,15 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         eps: float = 1e-5,
         scale_shift: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
         out_channels = out_channels or in_channels
         self.scale_shift = scale_shift
-        self.norm1 = group_norm(in_channels, eps)
+        self.norm1 = group_norm(in_channels, eps, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = None if emb_dim is None else nn.Linear(emb_dim, out_channels * (2 if scale_shift else 1))
-        self.norm2 = group_norm(out_channels, eps)
+        self.norm2 = group_norm(out_channels, eps, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)

@@ -1,0 +1,98 @@
+"""Attention through F.scaled_dot_product_attention equals the textbook softmax(Q K^T / sqrt(d)) V."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from openldm.nn.attention import Attention, SpatialSelfAttention
+
+B, T, S, HEADS, HEAD_DIM = 2, 7, 5, 3, 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is as fast, and a shared machine's OpenMP contention cannot stall it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def explicit_attention(attn: Attention, x: torch.Tensor, context: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+    """Vaswani et al. 2017, eq. 1, per head, with a boolean (True = attend) or additive mask."""
+    context = x if context is None else context
+    heads, d = attn.heads, attn.head_dim
+    q = attn.to_q(x).unflatten(-1, (heads, d))  # (B, T, heads, d)
+    k = attn.to_k(context).unflatten(-1, (heads, d))  # (B, S, heads, d)
+    v = attn.to_v(context).unflatten(-1, (heads, d))  # (B, S, heads, d)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d)  # (B, heads, T, S)
+    if mask is not None:
+        mask = mask[:, None, None, :] if mask.dim() == 2 else mask
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    out = torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)  # (B, T, heads, d)
+    return attn.to_out(out.flatten(2))
+
+
+def make(context_dim: int | None = None, qkv_bias: bool = False) -> Attention:
+    torch.manual_seed(0)
+    attn = Attention(16, context_dim, heads=HEADS, head_dim=HEAD_DIM, qkv_bias=qkv_bias).double()
+    return attn
+
+
+def random_bool_mask(shape: tuple[int, ...]) -> torch.Tensor:
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[..., 0] = True  # every query keeps at least one key (an all-masked row is NaN in both)
+    return mask
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_self_attention_matches_explicit(qkv_bias: bool):
+    attn = make(qkv_bias=qkv_bias)
+    x = torch.randn(B, T, 16, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), explicit_attention(attn, x), rtol=1e-10, atol=1e-10)
+
+
+def test_cross_attention_matches_explicit():
+    attn = make(context_dim=12)
+    x, ctx = torch.randn(B, T, 16, dtype=torch.float64), torch.randn(B, S, 12, dtype=torch.float64)
+    torch.testing.assert_close(attn(x, ctx), explicit_attention(attn, x, ctx), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(B, S), (B, HEADS, T, S), (B, 1, T, S)], ids=["key-padding", "per-head", "broadcast"])
+def test_boolean_masks_match_explicit(shape):
+    attn = make(context_dim=12)
+    x, ctx = torch.randn(B, T, 16, dtype=torch.float64), torch.randn(B, S, 12, dtype=torch.float64)
+    mask = random_bool_mask(shape)
+    torch.testing.assert_close(attn(x, ctx, mask), explicit_attention(attn, x, ctx, mask), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(B, S), (B, HEADS, T, S)], ids=["key-padding", "per-head"])
+def test_additive_masks_match_explicit(shape):
+    attn = make(context_dim=12)
+    x, ctx = torch.randn(B, T, 16, dtype=torch.float64), torch.randn(B, S, 12, dtype=torch.float64)
+    bias = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(attn(x, ctx, bias), explicit_attention(attn, x, ctx, bias), rtol=1e-10, atol=1e-10)
+
+
+def test_masked_keys_are_ignored():
+    attn = make(context_dim=12)
+    x, ctx = torch.randn(B, T, 16, dtype=torch.float64), torch.randn(B, S, 12, dtype=torch.float64)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[:, -2:] = False
+    changed = ctx.clone()
+    changed[:, -2:] = 100.0
+    torch.testing.assert_close(attn(x, ctx, mask), attn(x, changed, mask), rtol=0, atol=1e-12)
+    # the same mask as an additive -inf bias
+    bias = torch.zeros(B, S, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(attn(x, ctx, bias), attn(x, ctx, mask), rtol=1e-12, atol=1e-12)
+
+
+def test_spatial_self_attention_matches_explicit():
+    torch.manual_seed(0)
+    block = SpatialSelfAttention(32).double()
+    x = torch.randn(2, 32, 5, 6, dtype=torch.float64)
+    h = block.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+    expected = x + explicit_attention(block.attn, h).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
