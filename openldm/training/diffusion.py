@@ -1,0 +1,305 @@
+"""Diffusion training: an explicit loop over (cached) latents or pixels, any composition of conditioners.
+
+Run directory (``out_dir``), everything needed to sample or resume:
+
+- ``config.yaml``                 the resolved training config
+- ``unet.safetensors``            raw UNet weights + UNet config (openldm model file)
+- ``unet_ema.safetensors``        EMA UNet (what sampling uses by default)
+- ``conditioner.safetensors``     trainable conditioner weights (raw and ``ema.`` prefixed)
+- ``training_state.safetensors``  optimiser, LR schedule, step, RNG and data position (no pickle)
+
+Every file is written atomically. A run resumed from its directory follows the same loss curve as an
+uninterrupted one: the data order, noise, timesteps and condition dropout are drawn from explicit generators whose
+states are saved with the step.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from openldm.conditioning.compose import ComposedConditioner, ConditionConfig, Resources, build_conditioning
+from openldm.config import from_dict, to_dict
+from openldm.data import build_dataset
+from openldm.diffusion.objectives import PREDICTION_TYPES, min_snr_weight, offset_noise, sample_timesteps, target
+from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod, q_sample
+from openldm.io.files import atomic_path
+from openldm.io.native import load_model, save_model
+from openldm.registry import PRESETS
+from openldm.training.checkpoint import load_state, save_state
+from openldm.training.distributed import DistInfo, ShardedSampler, init_distributed
+from openldm.training.ema import EMA
+from openldm.training.optim import OptimConfig, make_optimizer
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class DataSpec:
+    """A registered dataset (openldm.data) and its options, checked strictly against its config."""
+
+    name: str = "shapes"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DiffusionTrainConfig:
+    data: DataSpec = field(default_factory=DataSpec)
+    autoencoder: str | None = None  # openldm autoencoder file; None trains in pixel space
+    unet_preset: str = "tiny-unet"
+    unet: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
+    conditions: list[ConditionConfig] = field(default_factory=list)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prediction: str = "eps"  # eps | v | x0
+    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting; None = plain MSE
+    offset_noise: float = 0.0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 32  # global batch (over all processes and accumulation steps)
+    grad_accum: int = 1
+    steps: int = 1000
+    ema_decay: float = 0.999
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, GPU)
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    out_dir: str = "runs/diffusion"
+    log_every: int = 25
+    save_every: int = 500
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTION_TYPES:
+            raise ValueError(f"prediction {self.prediction!r} is not one of {PREDICTION_TYPES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is left as it was."""
+
+
+class DiffusionModel(nn.Module):
+    """The trained parts: a UNet and the conditioner filling its slots (one module so DDP and EMA see both)."""
+
+    def __init__(self, unet: nn.Module, conditioner: ComposedConditioner):
+        super().__init__()
+        self.unet = unet
+        self.conditioner = conditioner
+
+    def forward(self, batch: dict, x_t: torch.Tensor, t: torch.Tensor, drops: dict[str, torch.Tensor],
+                generator: torch.Generator, latent_size: tuple[int, int]) -> torch.Tensor:
+        """Condition (with the given dropout decisions) and denoise one batch."""
+        slots = self.conditioner(batch, generator=generator, latent_size=latent_size, drop=drops)
+        return self.unet(x_t, t, **slots.to(x_t.device).as_kwargs())
+
+
+def build_unet_config(cfg: DiffusionTrainConfig, data_channels: int, conditioner: ComposedConditioner):
+    """The preset's UNetConfig with the user's overrides and the channel/slot widths the data and
+    conditioning require."""
+    kind, base = PRESETS.get(cfg.unet_preset)()
+    if kind != "unet":
+        raise ValueError(f"unet_preset {cfg.unet_preset!r} is a {kind} preset, not a UNet")
+    dims = conditioner.slot_dims()
+    data = {**to_dict(base), **cfg.unet}
+    data.update(in_channels=data_channels, out_channels=data_channels, vector_dim=dims.vector_dim,
+                context_dim=dims.context_dim, concat_channels=dims.concat_channels)
+    return from_dict(type(base), data, where="unet")
+
+
+def _x0_key(dataset) -> str:
+    return "latent" if hasattr(dataset, "latents") else "image"
+
+
+def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path):
+    """The training dataset: pixels, or latents cached once with the autoencoder (scale factor measured).
+    Returns (dataset, key of x0 in an item, scale factor, autoencoder or None)."""
+    dataset = build_dataset(cfg.data.name, cfg.data.options)
+    if cfg.autoencoder is None:
+        return dataset, "image", 1.0, None
+    from openldm.data.latent_cache import autoencoder_encoder, build_latent_cache
+
+    ae = load_model(cfg.autoencoder).eval()
+    cache = build_latent_cache(dataset, autoencoder_encoder(ae), out_dir / "latents", progress=False)
+    scale = float(getattr(ae.config, "scaling_factor", None) or cache.meta["scale_factor"])
+    return cache, "latent", scale, ae
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and returns at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, frame):
+            self.stop = True
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in previous:
+                signal.signal(s, handler)
+        except ValueError:  # not the main thread: no signal handling
+            previous = {}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _save_run(out_dir: Path, model: DiffusionModel, ema: EMA, state: dict, scale: float) -> None:
+    extra = {"openldm.latent_scale": repr(scale)}
+    save_model(model.unet, out_dir / "unet.safetensors", extra)
+    save_model(ema.shadow.unet, out_dir / "unet_ema.safetensors", extra)
+    cond = {k: v.detach().contiguous() for k, v in model.conditioner.state_dict().items()}
+    cond.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.shadow.conditioner.state_dict().items()})
+    with atomic_path(out_dir / "conditioner.safetensors") as tmp:
+        save_file(cond, str(tmp))
+    save_state(state, out_dir / "training_state.safetensors")  # last: its presence marks a complete checkpoint
+
+
+def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress: bool = True,
+                    on_log: Callable[[dict], None] | None = None, resources: Resources | None = None,
+                    fail_at_step: int | None = None) -> dict[str, Any]:
+    """Train (or resume) and return the final metrics. ``fail_at_step`` injects a NaN loss (tests)."""
+    info = init_distributed(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    device = torch.device(cfg.device if not cfg.device.startswith("cuda") or not info.enabled else f"cuda:{info.local_rank}")
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_dir / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    torch.manual_seed(cfg.seed)  # parameter initialisation
+    dataset, x0_key, scale, _ = prepare_data(cfg, out_dir)
+    conditioner = build_conditioning(cfg.conditions, resources)
+    x0_probe = dataset[0][x0_key]
+    unet_cfg = build_unet_config(cfg, x0_probe.shape[0], conditioner)
+    from openldm.models.unet import UNet
+
+    model = DiffusionModel(UNet(unet_cfg), conditioner).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = EMA(model, decay=cfg.ema_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, cfg.optim, cfg.steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    alphas_cumprod = make_alphas_cumprod(cfg.schedule).to(device)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # noise, timesteps, dropout: the same stream on every rank
+    sampler = ShardedSampler(len(dataset), cfg.seed, info)
+    step, epoch, position = 0, 0, 0
+    if resume and (out_dir / "training_state.safetensors").is_file():
+        state = load_state(out_dir / "training_state.safetensors")
+        model.unet.load_state_dict(load_model(out_dir / "unet.safetensors").state_dict())
+        cond = load_file(str(out_dir / "conditioner.safetensors"))
+        model.conditioner.load_state_dict({k: v for k, v in cond.items() if not k.startswith("ema.")})
+        ema.shadow.unet.load_state_dict(load_model(out_dir / "unet_ema.safetensors").state_dict())
+        ema.shadow.conditioner.load_state_dict({k[4:]: v for k, v in cond.items() if k.startswith("ema.")})
+        ema.num_updates = state["ema_updates"]
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+    net: nn.Module = model
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(net) if cfg.compile else net
+
+    global_batch = cfg.batch_size
+    micro = global_batch // cfg.grad_accum  # samples per accumulation step over all ranks
+    if micro % info.world_size:
+        raise ValueError(f"batch_size / grad_accum = {micro} must divide evenly over {info.world_size} processes")
+    steps_per_epoch = len(dataset) // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {global_batch}")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+    def batches():
+        nonlocal epoch, position
+        while True:
+            sampler.epoch, sampler.start = epoch, position
+            loader = torch.utils.data.DataLoader(dataset, batch_size=micro // info.world_size, sampler=sampler,
+                                                 num_workers=cfg.num_workers, drop_last=True)
+            for b in loader:
+                yield b
+            epoch, position = epoch + 1, 0
+
+    stream = batches()
+    history: list[dict] = []
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and info.is_main), desc="train")
+    stopper = _StopFlag()
+    t_last, seen = time.perf_counter(), 0
+    with stopper.installed():
+        while step < cfg.steps and not stopper.stop:
+            model.train()
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = next(stream)
+                x0 = batch[x0_key].to(device).float() * scale
+                n = x0.shape[0]
+                # Draw for the whole micro batch of every rank, keep this rank's rows: the same randomness as one
+                # process with the same global batch (ShardedSampler deals rows r, r + W, ...).
+                rows = slice(info.rank, micro, info.world_size)
+                t = sample_timesteps(micro, cfg.schedule.num_train_steps, gen)[rows].to(device)
+                noise = offset_noise((micro, *x0.shape[1:]), cfg.offset_noise, gen)[rows].to(device)
+                drops = {k: v[rows] for k, v in model.conditioner.sample_drops(micro, gen).items()}
+                ab = alphas_cumprod[t]
+                x_t = q_sample(x0, t, alphas_cumprod, noise)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    out = forward(batch, x_t, t, drops, gen, tuple(x0.shape[-2:]))
+                err = F.mse_loss(out.float(), target(x0, noise, ab, cfg.prediction), reduction="none")
+                per_sample = err.mean(dim=tuple(range(1, err.dim())))  # (B,)
+                if cfg.min_snr_gamma is not None:
+                    per_sample = per_sample * min_snr_weight(ab, cfg.min_snr_gamma, cfg.prediction)
+                loss = per_sample.mean() / cfg.grad_accum
+                if fail_at_step is not None and step == fail_at_step:
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"loss is {loss.item()} at step {step}; training stopped, the last good "
+                                           f"checkpoint in {str(out_dir)!r} is untouched")
+                scaler.scale(loss).backward()
+                total += loss.item()
+                seen += n * info.world_size
+                position += micro
+            scaler.unscale_(opt)
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip else math.inf)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            ema.update(model)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                rec = {"step": step, "loss": total, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "images_per_s": seen / max(now - t_last, 1e-9)}
+                t_last, seen = now, 0
+                history.append(rec)
+                bar.set_postfix(loss=f"{total:.4f}", ips=f"{rec['images_per_s']:.0f}")
+                if info.is_main:
+                    with open(out_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                if on_log:
+                    on_log(rec)
+            if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stopper.stop):
+                state = {"step": step, "epoch": epoch, "position": position, "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "generator": gen.get_state(), "ema_updates": ema.num_updates}
+                _save_run(out_dir, model, ema, state, scale)
+    bar.close()
+    return {"step": step, "history": history, "stopped": stopper.stop}
