@@ -71,6 +71,113 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- openldm generate -------------------------------------------------------------------------------------------
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="SD v1 checkpoint: .safetensors/.ckpt single file, diffusers folder "
+                                                 "or openldm folder")
+    p.add_argument("--prompt", default=None, help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional branch of CFG)")
+    p.add_argument("--sampler", default="euler", help="sampler name (see `openldm samplers`)")
+    p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels (sigma-space samplers)")
+    p.add_argument("--steps", type=int, default=30, help="sampling steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same image as diffusers for the same seed")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 (default 512, "
+                                                             "or the init image's own size)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default 512, "
+                                                            "or the init image's own size)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt; files get -0, -1, ... suffixes")
+    p.add_argument("--init-image", default=None, help="image-to-image (or inpainting) input image")
+    p.add_argument("--strength", type=float, default=None, help="how much of the init image to redraw, in [0, 1]")
+    p.add_argument("--mask", default=None, help="inpainting mask (white = redraw); needs --init-image")
+    p.add_argument("--paste-back", action="store_true", help="inpainting: paste the unmasked original pixels back")
+    p.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111 count)")
+    p.add_argument("--chunked", action="store_true", help="encode prompts over 75 tokens in chunks (A1111)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    p.add_argument("--unsafe-load", action="store_true", help="allow .ckpt files that need full unpickling "
+                                                              "(only for files you trust)")
+    p.add_argument("--from-png", default=None, help="regenerate with the parameters stored in this PNG")
+    p.add_argument("--out", default="out.png", help="output PNG path")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@command("generate", "generate images with Stable Diffusion v1 weights (text-to-image, image-to-image, inpainting)",
+         _generate_args)
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from openldm.io.sd import load_sd
+    from openldm.pipelines import GenerationParams, image_to_image, inpaint, read_png_params, save_images, text_to_image
+
+    if args.from_png:
+        params = read_png_params(args.from_png)
+        model = args.model or params.model
+    else:
+        params = GenerationParams(
+            prompt=args.prompt or "", negative_prompt=args.negative_prompt, sampler=args.sampler, karras=args.karras,
+            steps=args.steps, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+            seed=args.seed, height=args.height or 512, width=args.width or 512, num_images=args.num_images,
+            clip_skip=args.clip_skip, chunked=args.chunked, strength=args.strength, paste_back=args.paste_back,
+            model=args.model)
+        model = args.model
+    if model is None:
+        raise ConfigError("--model is required (an SD v1 .safetensors/.ckpt file or a diffusers folder)")
+    if args.prompt is None and not args.from_png:
+        raise ConfigError("--prompt is required")
+    if args.mask and not args.init_image:
+        raise ConfigError("--mask needs --init-image (the image to inpaint)")
+    parts = load_sd(model, device=args.device, unsafe_load=args.unsafe_load)
+    kwargs = {**params.pipeline_kwargs(), "device": args.device, "dtype": args.dtype, "vae_tiling": args.vae_tiling,
+              "progress": not args.quiet}
+    if args.init_image:  # the init image's own size unless the user asked for one
+        kwargs.update(height=args.height, width=args.width)
+    if args.mask:
+        images = inpaint(parts, params.prompt, args.init_image, args.mask, **kwargs)
+    elif args.init_image:
+        kwargs.pop("paste_back", None)
+        kwargs.setdefault("strength", 0.75)
+        images = image_to_image(parts, params.prompt, args.init_image, **kwargs)
+    else:
+        kwargs.pop("strength", None)
+        kwargs.pop("paste_back", None)
+        images = text_to_image(parts, params.prompt, **kwargs)
+    if args.from_png and params.num_images > 1:
+        images = [images[params.batch_index]]
+        params = replace(params, num_images=1)
+    for path in save_images(images, args.out, params):
+        print(path)
+    return 0
+
+
+# --- openldm convert --------------------------------------------------------------------------------------------
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a single-file checkpoint (.safetensors/.ckpt), a diffusers folder or an openldm folder")
+    p.add_argument("dst", help="output path (a .safetensors file for --to original, else a folder)")
+    p.add_argument("--to", required=True, choices=["original", "diffusers", "openldm"], help="layout to write")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast weights (default: keep the source's dtype)")
+    p.add_argument("--use-ema", action="store_true", help="take the model_ema.* UNet weights of a training checkpoint")
+    p.add_argument("--unsafe-load", action="store_true", help="allow .ckpt files that need full unpickling "
+                                                              "(only for files you trust)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+
+@command("convert", "convert SD v1 checkpoints between the original, diffusers and openldm layouts", _convert_args)
+def cmd_convert(args: argparse.Namespace) -> int:
+    from openldm.io.sd import convert
+    from openldm.pipelines.common import resolve_dtype
+
+    out = convert(args.src, args.dst, to=args.to, dtype=resolve_dtype(args.dtype), unsafe_load=args.unsafe_load,
+                  use_ema=args.use_ema, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
 # --- openldm train ----------------------------------------------------------------------------------------------
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -112,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._fn(args) or 0)
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"openldm {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -1,0 +1,388 @@
+"""What the Stable Diffusion pipelines share: the model parts they take, prompt encoding, the seed convention,
+the sampling loop, latents <-> images, and generation parameters stored in PNGs (AUTOMATIC1111's "parameters").
+
+Reproducibility convention (a seed means the same image as diffusers): one CPU generator seeded with ``seed``
+drives every random draw of a run, in diffusers' order (autoencoder posterior samples, then the starting noise
+for the whole batch as one tensor, then any noise the sampler draws). Draws are float32 on the CPU, then moved
+to the device and dtype, so a seed gives the same image on every machine.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from openldm.conditioning.slots import Slots
+from openldm.data.image_io import load_image, pil_to_tensor
+from openldm.diffusion.denoiser import DiscreteDenoiser
+from openldm.diffusion.schedules import ScheduleConfig
+from openldm.diffusion.spacing import SamplingPlan, make_plan
+from openldm.models.text_encoder import encode_prompts
+from openldm.registry import SAMPLERS
+from openldm.samplers.base import OnStep
+from openldm.samplers.guidance import CFGDenoiser
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelParts(Protocol):
+    """What a pipeline needs from a loaded checkpoint (``openldm.io``'s StableDiffusionComponents has these)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    schedule: ScheduleConfig | torch.Tensor  # training schedule, or its alphas_cumprod
+    prediction: str  # eps | v
+    spacing: str  # leading | trailing | linspace
+    steps_offset: int
+
+
+# ----------------------------------------------------------------------------------------- devices and checks
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def place(parts: ModelParts, device: str | torch.device | None, dtype: str | torch.dtype | None) -> None:
+    """Move the parts' modules (in place) to ``device`` and ``dtype``; None keeps what they have. With float16 the
+    autoencoder stays float32, as diffusers' ``force_upcast`` does for SD's VAE (it overflows in float16)."""
+    dtype = resolve_dtype(dtype)
+    for name in ("unet", "text_encoder", "vae"):
+        module = getattr(parts, name)
+        module_dtype = torch.float32 if (name == "vae" and dtype == torch.float16) else dtype
+        module.to(device=device, dtype=module_dtype)
+
+
+def module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(module.parameters())
+    return p.device, p.dtype
+
+
+def check_size(height: int, width: int, factor: int = 8) -> None:
+    """Image sizes must be positive multiples of the autoencoder's downsampling factor."""
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise ValueError(f"image size {width}x{height} (width x height) must be positive multiples of {factor}; "
+                         f"try {max(factor, width // factor * factor)}x{max(factor, height // factor * factor)}")
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """The run's one source of randomness: a CPU generator, whatever the device (the seed convention)."""
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+def draw_noise(shape: Sequence[int], generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Unit Gaussian noise drawn float32 on the CPU from ``generator``, then moved to ``device`` and ``dtype``."""
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------- prompts
+
+def encode_text(parts: ModelParts, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
+                num_images: int = 1, clip_skip: int = 1, chunked: bool = False) -> tuple[Slots, Slots]:
+    """(cond, uncond) context slots for prompts, each repeated ``num_images`` times (prompt-major, as diffusers'
+    ``num_images_per_prompt``). One negative prompt applies to every prompt.
+
+    ``chunked=False`` follows diffusers: 77 tokens (longer prompts truncated with a warning), clip skip on the
+    prompts only. ``chunked=True`` follows AUTOMATIC1111: 75-token chunks, prompts and negatives padded to one
+    chunk count, clip skip on both."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one or one per prompt")
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    tok, enc = parts.tokenizer, parts.text_encoder
+    with torch.no_grad():
+        if chunked:
+            states = encode_prompts(tok, enc, prompts + negatives, chunked=True, clip_skip=clip_skip)
+            cond, uncond = states[: len(prompts)], states[len(prompts):]
+        else:
+            cond = encode_prompts(tok, enc, prompts, clip_skip=clip_skip)
+            uncond = encode_prompts(tok, enc, negatives)
+    return Slots(context=cond).repeat(num_images), Slots(context=uncond).repeat(num_images)
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+def sampling_plan(parts: ModelParts, sampler: str, steps: int, karras: bool = False) -> SamplingPlan:
+    """The noise levels of ``steps`` steps of ``sampler``, following the checkpoint's scheduler config."""
+    return make_plan(sampler, parts.schedule, steps, spacing=parts.spacing, steps_offset=parts.steps_offset,
+                     karras=karras)
+
+
+class _AtNetworkDtype(torch.nn.Module):
+    """Feed a network inputs in its own dtype: samplers integrate in float32 (the denoiser returns float32 for
+    float32 x), while the network may run in bfloat16/float16."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **slots: torch.Tensor) -> torch.Tensor:
+        _, dtype = module_device_dtype(self.net)
+        return self.net(x.to(dtype), t, **slots)
+
+
+def guided_denoiser(parts: ModelParts, plan: SamplingPlan, uncond: Slots, guidance_scale: float,
+                    guidance_rescale: float = 0.0) -> torch.nn.Module:
+    """The UNet as ``D(x, sigma, cond)``, wrapped in classifier-free guidance when ``guidance_scale > 1``
+    (diffusers' rule: at or below 1 only the conditional pass runs)."""
+    schedule = parts.schedule
+    alphas_cumprod = schedule if isinstance(schedule, torch.Tensor) else None
+    if alphas_cumprod is None:
+        from openldm.diffusion.schedules import make_alphas_cumprod
+        alphas_cumprod = make_alphas_cumprod(schedule)
+    device, _ = module_device_dtype(parts.unet)
+    denoiser = DiscreteDenoiser(_AtNetworkDtype(parts.unet), alphas_cumprod, prediction=parts.prediction,
+                                quantize=not plan.timesteps.is_floating_point()).to(device)
+    if guidance_scale <= 1.0:
+        return denoiser
+    return CFGDenoiser(denoiser, uncond, guidance_scale, guidance_rescale,
+                       rescale_space="v" if parts.prediction == "v" else "eps")
+
+
+def run_sampler(sampler: str, denoiser, x: torch.Tensor, plan: SamplingPlan, cond: Slots,
+                generator: torch.Generator, on_step: OnStep | None = None, progress: bool = True) -> torch.Tensor:
+    """Run the registered ``sampler`` over the plan from ``x`` and return the final latents."""
+    with torch.no_grad():
+        return SAMPLERS.get(sampler)(denoiser, x, plan.sigmas, cond=cond, generator=generator, on_step=on_step,
+                                     progress=progress, **plan.options)
+
+
+# --------------------------------------------------------------------------------------- latents <-> images
+
+def _tiled(vae: torch.nn.Module, height: int, width: int, tiling: bool, tile_size: int) -> bool:
+    return tiling and max(height, width) > tile_size
+
+
+def encode_images(vae: torch.nn.Module, images: torch.Tensor, generator: torch.Generator, *,
+                  tiling: bool = False, tile_size: int = 512) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> diffusion latents ``scaling_factor * (z - shift_factor)`` with z sampled
+    from the posterior using noise drawn from ``generator`` (float32, CPU), as diffusers' ``latent_dist.sample``."""
+    device, dtype = module_device_dtype(vae)
+    x = images.to(device, dtype)
+    with torch.no_grad():
+        if _tiled(vae, x.shape[2], x.shape[3], tiling, tile_size):
+            posterior = vae.tiled_encode(x, tile_size=tile_size, overlap=tile_size // 8)
+        else:
+            posterior = vae.encode(x)
+    eps = draw_noise(posterior.mean.shape, generator, device, dtype)
+    z = posterior.mean + posterior.std * eps
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, *, tiling: bool = False,
+                   tile_size: int = 512) -> torch.Tensor:
+    """Diffusion latents -> images (B, 3, H, W) in [0, 1], float32 on the CPU."""
+    device, dtype = module_device_dtype(vae)
+    z = latents.to(device, dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    f = vae.downsampling_factor
+    with torch.no_grad():
+        if _tiled(vae, z.shape[2] * f, z.shape[3] * f, tiling, tile_size):
+            images = vae.tiled_decode(z, tile_size=tile_size, overlap=tile_size // 8)
+        else:
+            images = vae.decode(z)
+    return (images.float().cpu() / 2 + 0.5).clamp(0, 1)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> RGB images, ``round(255 x)`` as diffusers' image processor does."""
+    array = (images.permute(0, 2, 3, 1).float().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
+
+
+def image_to_tensor(image: Image.Image | str | Path, height: int | None = None, width: int | None = None,
+                    channels: int = 3) -> torch.Tensor:
+    """An image (or its path) -> (1, C, H, W) in [0, 1], resized (Lanczos, as diffusers) when ``height``/``width``
+    differ from its size. Without them its own size is used and must be a multiple of 8."""
+    img = load_image(image, channels) if isinstance(image, (str, Path)) else image.convert("RGB" if channels == 3 else "L")
+    w, h = img.size
+    height, width = height or h, width or w
+    check_size(height, width)
+    if (w, h) != (width, height):
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    return pil_to_tensor(img)[None]
+
+
+def paste_unmasked(generated: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Keep the original pixels where the (binarised) mask says "known" (< 0.5), the generated ones elsewhere."""
+    keep = (mask < 0.5).to(generated.dtype)
+    return keep * original + (1 - keep) * generated
+
+
+# ------------------------------------------------------------------------------------- generation parameters
+
+A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun",
+                  "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE"}
+
+
+@dataclass
+class GenerationParams:
+    """Everything that determines an image besides the model and input images; serialises to (and parses from)
+    AUTOMATIC1111's "parameters" text, which PNGs carry in a tEXt chunk."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    sampler: str = "euler"
+    karras: bool = False
+    steps: int = 30
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    seed: int = 0
+    height: int = 512
+    width: int = 512
+    num_images: int = 1
+    clip_skip: int = 1
+    chunked: bool = False
+    strength: float | None = None  # image-to-image / inpainting
+    paste_back: bool = False  # inpainting
+    batch_index: int = 0  # which image of the seed's batch this is
+    model: str | None = None
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the pipeline functions (``batch_index`` and ``model`` are not among them)."""
+        d = asdict(self)
+        for key in ("batch_index", "model", "prompt"):
+            d.pop(key)
+        if d["strength"] is None:
+            d.pop("strength")
+        return d
+
+    def to_text(self) -> str:
+        """AUTOMATIC1111's format: prompt, "Negative prompt: ..." line, then "Key: value, ..." pairs."""
+        items = [("Steps", self.steps), ("Sampler", A1111_SAMPLERS.get(self.sampler, self.sampler)),
+                 ("Schedule type", "Karras" if self.karras else "Automatic"), ("CFG scale", _num(self.guidance_scale)),
+                 ("Seed", self.seed), ("Size", f"{self.width}x{self.height}")]
+        if self.model:
+            items.append(("Model", self.model))
+        if self.strength is not None:
+            items.append(("Denoising strength", _num(self.strength)))
+        if self.clip_skip != 1:
+            items.append(("Clip skip", self.clip_skip))
+        if self.guidance_rescale:
+            items.append(("CFG rescale phi", _num(self.guidance_rescale)))
+        if self.num_images > 1:
+            items += [("Batch size", self.num_images), ("Batch pos", self.batch_index)]
+        if self.chunked:
+            items.append(("Chunked prompt", "True"))
+        if self.paste_back:
+            items.append(("Paste back", "True"))
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in items))
+        return "\n".join(lines)
+
+    @classmethod
+    def from_text(cls, text: str) -> "GenerationParams":
+        """Parse :meth:`to_text`'s format (and AUTOMATIC1111's, e.g. "Sampler: DPM++ 2M Karras")."""
+        lines = text.strip().split("\n")
+        settings = _parse_settings(lines[-1]) if lines and "Steps:" in lines[-1] else {}
+        body = lines[:-1] if settings else lines
+        prompt, negative, into_negative = [], [], False
+        for line in body:
+            if line.startswith("Negative prompt:"):
+                into_negative = True
+                line = line[len("Negative prompt:"):].strip()
+            (negative if into_negative else prompt).append(line)
+        p = cls(prompt="\n".join(prompt), negative_prompt="\n".join(negative))
+        names = {v: k for k, v in A1111_SAMPLERS.items()}
+        sampler = settings.get("Sampler", A1111_SAMPLERS[p.sampler])
+        if sampler.endswith(" Karras"):
+            sampler, p.karras = sampler[: -len(" Karras")], True
+        if sampler not in names and sampler not in A1111_SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} in the parameters is not one of {sorted(names)}")
+        p.sampler = names.get(sampler, sampler)
+        p.karras = p.karras or settings.get("Schedule type") == "Karras"
+        if "Size" in settings:
+            p.width, p.height = (int(v) for v in settings["Size"].split("x"))
+        conversions = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
+                       "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
+                       "CFG rescale phi": ("guidance_rescale", float), "Batch size": ("num_images", int),
+                       "Batch pos": ("batch_index", int), "Model": ("model", str),
+                       "Chunked prompt": ("chunked", lambda v: v == "True"),
+                       "Paste back": ("paste_back", lambda v: v == "True")}
+        for key, (name, convert) in conversions.items():
+            if key in settings:
+                setattr(p, name, convert(settings[key]))
+        return p
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _quote(value: str) -> str:
+    return f'"{value}"' if ("," in value or ":" in value or '"' in value) else value
+
+
+_SETTING = re.compile(r'\s*([\w ().\-/]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def _parse_settings(line: str) -> dict[str, str]:
+    out = {}
+    for key, value in _SETTING.findall(line):
+        out[key.strip()] = value[1:-1] if value.startswith('"') else value.strip()
+    return out
+
+
+def save_png(image: Image.Image, path: str | Path, params: GenerationParams) -> None:
+    """Write ``image`` as PNG with ``params.to_text()`` in a "parameters" tEXt chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", params.to_text())
+    image.save(path, format="PNG", pnginfo=info)
+
+
+def read_png_params(path: str | Path) -> GenerationParams:
+    """The GenerationParams stored in a PNG by :func:`save_png` (or AUTOMATIC1111)."""
+    with Image.open(path) as img:
+        text = img.info.get("parameters")
+    if text is None:
+        raise ValueError(f"{str(path)!r} has no 'parameters' text chunk; it was not written by openldm or A1111")
+    return GenerationParams.from_text(text)
+
+
+def output_paths(out: str | Path, count: int) -> list[Path]:
+    """``out`` itself for one image; otherwise ``-0``, ``-1``, ... inserted before the extension."""
+    out = Path(out)
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def save_images(images: Sequence[Image.Image], out: str | Path, params: GenerationParams) -> list[Path]:
+    """Save a run's images with their parameters (``batch_index`` set per image); returns the paths."""
+    paths = output_paths(out, len(images))
+    for i, (image, path) in enumerate(zip(images, paths)):
+        save_png(image, path, GenerationParams(**{**asdict(params), "batch_index": i}))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ the shared core
+
+def latent_shape(parts: ModelParts, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+    f = parts.vae.downsampling_factor
+    check_size(height, width, f)
+    return batch, parts.vae.config.z_channels, height // f, width // f
+
+
+def denoise_and_decode(parts: ModelParts, x: torch.Tensor, plan: SamplingPlan, cond: Slots, uncond: Slots, *,
+                       sampler: str, guidance_scale: float, guidance_rescale: float, generator: torch.Generator,
+                       on_step: OnStep | None = None, vae_tiling: bool = False, progress: bool = True) -> torch.Tensor:
+    """Sample from ``x`` (at ``plan.sigmas[0]``) with guidance, then decode: images (B, 3, H, W) in [0, 1].
+    The sampler's state is float32 whatever the network's dtype."""
+    device, _ = module_device_dtype(parts.unet)
+    denoiser = guided_denoiser(parts, plan, uncond.to(device=device), guidance_scale, guidance_rescale)
+    latents = run_sampler(sampler, denoiser, x.to(device, torch.float32), plan, cond.to(device=device), generator,
+                          on_step=on_step, progress=progress)
+    return decode_latents(parts.vae, latents, tiling=vae_tiling)

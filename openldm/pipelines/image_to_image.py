@@ -1,0 +1,44 @@
+"""Image-to-image (SDEdit, Meng et al. 2022): encode the image, noise it to the level ``strength`` of the way up
+the schedule, and sample the rest of the way down."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from openldm.pipelines.common import (ModelParts, decode_latents, denoise_and_decode, draw_noise, encode_images,
+                                      encode_text, image_to_tensor, latent_shape, make_generator,
+                                      module_device_dtype, place, sampling_plan, to_pil)
+from openldm.samplers.base import OnStep
+
+
+def image_to_image(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image | str | Path, *,
+                   strength: float = 0.75, negative_prompt: str | Sequence[str] = "", sampler: str = "euler",
+                   karras: bool = False, steps: int = 30, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                   seed: int = 0, height: int | None = None, width: int | None = None, num_images: int = 1,
+                   clip_skip: int = 1, chunked: bool = False, device: str | torch.device | None = None,
+                   dtype: str | torch.dtype | None = None, vae_tiling: bool = False, progress: bool = True,
+                   on_step: OnStep | None = None) -> list[Image.Image]:
+    """``image`` redrawn after ``prompt``, as diffusers' StableDiffusionImg2ImgPipeline with the same seed: of
+    ``steps`` steps the last ``int(steps * strength)`` run. ``strength=0`` returns the autoencoder round trip of
+    the image. ``height``/``width`` resize the image (default: its own size, a multiple of 8)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    place(parts, device, dtype)
+    init = image_to_tensor(image, height, width) * 2 - 1  # (1, 3, H, W) in [-1, 1]
+    cond, uncond = encode_text(parts, prompt, negative_prompt, num_images=num_images, clip_skip=clip_skip,
+                               chunked=chunked)
+    shape = latent_shape(parts, cond.context.shape[0], init.shape[2], init.shape[3])
+    generator = make_generator(seed)
+    known = encode_images(parts.vae, init, generator, tiling=vae_tiling).expand(shape[0], -1, -1, -1)
+    if strength == 0.0:
+        return to_pil(decode_latents(parts.vae, known, tiling=vae_tiling))
+    plan = sampling_plan(parts, sampler, steps, karras).from_strength(strength)
+    noise = draw_noise(shape, generator, *module_device_dtype(parts.unet))
+    x = plan.noised_input(known.to(noise.device, noise.dtype), noise)
+    images = denoise_and_decode(parts, x, plan, cond, uncond, sampler=sampler, guidance_scale=guidance_scale,
+                                guidance_rescale=guidance_rescale, generator=generator, on_step=on_step,
+                                vae_tiling=vae_tiling, progress=progress)
+    return to_pil(images)

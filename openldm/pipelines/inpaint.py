@@ -1,0 +1,78 @@
+"""Inpainting: redraw the masked region (mask white = fill) of an image after a prompt.
+
+- ordinary (4-channel) checkpoints: after every step the known region is replaced by the image's latents
+  noised to the new level (``blend_known`` through the sampler's ``on_step`` hook), as diffusers does;
+- inpainting (9-channel) checkpoints: the UNet also sees the concat slot ``[mask, latents of the masked
+  image]`` (diffusers' channel order), filled by ``InpaintConditioner``.
+
+``paste_back`` copies the original pixels outside the mask onto the result (the autoencoder otherwise alters
+them slightly).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from openldm.conditioning.spatial import InpaintConditioner, InpaintConfig
+from openldm.pipelines.common import (ModelParts, denoise_and_decode, draw_noise, encode_images, encode_text,
+                                      image_to_tensor, latent_shape, make_generator, module_device_dtype,
+                                      paste_unmasked, place, sampling_plan, to_pil)
+from openldm.samplers.base import blend_known
+
+
+def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image | str | Path,
+            mask: Image.Image | str | Path, *, strength: float = 1.0, paste_back: bool = False,
+            negative_prompt: str | Sequence[str] = "", sampler: str = "euler", karras: bool = False, steps: int = 30,
+            guidance_scale: float = 7.5, guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None,
+            width: int | None = None, num_images: int = 1, clip_skip: int = 1, chunked: bool = False,
+            device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+            vae_tiling: bool = False, progress: bool = True) -> list[Image.Image]:
+    """``image`` with the white region of ``mask`` (grey levels binarised at 0.5) redrawn, as diffusers'
+    StableDiffusionInpaintPipeline with the same seed. The kind of UNet (4 or 9 input channels) picks the method."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    place(parts, device, dtype)
+    init = image_to_tensor(image, height, width)  # (1, 3, H, W) in [0, 1]
+    H, W = init.shape[2:]
+    fill = (image_to_tensor(mask, H, W, channels=1) >= 0.5).float()  # (1, 1, H, W), 1 = redraw
+    cond, uncond = encode_text(parts, prompt, negative_prompt, num_images=num_images, clip_skip=clip_skip,
+                               chunked=chunked)
+    shape = latent_shape(parts, cond.context.shape[0], H, W)
+    B = shape[0]
+    concat_channels = getattr(parts.unet.config, "concat_channels", 0)
+    if concat_channels not in (0, 1 + shape[1]):
+        raise ValueError(f"the UNet takes {concat_channels} concat channels; inpainting needs 0 (blending) or "
+                         f"{1 + shape[1]} (an inpainting checkpoint)")
+    device, dtype = module_device_dtype(parts.unet)
+    plan = sampling_plan(parts, sampler, steps, karras).from_strength(strength)
+
+    # Random draws in diffusers' order: image posterior, starting noise, masked-image posterior.
+    generator = make_generator(seed)
+    known = None
+    if concat_channels == 0 or strength < 1.0:
+        known = encode_images(parts.vae, init * 2 - 1, generator, tiling=vae_tiling).to(device, dtype)
+        known = known.expand(B, -1, -1, -1)
+    noise = draw_noise(shape, generator, device, dtype)
+    x = plan.initial_sample(noise) if strength == 1.0 else plan.noised_input(known, noise)
+
+    on_step = None
+    if concat_channels:
+        conditioner = InpaintConditioner(InpaintConfig(latent_channels=shape[1]),
+                                         encode=lambda masked: encode_images(parts.vae, masked, generator,
+                                                                             tiling=vae_tiling))
+        concat = conditioner({"image": init * 2 - 1, "inpaint_mask": fill}).concat.to(device, dtype)
+        concat = concat.expand(B, -1, -1, -1)
+        cond, uncond = replace(cond, concat=concat), replace(uncond, concat=concat)
+    else:
+        small = torch.nn.functional.interpolate(fill, size=shape[2:], mode="nearest").to(device, dtype)
+        on_step = blend_known(known, small, noise)
+    images = denoise_and_decode(parts, x, plan, cond, uncond, sampler=sampler, guidance_scale=guidance_scale,
+                                guidance_rescale=guidance_rescale, generator=generator, on_step=on_step,
+                                vae_tiling=vae_tiling, progress=progress)
+    if paste_back:
+        images = paste_unmasked(images, init, fill)
+    return to_pil(images)

@@ -1,0 +1,35 @@
+"""Text-to-image: prompt -> context, pure noise at the plan's first level, guided sampling, decode."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from openldm.pipelines.common import (ModelParts, denoise_and_decode, draw_noise, encode_text, latent_shape,
+                                      make_generator, module_device_dtype, place, sampling_plan, to_pil)
+from openldm.samplers.base import OnStep
+
+
+def text_to_image(parts: ModelParts, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
+                  sampler: str = "euler", karras: bool = False, steps: int = 30, guidance_scale: float = 7.5,
+                  guidance_rescale: float = 0.0, seed: int = 0, height: int = 512, width: int = 512,
+                  num_images: int = 1, clip_skip: int = 1, chunked: bool = False,
+                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                  vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None) -> list[Image.Image]:
+    """Images for ``prompt`` (``num_images`` per prompt), the same as diffusers' StableDiffusionPipeline with the
+    matching scheduler and ``generator=torch.Generator("cpu").manual_seed(seed)``.
+
+    ``device``/``dtype`` move the parts first (in place; None keeps them where they are). ``chunked``: AUTOMATIC1111
+    long prompts (see ``encode_text``). ``vae_tiling`` decodes images larger than 512 px in tiles."""
+    place(parts, device, dtype)
+    cond, uncond = encode_text(parts, prompt, negative_prompt, num_images=num_images, clip_skip=clip_skip,
+                               chunked=chunked)
+    shape = latent_shape(parts, cond.context.shape[0], height, width)
+    plan = sampling_plan(parts, sampler, steps, karras)
+    generator = make_generator(seed)
+    x = plan.initial_sample(draw_noise(shape, generator, *module_device_dtype(parts.unet)))
+    images = denoise_and_decode(parts, x, plan, cond, uncond, sampler=sampler, guidance_scale=guidance_scale,
+                                guidance_rescale=guidance_rescale, generator=generator, on_step=on_step,
+                                vae_tiling=vae_tiling, progress=progress)
+    return to_pil(images)

@@ -1,0 +1,67 @@
+"""`openldm convert` and `openldm generate` end to end on a tiny random-weight SD model written by diffusers."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent / "io"))
+from test_diffusers_folder import tiny_pipeline  # noqa: E402
+
+from openldm.cli import main  # noqa: E402
+from openldm.pipelines import read_png_params  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def single_file(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("cli")
+    folder, _ = tiny_pipeline(tmp)
+    out = tmp / "tiny.safetensors"
+    assert main(["convert", str(folder), str(out), "--to", "original"]) == 0
+    return out
+
+
+def test_generate_writes_numbered_pngs_that_regenerate_themselves(single_file, tmp_path):
+    out = tmp_path / "img.png"
+    rc = main(["generate", "--model", str(single_file), "--prompt", "a red circle", "--negative-prompt", "blurry",
+               "--sampler", "dpmpp_2m", "--karras", "--steps", "3", "--height", "32", "--width", "48",
+               "--num-images", "2", "--seed", "7", "--out", str(out), "--quiet"])
+    assert rc == 0
+    files = [tmp_path / "img-0.png", tmp_path / "img-1.png"]
+    assert all(f.is_file() for f in files)
+    params = read_png_params(files[1])
+    assert (params.prompt, params.negative_prompt, params.sampler, params.karras, params.steps, params.seed,
+            params.width, params.height, params.batch_index) == ("a red circle", "blurry", "dpmpp_2m", True, 3, 7,
+                                                                 48, 32, 1)
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(files[1]), "--model", str(single_file), "--out", str(again),
+                 "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(files[1])))
+
+
+def test_image_to_image_and_inpaint_from_the_cli(single_file, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(init)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert main(["generate", "--model", str(single_file), "--prompt", "x", "--init-image", str(init),
+                 "--strength", "0.5", "--steps", "4", "--out", str(tmp_path / "i2i.png"), "--quiet"]) == 0
+    assert Image.open(tmp_path / "i2i.png").size == (32, 32)
+    assert main(["generate", "--model", str(single_file), "--prompt", "x", "--init-image", str(init),
+                 "--mask", str(tmp_path / "mask.png"), "--paste-back", "--steps", "3",
+                 "--out", str(tmp_path / "inp.png"), "--quiet"]) == 0
+    out, src = np.asarray(Image.open(tmp_path / "inp.png")), np.asarray(Image.open(init))
+    assert np.array_equal(out[mask == 0], src[mask == 0])  # pasted back outside the mask
+
+
+def test_user_errors_are_one_line(single_file, tmp_path, capsys):
+    assert main(["generate", "--model", str(single_file), "--prompt", "x", "--height", "31", "--out",
+                 str(tmp_path / "a.png"), "--quiet"]) == 2
+    assert main(["generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x"]) == 2
+    assert main(["generate", "--model", str(single_file), "--prompt", "x", "--mask", "m.png"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and "31" in errors[0] and "missing" in errors[1] and "--init-image" in errors[2]
