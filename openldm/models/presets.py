@@ -65,3 +65,27 @@ def small_unet() -> UNetConfig:
         in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
         attention_levels=(1, 2), num_heads=None, head_dim=32, transformer_depth=1, context_dim=None, norm_groups=32,
     )
+
+
+# ---- autoencoders and text encoders (their factories live beside their configs) ------------------------
+
+def _register_factories() -> None:
+    from openldm.models import autoencoder as ae
+    from openldm.models import text_encoder as te
+
+    table = [
+        ("sd-vae", "autoencoder_kl", ae.sd_autoencoder_kl),
+        ("small-vae", "autoencoder_kl", ae.small_autoencoder_kl),
+        ("tiny-vae", "autoencoder_kl", ae.tiny_autoencoder_kl),
+        ("ldm-vq-f4", "vq_autoencoder", ae.ldm_vq_f4),
+        ("small-vq", "vq_autoencoder", ae.small_vq),
+        ("tiny-vq", "vq_autoencoder", ae.tiny_vq),
+        ("sd15-text-encoder", "clip_text", te.sd15_text_config),
+        ("sd2-text-encoder", "clip_text", te.sd2_text_config),
+        ("tiny-text-encoder", "clip_text", te.tiny_text_config),
+    ]
+    for name, model, factory in table:
+        _preset(name, model)(factory)
+
+
+_register_factories()
