@@ -14,10 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from openldm.io.keymaps import autoencoder as vae_keys
-from openldm.io.keymaps import clip as clip_keys
-from openldm.io.keymaps import unet as unet_keys
-from openldm.io.sd import (
+from openldm.io.components import (
     StableDiffusionComponents,
     assign_module,
     atomic_folder,
@@ -25,6 +22,9 @@ from openldm.io.sd import (
     scheduler_config_to_diffusers,
     scheduler_settings_from_diffusers,
 )
+from openldm.io.keymaps import autoencoder as vae_keys
+from openldm.io.keymaps import clip as clip_keys
+from openldm.io.keymaps import unet as unet_keys
 from openldm.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from openldm.models.text_encoder import CLIPTextEncoder
 from openldm.models.unet import UNet

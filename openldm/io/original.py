@@ -19,16 +19,16 @@ from safetensors.torch import save_file
 
 from openldm.config import from_dict, to_dict
 from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod, make_betas
-from openldm.io.files import atomic_path
-from openldm.io.keymaps import autoencoder as vae_keys
-from openldm.io.keymaps import clip as clip_keys
-from openldm.io.keymaps import unet as unet_keys
-from openldm.io.sd import (
+from openldm.io.components import (
     StableDiffusionComponents,
     assign_module,
     read_tensors,
     settings_from_dict,
 )
+from openldm.io.files import atomic_path
+from openldm.io.keymaps import autoencoder as vae_keys
+from openldm.io.keymaps import clip as clip_keys
+from openldm.io.keymaps import unet as unet_keys
 from openldm.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from openldm.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
 from openldm.models.unet import UNet, UNetConfig

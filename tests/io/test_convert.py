@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io import sd as sdio
+from openldm.io.components import StableDiffusionComponents, read_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_diffusers_folder import (
@@ -29,7 +31,7 @@ def one_thread():
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    return sdio.read_tensors(path)[0]
+    return read_tensors(path)[0]
 
 
 def test_round_trip_original_diffusers_openldm_original(tmp_path):
@@ -42,11 +44,11 @@ def test_round_trip_original_diffusers_openldm_original(tmp_path):
     a, b = _tensors(first), _tensors(last)
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert sdio.read_tensors(first)[1] == sdio.read_tensors(last)[1]  # configs and settings too
+    assert read_tensors(first)[1] == read_tensors(last)[1]  # configs and settings too
     sd = sdio.load_sd(ours)
     assert_same_weights(sd, pipe)
     assert_same_outputs(sd, pipe)
-    assert (sd.prediction, sd.spacing, sd.steps_offset, sd.schedule) == ("eps", "leading", 1, sdio.ScheduleConfig())
+    assert (sd.prediction, sd.spacing, sd.steps_offset, sd.schedule) == ("eps", "leading", 1, ScheduleConfig())
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary leftovers
 
 
@@ -83,7 +85,7 @@ def test_sd15_topology_single_file_read_by_from_single_file(tmp_path):
     from openldm.tokenizers.clip_bpe import CLIPTokenizer
 
     torch.manual_seed(0)
-    sd = sdio.StableDiffusionComponents(unet=UNet(sd15_unet()).eval(), vae=AutoencoderKL(sd_autoencoder_kl()).eval(),
+    sd = StableDiffusionComponents(unet=UNet(sd15_unet()).eval(), vae=AutoencoderKL(sd_autoencoder_kl()).eval(),
                                         text_encoder=CLIPTextEncoder(sd15_text_config()).eval(),
                                         tokenizer=CLIPTokenizer.from_bpe_file())
     with torch.no_grad():  # the UNet zero-initialises some layers: randomise them so mapping errors show

@@ -12,6 +12,7 @@ from importlib import resources
 import pytest
 import torch
 
+from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io import sd as sdio
 from openldm.io.keymaps import autoencoder as vae_keys
 from openldm.io.keymaps import clip as clip_keys
@@ -151,7 +152,7 @@ def test_load_diffusers_folder_matches_every_tensor_and_output(tiny):
     assert_same_weights(sd, pipe)
     assert_same_outputs(sd, pipe)
     assert sd.prediction == "eps" and sd.spacing == "leading" and sd.steps_offset == 1
-    assert sd.schedule == sdio.ScheduleConfig()
+    assert sd.schedule == ScheduleConfig()
     assert not sd.is_inpainting
     assert sd.unet.config.model_channels == 32 and sd.text_encoder.config.hidden_size == 128
 

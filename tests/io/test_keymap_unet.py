@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from openldm.io.keymaps import unet as keymap
-from openldm.models.presets import sd15_inpaint_unet, sd15_unet, sd2_unet, tiny_unet
+from openldm.models.presets import sd2_unet, sd15_inpaint_unet, sd15_unet, tiny_unet
 from openldm.models.unet import UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")

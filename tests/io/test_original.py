@@ -12,8 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io import original
 from openldm.io import sd as sdio
+from openldm.io.components import read_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_diffusers_folder import (
@@ -44,7 +46,7 @@ def tiny(tmp_path_factory):
 
 def _plain_state(single: Path) -> dict[str, torch.Tensor]:
     """The single file's tensors without openldm metadata (as another writer would leave it)."""
-    return dict(sdio.read_tensors(single)[0])
+    return dict(read_tensors(single)[0])
 
 
 class NotAWeight:  # a custom class inside a pickle: needs full unpickling
@@ -104,7 +106,7 @@ def test_ckpt_nested_fp16_with_ema_shapes_only(tmp_path, tiny):
         sd = sdio.load_sd(path)
     assert {p.dtype for p in sd.unet.parameters()} == {torch.float16}
     assert sd.unet.config == sdio.load_sd(single).unet.config  # from shapes == from metadata
-    assert (sd.prediction, sd.spacing, sd.steps_offset, sd.schedule) == ("eps", "leading", 1, sdio.ScheduleConfig())
+    assert (sd.prediction, sd.spacing, sd.steps_offset, sd.schedule) == ("eps", "leading", 1, ScheduleConfig())
     assert sd.tokenizer.pad_id == sd.tokenizer.end_id
     ref = pipe.unet.state_dict()
     from openldm.io.keymaps import unet as unet_map

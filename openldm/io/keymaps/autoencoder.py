@@ -20,7 +20,12 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from openldm.models.autoencoder import AutoencoderKL, AutoencoderKLConfig, VQAutoencoder, VQModelConfig
+from openldm.models.autoencoder import (
+    AutoencoderKL,
+    AutoencoderKLConfig,
+    VQAutoencoder,
+    VQModelConfig,
+)
 from openldm.models.quantizer import VectorQuantizer
 
 ORIGINAL_PREFIX = "first_stage_model."  # where an SD single file keeps the autoencoder
