@@ -1,14 +1,10 @@
 """`openldm convert` and `openldm generate` end to end on a tiny random-weight SD model written by diffusers."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).parent / "io"))
-from test_diffusers_folder import tiny_pipeline  # noqa: E402
+from sd_testing import tiny_pipeline  # noqa: E402
 
 from openldm.cli import main  # noqa: E402
 from openldm.pipelines import read_png_params  # noqa: E402

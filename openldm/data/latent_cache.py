@@ -96,6 +96,8 @@ class autoencoder_encoder:  # noqa: N801 (used like a function)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         posterior = self.autoencoder.encode(images)
+        if isinstance(posterior, torch.Tensor):  # a VQ autoencoder: encode() gives the pre-quantisation latents
+            return posterior
         if not self.sample:
             return posterior.mode()
         if self._generator is None:

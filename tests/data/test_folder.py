@@ -13,7 +13,11 @@ from PIL import Image
 
 from openldm.config import ConfigError
 from openldm.data import build_dataset
-from openldm.data.folder import ImageFolderConfig, ImageFolderDataset, UnreadableImageWarning
+from openldm.data.folder import (
+    ImageFolderConfig,
+    ImageFolderDataset,
+    UnreadableImageWarning,
+)
 from openldm.registry import DATASETS
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}

@@ -8,7 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from openldm.data.image_io import load_image, load_image_tensor, load_label_map, pil_to_tensor, tensor_to_pil, verify_image
+from openldm.data.image_io import (
+    load_image,
+    load_image_tensor,
+    load_label_map,
+    pil_to_tensor,
+    tensor_to_pil,
+    verify_image,
+)
 
 
 def test_transparency_is_composited_over_white(tmp_path: Path):

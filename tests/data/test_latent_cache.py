@@ -238,3 +238,13 @@ def test_cache_stores_the_scale_factor_of_its_latents(tmp_path: Path, shapes: Sh
     originals = np.array(cache.latents[:N])
     assert cache.meta["scale_factor"] == pytest.approx(measure_scale_factor(originals), rel=1e-9)
     assert cache.meta["std"] == pytest.approx(float(originals.astype(np.float64).std(ddof=1)), rel=1e-9)
+
+
+def test_autoencoder_encoder_takes_vq_latents_as_they_are():
+    from openldm.data.latent_cache import autoencoder_encoder
+    from openldm.models.autoencoder import VQAutoencoder, tiny_vq
+
+    vq = VQAutoencoder(tiny_vq()).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(autoencoder_encoder(vq)(x), vq.encode(x))

@@ -4,7 +4,11 @@ import math
 import pytest
 import torch
 
-from openldm.diffusion.analytic import GaussianDenoiser, GaussianMixtureDenoiser, compare
+from openldm.diffusion.analytic import (
+    GaussianDenoiser,
+    GaussianMixtureDenoiser,
+    compare,
+)
 
 
 def mixture_1d():

@@ -5,7 +5,12 @@ import torch
 from openldm.conditioning.slots import Slots
 from openldm.diffusion.analytic import GaussianMixtureDenoiser
 from openldm.diffusion.denoiser import DiscreteDenoiser
-from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod, sigma_to_t, sigmas_from_alphas_cumprod
+from openldm.diffusion.schedules import (
+    ScheduleConfig,
+    make_alphas_cumprod,
+    sigma_to_t,
+    sigmas_from_alphas_cumprod,
+)
 
 AB = make_alphas_cumprod(ScheduleConfig())
 DATA = GaussianMixtureDenoiser(torch.tensor([[1.0, -0.5, 0.2], [-0.8, 0.4, 0.0]]).view(2, 3, 1, 1).expand(2, 3, 2, 2),

@@ -4,7 +4,15 @@ import warnings
 import pytest
 import torch
 
-from openldm.diffusion.objectives import (min_snr_weight, offset_noise, sample_timesteps, snr, target, to_eps, to_x0)
+from openldm.diffusion.objectives import (
+    min_snr_weight,
+    offset_noise,
+    sample_timesteps,
+    snr,
+    target,
+    to_eps,
+    to_x0,
+)
 from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod
 
 warnings.filterwarnings("ignore", module="diffusers")

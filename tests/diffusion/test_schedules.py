@@ -6,9 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from openldm.diffusion.schedules import (MIN_ALPHA_BAR, ScheduleConfig, alphas_cumprod_from_sigmas, karras_sigmas,
-                                         make_alphas_cumprod, make_betas, q_sample, sigma_to_t,
-                                         sigmas_from_alphas_cumprod, t_to_sigma)
+from openldm.diffusion.schedules import (
+    MIN_ALPHA_BAR,
+    ScheduleConfig,
+    alphas_cumprod_from_sigmas,
+    karras_sigmas,
+    make_alphas_cumprod,
+    make_betas,
+    q_sample,
+    sigma_to_t,
+    sigmas_from_alphas_cumprod,
+    t_to_sigma,
+)
 
 warnings.filterwarnings("ignore", module="diffusers")
 diffusers = pytest.importorskip("diffusers")

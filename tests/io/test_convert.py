@@ -2,32 +2,19 @@
 atomic; and (slow) the full SD v1.5 topology written as a single file is read by diffusers' from_single_file."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from sd_testing import assert_same_outputs, assert_same_weights, tiny_pipeline
 
 from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io import sd as sdio
 from openldm.io.components import StableDiffusionComponents, read_tensors
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_diffusers_folder import (
-    assert_same_outputs,
-    assert_same_weights,
-    tiny_pipeline,
-)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 diffusers = pytest.importorskip("diffusers")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

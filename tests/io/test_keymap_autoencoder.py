@@ -26,6 +26,8 @@ TINY_B = AutoencoderKLConfig(  # f = 2, two ResBlocks, other image and latent ch
     in_channels=1, out_channels=2, channels=32, channel_mult=(1, 3), num_res_blocks=2, z_channels=3, scaling_factor=0.5,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # The config.json of runwayml/stable-diffusion-v1-5's "vae" folder, as published.
 SD15_VAE_JSON = {
     "_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
@@ -33,15 +35,6 @@ SD15_VAE_JSON = {
     "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: immune to OpenMP spin-waiting when other jobs share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_state(shapes: dict[str, torch.Size], seed: int = 0) -> dict[str, torch.Tensor]:

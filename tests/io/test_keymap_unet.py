@@ -26,15 +26,7 @@ TINY_B = UNetConfig(  # SD 2.x style: fixed head width, linear projections; plus
     scale_shift=True, norm_groups=16, norm_eps=1e-6,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: as fast for the tiny models, nearly so for SD at 16x16, and a shared machine's OpenMP
-    contention cannot stall it (two threads on two busy cores ran these tests several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_state(shapes: dict[str, torch.Size], seed: int = 0) -> dict[str, torch.Tensor]:

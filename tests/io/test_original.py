@@ -4,35 +4,22 @@ inpainting checkpoints are detected from shapes; weights stay memory-mapped (no 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from sd_testing import assert_same_outputs, assert_same_weights, tiny_pipeline
 
 from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io import original
 from openldm.io import sd as sdio
 from openldm.io.components import read_tensors
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_diffusers_folder import (
-    assert_same_outputs,
-    assert_same_weights,
-    tiny_pipeline,
-)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 diffusers = pytest.importorskip("diffusers")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,19 +25,11 @@ from openldm.models.autoencoder import (
 )
 from openldm.registry import MODELS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PRESETS = [sd_autoencoder_kl, small_autoencoder_kl, tiny_autoencoder_kl, ldm_vq_f4, small_vq, tiny_vq]
 FACTORS = {"sd_autoencoder_kl": 8, "small_autoencoder_kl": 4, "tiny_autoencoder_kl": 4, "ldm_vq_f4": 4, "small_vq": 4, "tiny_vq": 4}
 OVERFIT = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1)  # the smallest useful topology: f = 2
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: as fast for these tiny models, and immune to OpenMP spin-waiting on a shared machine (two
-    threads on two busy cores ran a training step ~18x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(cfg: AutoencoderKLConfig | VQModelConfig) -> AutoencoderKL | VQAutoencoder:

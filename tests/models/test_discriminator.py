@@ -116,15 +116,6 @@ def _logit_gap(d: PatchGANDiscriminator, g: torch.Generator) -> float:
     return float(gap)
 
 
-@pytest.fixture
-def one_thread():
-    """Hundreds of tiny steps: one intra-op thread is ~20x faster than two when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_training_separates_real_from_fake(one_thread):
     """A few hundred hinge-loss steps drive the mean logit of real patches well above that of fake ones."""
     torch.manual_seed(0)

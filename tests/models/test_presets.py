@@ -1,6 +1,5 @@
 """Every preset builds, with the parameter counts the issue names for the SD topologies."""
 import pytest
-import torch
 
 from openldm.models.catalog import count_parameters, preset_rows
 from openldm.registry import MODELS, PRESETS

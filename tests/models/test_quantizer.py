@@ -10,15 +10,7 @@ import torch
 from openldm.models.autoencoder import VQAutoencoder, tiny_vq
 from openldm.models.quantizer import VectorQuantizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: as fast for these tiny models, and immune to OpenMP spin-waiting on a shared machine (two
-    threads on two busy cores ran a training step ~18x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def as_latents(vectors: torch.Tensor) -> torch.Tensor:

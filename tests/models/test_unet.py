@@ -7,20 +7,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from openldm.models.presets import sd15_unet, sd2_unet, small_unet, tiny_unet
+from openldm.models.presets import sd2_unet, sd15_unet, small_unet, tiny_unet
 from openldm.models.unet import UNet, UNetConfig
 from openldm.registry import MODELS, PRESETS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 UNET_PRESETS = [name for name in PRESETS.names() if PRESETS.get(name)()[0] == "unet"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and a shared machine's OpenMP contention cannot stall it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -8,16 +8,9 @@ import torch
 
 from openldm.nn.attention import Attention, SpatialSelfAttention
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B, T, S, HEADS, HEAD_DIM = 2, 7, 5, 3, 8
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and a shared machine's OpenMP contention cannot stall it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def explicit_attention(attn: Attention, x: torch.Tensor, context: torch.Tensor | None = None, mask=None) -> torch.Tensor:

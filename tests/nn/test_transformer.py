@@ -6,16 +6,13 @@ import torch
 from torch.nn import functional as F
 
 from openldm.nn.sequential import EmbedSequential, consumes
-from openldm.nn.transformer import GEGLUFeedForward, SpatialTransformer, TransformerBlock
+from openldm.nn.transformer import (
+    GEGLUFeedForward,
+    SpatialTransformer,
+    TransformerBlock,
+)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and a shared machine's OpenMP contention cannot stall it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -25,12 +25,8 @@ SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the models are tiny and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test in this folder runs on one torch thread (the fixture lives in tests/conftest.py)."""
 
 
 def _randomise_norms(module: torch.nn.Module, seed: int) -> None:

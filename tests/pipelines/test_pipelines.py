@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import close_fraction, diffusers, diffusers_pipe
 from PIL import Image
 
-from conftest import close_fraction, diffusers, diffusers_pipe
-from openldm.pipelines import (GenerationParams, image_to_image, inpaint, read_png_params, save_images,
-                               text_to_image)
+from openldm.pipelines import (
+    GenerationParams,
+    image_to_image,
+    inpaint,
+    read_png_params,
+    save_images,
+    text_to_image,
+)
 from openldm.pipelines.common import decode_latents, encode_images, make_generator
 
 COMMON = dict(negative_prompt="blurry, low quality", guidance_scale=7.5, height=64, width=64)

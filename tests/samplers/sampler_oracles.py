@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from openldm.diffusion.analytic import GaussianMixtureDenoiser
-from openldm.diffusion.schedules import MIN_ALPHA_BAR, ScheduleConfig, sigmas_from_alphas_cumprod
+from openldm.diffusion.schedules import (
+    MIN_ALPHA_BAR,
+    ScheduleConfig,
+    sigmas_from_alphas_cumprod,
+)
 from openldm.diffusion.spacing import make_plan
 from openldm.registry import SAMPLERS
 from openldm.samplers.base import ancestral_sigmas

@@ -4,12 +4,21 @@ import itertools
 
 import pytest
 import torch
+from sampler_oracles import (
+    SD,
+    assert_parity,
+    closed_form_ancestral,
+    diffusers_scheduler,
+    max_state_diff,
+    mixture,
+    run_diffusers,
+    run_ours,
+    schedule,
+)
 
 from openldm.diffusion.analytic import GaussianDenoiser
 from openldm.diffusion.spacing import make_plan
 from openldm.samplers import sample_ddim
-from sampler_oracles import (SD, assert_parity, closed_form_ancestral, diffusers_scheduler, max_state_diff, mixture,
-                             run_diffusers, run_ours, schedule)
 
 STEPS = (1, 4, 10, 25, 50)
 

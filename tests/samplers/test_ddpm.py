@@ -1,11 +1,11 @@
 """DDPM ancestral sampling against diffusers' DDPMScheduler (same seeded generator) and the closed form."""
 import pytest
 import torch
+from sampler_oracles import SD, assert_parity, closed_form_ancestral, mixture, schedule
 
 from openldm.diffusion.analytic import GaussianDenoiser
 from openldm.diffusion.spacing import make_plan
 from openldm.samplers import sample_ddim, sample_ddpm, sample_euler_ancestral
-from sampler_oracles import SD, assert_parity, closed_form_ancestral, mixture, schedule
 
 
 @pytest.mark.parametrize("kind", ["scaled_linear", "linear", "cosine"])

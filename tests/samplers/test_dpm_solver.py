@@ -5,12 +5,22 @@ import itertools
 
 import pytest
 import torch
+from sampler_oracles import (
+    SD,
+    assert_parity,
+    closed_form_dpmpp_2m_sde,
+    diffusers_scheduler,
+    max_state_diff,
+    mixture,
+    parity_tolerance,
+    run_diffusers,
+    run_ours,
+    schedule,
+)
 
 from openldm.diffusion.analytic import GaussianDenoiser
 from openldm.diffusion.spacing import make_plan
 from openldm.samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde
-from sampler_oracles import (SD, assert_parity, closed_form_dpmpp_2m_sde, diffusers_scheduler, max_state_diff,
-                             mixture, parity_tolerance, run_diffusers, run_ours, schedule)
 
 STEPS = (1, 2, 4, 10, 25, 50)  # 25 and 50 with final sigma_min exercise the second-order last step
 

@@ -5,13 +5,20 @@ import itertools
 
 import pytest
 import torch
+from sampler_oracles import (
+    SD,
+    assert_parity,
+    closed_form_ancestral,
+    diffusers_scheduler,
+    mixture,
+    schedule,
+)
 
 from openldm.diffusion.analytic import GaussianDenoiser
 from openldm.diffusion.denoiser import DiscreteDenoiser
 from openldm.diffusion.schedules import make_alphas_cumprod, t_to_sigma
 from openldm.diffusion.spacing import make_plan
 from openldm.samplers import sample_euler, sample_euler_ancestral, sample_heun
-from sampler_oracles import SD, assert_parity, closed_form_ancestral, diffusers_scheduler, mixture, schedule
 
 STEPS = (1, 4, 10, 25, 50)
 KINDS = ["scaled_linear", "linear", "cosine"]

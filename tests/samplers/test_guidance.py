@@ -3,13 +3,13 @@ evaluation, the scale-1 shortcut, guidance rescale against diffusers' rescale_no
 against diffusers' EulerDiscreteScheduler with guidance done the pipeline's way."""
 import pytest
 import torch
+from sampler_oracles import SD, diffusers
 
 from openldm.conditioning.slots import Slots
 from openldm.diffusion.denoiser import DiscreteDenoiser
 from openldm.diffusion.schedules import make_alphas_cumprod, t_to_sigma
 from openldm.diffusion.spacing import make_plan
 from openldm.samplers import CFGDenoiser, rescale_guidance, sample_euler
-from sampler_oracles import SD, diffusers
 
 rescale_noise_cfg = pytest.importorskip(
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion").rescale_noise_cfg

@@ -7,13 +7,13 @@ import re
 
 import pytest
 import torch
+from sampler_oracles import SD, mixture
 
 from openldm.conditioning.slots import Slots
 from openldm.diffusion.analytic import GaussianDenoiser, compare
 from openldm.diffusion.spacing import make_plan
 from openldm.registry import SAMPLERS
 from openldm.samplers import SamplerSpec, blend_known
-from sampler_oracles import SD, mixture
 
 EXPECTED = {"ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"}
 NAMES = sorted(EXPECTED)

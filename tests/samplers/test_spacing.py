@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 import torch
-
-from openldm.diffusion.spacing import SPACINGS, make_plan
-from openldm.diffusion.schedules import make_alphas_cumprod
-from openldm.registry import SAMPLERS
 from sampler_oracles import SD, diffusers_scheduler, reference_schedule, schedule
+
+from openldm.diffusion.schedules import make_alphas_cumprod
+from openldm.diffusion.spacing import SPACINGS, make_plan
+from openldm.registry import SAMPLERS
 
 STEPS = (1, 2, 3, 4, 7, 10, 25, 50)
 KINDS = [("scaled_linear", False), ("linear", False), ("cosine", False), ("scaled_linear", True), ("linear", True)]

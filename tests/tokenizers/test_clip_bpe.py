@@ -2,13 +2,11 @@
 (and a sweep of Unicode code points), padding, truncation, A1111 chunking, the two text cleanings."""
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import sys
 import unicodedata
 import warnings
-from importlib import resources
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ import torch
 from openldm.tokenizers.clip_bpe import (
     END_TOKEN,
     NUM_MERGES,
-    START_TOKEN,
     CLIPTokenizer,
     bytes_to_unicode,
     read_bpe_file,
@@ -24,30 +21,14 @@ from openldm.tokenizers.clip_bpe import (
 
 transformers = pytest.importorskip("transformers")
 
+from sd_testing import clip_vocab_files  # noqa: E402
 
 # ---- the CLIP vocabulary, built here independently of openldm's reader ---------------------------------------
-
-def _clip_vocab_files(folder, pad_token: str = END_TOKEN) -> None:
-    """vocab.json + merges.txt the way CLIP builds its vocabulary from the merges file: the 256 byte symbols,
-    the same + '</w>', the first 48,894 merges joined, the two special tokens (49,408 ids); plus SD v1's
-    tokenizer_config.json (model_max_length 77, pad = the end token unless told otherwise)."""
-    raw = resources.files("openldm.tokenizers").joinpath("bpe_simple_vocab_16e6.txt.gz").read_bytes()
-    merges = gzip.decompress(raw).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    symbols = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + [START_TOKEN, END_TOKEN]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    config = {"model_max_length": 77, "bos_token": START_TOKEN, "eos_token": END_TOKEN, "unk_token": END_TOKEN,
-              "pad_token": pad_token, "do_lower_case": True}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip_tokenizer")
-    _clip_vocab_files(path)
+    clip_vocab_files(path)
     return path
 
 
@@ -197,7 +178,7 @@ def test_folder_round_trip_and_sd2_padding(tmp_path, tok, hf):
     theirs = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / "ours"))
     assert theirs("a cat", padding="max_length", max_length=77).input_ids == tok("a cat")[0].tolist()
     # SD 2 folders pad with "!" (id 0) after the end token
-    _clip_vocab_files(tmp_path / "sd2", pad_token="!")
+    clip_vocab_files(tmp_path / "sd2", pad_token="!")
     sd2 = CLIPTokenizer.from_folder(tmp_path / "sd2")
     assert sd2.pad_id == 0 and CLIPTokenizer.from_bpe_file(pad_id=0).pad_id == 0
     hf2 = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / "sd2"))
