@@ -73,22 +73,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- openldm generate -------------------------------------------------------------------------------------------
 
+def _sampling_args(p: argparse.ArgumentParser, *, sampler: str, steps: int, guidance: float) -> None:
+    """The sampler, guidance, seed and output flags shared by `generate` and `sample`."""
+    p.add_argument("--sampler", default=sampler, help=f"sampler name (see `openldm samplers`; default {sampler})")
+    p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels (sigma-space samplers)")
+    p.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
+    p.add_argument("--guidance-scale", type=float, default=guidance,
+                   help=f"classifier-free guidance scale, 1 = off (default {guidance})")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt/label; files get -0, -1, ... suffixes")
+    p.add_argument("--out", default="out.png", help="output PNG path")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="SD v1 checkpoint: .safetensors/.ckpt single file, diffusers folder "
                                                  "or openldm folder")
     p.add_argument("--prompt", default=None, help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional branch of CFG)")
-    p.add_argument("--sampler", default="euler", help="sampler name (see `openldm samplers`)")
-    p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels (sigma-space samplers)")
-    p.add_argument("--steps", type=int, default=30, help="sampling steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same image as diffusers for the same seed")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 (default 512, "
-                                                             "or the init image's own size)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default 512, "
-                                                            "or the init image's own size)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt; files get -0, -1, ... suffixes")
+    _sampling_args(p, sampler="euler", steps=30, guidance=7.5)
     p.add_argument("--init-image", default=None, help="image-to-image (or inpainting) input image")
     p.add_argument("--strength", type=float, default=None, help="how much of the init image to redraw, in [0, 1]")
     p.add_argument("--mask", default=None, help="inpainting mask (white = redraw); needs --init-image")
@@ -101,8 +107,6 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unsafe-load", action="store_true", help="allow .ckpt files that need full unpickling "
                                                               "(only for files you trust)")
     p.add_argument("--from-png", default=None, help="regenerate with the parameters stored in this PNG")
-    p.add_argument("--out", default="out.png", help="output PNG path")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 @command("generate", "generate images with Stable Diffusion v1 weights (text-to-image, image-to-image, inpainting)",
@@ -111,7 +115,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from openldm.io.sd import load_sd
-    from openldm.pipelines import GenerationParams, image_to_image, inpaint, read_png_params, save_images, text_to_image
+    from openldm.pipelines import (
+        GenerationParams,
+        image_to_image,
+        inpaint,
+        read_png_params,
+        save_images,
+        text_to_image,
+    )
 
     if args.from_png:
         params = read_png_params(args.from_png)
@@ -153,6 +164,71 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML file of a DiffusionTrainConfig (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=2000 optim.lr=3e-4 unet.model_channels=64")
+
+
+# --- openldm sample ---------------------------------------------------------------------------------------------
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="run directory written by `openldm train`")
+    p.add_argument("--class-label", default=None, help="class index or name (class-conditional models)")
+    p.add_argument("--prompt", default=None, help="caption (text-conditional models)")
+    p.add_argument("--mask", default=None, help="segmentation mask image, or the inpainting mask with --init-image")
+    p.add_argument("--low-res", default=None, help="low-resolution image to upscale (super-resolution models)")
+    p.add_argument("--noise-level", type=int, default=None, help="noise augmentation level of --low-res")
+    p.add_argument("--init-image", default=None, help="image to inpaint (with --mask) or redraw (with --strength)")
+    p.add_argument("--strength", type=float, default=1.0, help="image-to-image strength in (0, 1]")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--grid", action="store_true", help="write all images as one grid PNG instead of one file each")
+    _sampling_args(p, sampler="ddim", steps=50, guidance=3.0)
+
+
+@command("sample", "sample from a model trained with `openldm train` (class, caption, mask, low-res, inpaint)",
+         _sample_args)
+def cmd_sample(args: argparse.Namespace) -> int:
+    from openldm.data.image_io import tensor_to_pil
+    from openldm.evaluation.grid import tile
+    from openldm.pipelines import GenerationParams, save_images
+    from openldm.pipelines.trained import load_run, sample_trained
+
+    model = load_run(args.model, ema=not args.raw_weights)
+    label = args.class_label
+    if label is not None and label.lstrip("-").isdigit():
+        label = int(label)
+    images = sample_trained(
+        model, class_label=label, prompt=args.prompt, mask=args.mask, low_res=args.low_res,
+        noise_level=args.noise_level, init_image=args.init_image, strength=args.strength,
+        num_images=args.num_images, sampler=args.sampler, karras=args.karras, steps=args.steps,
+        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=args.seed,
+        height=args.height, width=args.width, progress=not args.quiet)
+    params = GenerationParams(
+        prompt=args.prompt or (f"class {args.class_label}" if args.class_label is not None else ""),
+        sampler=args.sampler, karras=args.karras, steps=args.steps, guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale, seed=args.seed, height=images.shape[-2], width=images.shape[-1],
+        num_images=1 if args.grid else images.shape[0], model=args.model)
+    pictures = [tile(images)] if args.grid else [tensor_to_pil(x) for x in images]
+    for path in save_images(pictures, args.out, params):
+        print(path)
+    return 0
+
+
+# --- openldm train-autoencoder ----------------------------------------------------------------------------------
+
+@command("train-autoencoder", "train a KL or VQ autoencoder (reconstruction + LPIPS + PatchGAN)", _train_args)
+def cmd_train_autoencoder(args: argparse.Namespace) -> int:
+    from openldm.config import load
+    from openldm.training.autoencoder import AutoencoderTrainConfig, train_autoencoder
+
+    cfg = load(AutoencoderTrainConfig, args.config, args.overrides)
+    out = train_autoencoder(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"step {out['step']}; latent scale factor {out['scaling_factor']:.5f}; autoencoder saved as {out['autoencoder']}")
+    return 0
+
+
 # --- openldm convert --------------------------------------------------------------------------------------------
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -179,13 +255,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # --- openldm train ----------------------------------------------------------------------------------------------
-
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML file of a DiffusionTrainConfig (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=2000 optim.lr=3e-4 unet.model_channels=64")
-
 
 @command("train", "train a (latent) diffusion model; conditions, data and UNet named in the config", _train_args)
 def cmd_train(args: argparse.Namespace) -> int:

@@ -1,0 +1,385 @@
+"""Sampling from diffusion models trained here: :func:`load_run` rebuilds a run directory of
+``openldm.training.diffusion`` (UNet, conditioner, schedule, autoencoder) from that directory alone, and
+:func:`sample_trained` draws images for any mix of the conditions the model was trained with.
+
+Each input goes to the conditioner that reads it, under the batch key that conditioner is configured with:
+``class_label`` -> "class_label", ``prompt`` -> "text", ``mask`` -> "segmentation" (a label map), ``low_res`` ->
+"low_res", ``init_image`` + ``mask`` -> "inpaint" (mask white = fill). A condition the model has but the call does
+not give gets its null slots (the model's unconditional input for it). ``init_image`` + ``mask`` on a model without
+an inpainting conditioner inpaints by blending (``blend_known``), and ``init_image`` with ``strength < 1`` starts
+from the noised image (image-to-image).
+
+Seed convention (that of ``pipelines.common``): one CPU generator seeded with ``seed`` draws the starting noise for
+the whole batch first, then any noise the conditioners draw (low-res noise augmentation), then the sampler's noise;
+so for one seed the starting noise is the same whatever the condition. Images are (B, C, H, W) in [-1, 1], the
+datasets' convention, so ``openldm.data`` pixel detectors apply to samples directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn import functional as F
+
+from openldm.conditioning.class_label import ClassLabelConditioner
+from openldm.conditioning.compose import ComposedConditioner, Resources, build_conditioning, merge_slots
+from openldm.conditioning.slots import Slots
+from openldm.conditioning.spatial import InpaintConditioner, LowResConditioner, SegmentationConditioner
+from openldm.conditioning.text import TextConditioner
+from openldm.config import from_dict
+from openldm.data.image_io import load_image, load_label_map, pil_to_tensor
+from openldm.diffusion.schedules import ScheduleConfig
+from openldm.io.native import load_model, read_metadata
+from openldm.pipelines.common import (draw_noise, guided_denoiser, make_generator, module_device_dtype, run_sampler,
+                                      sampling_plan)
+from openldm.samplers.base import blend_known
+from openldm.training.diffusion import DiffusionTrainConfig
+
+ImageInput = Image.Image | str | Path | torch.Tensor
+
+
+@dataclass
+class TrainedModel:
+    """A trained run, ready to sample. ``data_shape`` (C, h, w) is the tensor being denoised (latents or pixels);
+    None when the training data could not be probed (then give ``height``/``width`` to :func:`sample_trained`).
+    ``spacing``/``steps_offset``: the inference timestep spacing (``make_plan``); "trailing" starts at the last
+    training timestep, where the starting noise matches what the model was trained on."""
+
+    unet: nn.Module
+    conditioner: ComposedConditioner
+    schedule: ScheduleConfig
+    prediction: str
+    autoencoder: nn.Module | None
+    latent_scale: float
+    data_shape: tuple[int, int, int] | None
+    config: DiffusionTrainConfig
+    class_names: list[str] | None = None
+    spacing: str = "trailing"
+    steps_offset: int = 0
+    run_dir: Path | None = None
+    ema: bool = True
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 1 if self.autoencoder is None else int(self.autoencoder.downsampling_factor)
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(H, W) of the images the model was trained on."""
+        if self.data_shape is None:
+            return None
+        f = self.downsampling_factor
+        return self.data_shape[1] * f, self.data_shape[2] * f
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+class _LatentEncoder:
+    """Images in [-1, 1] -> scaled latents, as training cached them (posterior mode times the run's scale)."""
+
+    def __init__(self, autoencoder: nn.Module, scale: float):
+        self.autoencoder, self.scale = autoencoder, scale
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        device, dtype = module_device_dtype(self.autoencoder)
+        posterior = self.autoencoder.encode(images.to(device, dtype))
+        z = posterior.mode() if hasattr(posterior, "mode") else posterior  # KL posterior, or VQ's continuous latents
+        return z.float() * self.scale
+
+
+def _find_autoencoder(path: str, run_dir: Path) -> Path:
+    """The config's autoencoder path as written (relative to the working directory), else relative to the run."""
+    candidates = [Path(path)] + ([run_dir / path] if not Path(path).is_absolute() else [])
+    for p in candidates:
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"the run's autoencoder {path!r} was not found (tried {[str(p) for p in candidates]}); "
+                            "pass autoencoder=PATH to load_run")
+
+
+def _probe_data(cfg: DiffusionTrainConfig, channels: int, f: int) -> tuple[tuple[int, int, int] | None, list | None]:
+    """(data_shape, class_names) from the run's dataset config; (None, None) when the data is not available here."""
+    from openldm.data import build_dataset
+
+    try:
+        dataset = build_dataset(cfg.data.name, cfg.data.options)
+        item = dataset[0]
+    except (OSError, ValueError, IndexError, KeyError):
+        return None, None
+    names = list(getattr(dataset, "class_names", None) or []) or None
+    if "latent" in item:
+        return tuple(int(s) for s in item["latent"].shape), names
+    H, W = item["image"].shape[-2:]
+    return (channels, H // f, W // f), names
+
+
+def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
+             autoencoder: str | Path | None = None, resources: Resources | None = None) -> TrainedModel:
+    """Rebuild a diffusion run from its directory: ``config.yaml``, ``unet_ema.safetensors`` (``ema=True``) or
+    ``unet.safetensors``, ``conditioner.safetensors`` (its ``ema.`` weights or the raw ones) and the autoencoder the
+    config names (``autoencoder`` overrides its path). ``resources``: what a conditioner needs that the run cannot
+    hold, e.g. ``Resources(prompt_encoder=...)`` for the text backend "external"; an ``encode`` is filled in from
+    the autoencoder when absent."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a diffusion run directory (no config.yaml)")
+    cfg = from_dict(DiffusionTrainConfig, yaml.safe_load((run_dir / "config.yaml").read_text()),
+                    where=str(run_dir / "config.yaml"))
+    unet_path = run_dir / ("unet_ema.safetensors" if ema else "unet.safetensors")
+    if not unet_path.is_file():
+        raise FileNotFoundError(f"{str(unet_path)!r} does not exist; the run has not saved a checkpoint yet")
+    unet = load_model(unet_path, device=device).eval()
+    scale = float(read_metadata(unet_path).get("openldm.latent_scale", "1.0"))
+
+    ae = None
+    if autoencoder is not None or cfg.autoencoder is not None:
+        ae_path = Path(autoencoder) if autoencoder is not None else _find_autoencoder(cfg.autoencoder, run_dir)
+        ae = load_model(ae_path, device=device).eval()
+    resources = resources or Resources()
+    if resources.encode is None and ae is not None:
+        resources = Resources(prompt_encoder=resources.prompt_encoder, encode=_LatentEncoder(ae, scale))
+
+    conditioner = build_conditioning(cfg.conditions, resources)
+    cond_path = run_dir / "conditioner.safetensors"
+    if cond_path.is_file():
+        state = load_file(str(cond_path))
+        prefix = "ema." if ema else ""
+        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and (ema or not k.startswith("ema."))}
+        conditioner.load_state_dict(picked, strict=True)
+    elif conditioner.state_dict():
+        raise FileNotFoundError(f"{str(cond_path)!r} does not exist but the run's conditioner has weights")
+    conditioner.to(device).eval().requires_grad_(False)
+
+    f = 1 if ae is None else int(ae.downsampling_factor)
+    data_shape, class_names = _probe_data(cfg, unet.config.in_channels, f)
+    return TrainedModel(unet=unet, conditioner=conditioner, schedule=cfg.schedule, prediction=cfg.prediction,
+                        autoencoder=ae, latent_scale=scale, data_shape=data_shape, config=cfg,
+                        class_names=class_names, run_dir=run_dir, ema=ema)
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+def _batched(x: torch.Tensor, B: int, what: str) -> torch.Tensor:
+    if x.shape[0] == B:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(B, *x.shape[1:])
+    raise ValueError(f"{what} has batch {x.shape[0]}; give 1 (shared) or one per image ({B})")
+
+
+def _image(image: ImageInput, channels: int, size: tuple[int, int] | None, what: str) -> torch.Tensor:
+    """A path, PIL image or tensor ((C, H, W) / (N, C, H, W) in [-1, 1]) -> (N, C, H, W) float in [-1, 1], resized
+    to ``size`` (H, W) when given and different (Lanczos for PIL images, antialiased bicubic for tensors)."""
+    if isinstance(image, torch.Tensor):
+        x = image.float()[None] if image.dim() == 3 else image.float()
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f"{what} tensor must be (C, H, W) or (N, C, H, W) with C = {channels}; got {tuple(image.shape)}")
+        if size is not None and tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
+        return x
+    img = load_image(image, channels) if isinstance(image, (str, Path)) else image.convert("RGB" if channels == 3 else "L")
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    return pil_to_tensor(img)[None] * 2 - 1
+
+
+def _fill_mask(mask: ImageInput, size: tuple[int, int]) -> torch.Tensor:
+    """An inpainting mask (white / > 0.5 = fill) -> (N, 1, H, W) float in {0, 1} at the image size."""
+    if isinstance(mask, torch.Tensor):
+        m = mask.float()
+        m = m[None, None] if m.dim() == 2 else m[:, None] if m.dim() == 3 else m
+        return (F.interpolate(m, size=size, mode="nearest") > 0.5).float()
+    return (_image(mask, 1, size, "mask") > 0).float()  # [-1, 1]: > 0 is >= half grey
+
+
+def _label_map(mask: ImageInput) -> torch.Tensor:
+    """A segmentation label map (path to an L/P/I PNG of ids, PIL image, or (H, W) / (N, H, W) integer tensor) ->
+    (N, H, W) long."""
+    if isinstance(mask, torch.Tensor):
+        m = mask if mask.is_floating_point() else mask.long()
+    elif isinstance(mask, (str, Path)):
+        m = load_label_map(mask)
+    else:
+        m = torch.from_numpy(np.asarray(mask).astype(np.int64))
+    return m[None] if m.dim() == 2 else m
+
+
+def _repeat(values: Sequence[Any], n: int) -> list[Any]:
+    return [v for v in values for _ in range(n)]  # value-major, as num_images per prompt
+
+
+def _class_indices(model: TrainedModel, class_label: int | str | Sequence[int | str]) -> list[int]:
+    labels = [class_label] if isinstance(class_label, (int, str)) else list(class_label)
+    out = []
+    for v in labels:
+        if isinstance(v, str):
+            if not model.class_names or v not in model.class_names:
+                raise ValueError(f"class {v!r} is not a class name of this model; names: {model.class_names}")
+            v = model.class_names.index(v)
+        out.append(int(v))
+    return out
+
+
+def _conditions_batch(model: TrainedModel, B: int, image_size: tuple[int, int], *, per: int,
+                      class_label, prompt, mask, low_res, noise_level, init_image) -> tuple[dict, set[str]]:
+    """The batch dict the model's conditioners read, and the names of the conditions it fills."""
+    batch: dict[str, Any] = {}
+    given: set[str] = set()
+    used: set[str] = set()
+    for name, c in model.conditioner.conditioners.items():
+        if isinstance(c, ClassLabelConditioner) and class_label is not None:
+            labels = _class_indices(model, class_label)
+            bad = [v for v in labels if not 0 <= v < c.config.num_classes]
+            if bad:
+                raise ValueError(f"class label {bad[0]} is out of range; the model has classes 0..{c.config.num_classes - 1}"
+                                 + (f" ({', '.join(model.class_names)})" if model.class_names else ""))
+            batch[c.config.key] = torch.tensor(_repeat(labels, per))
+            used.add("class_label")
+        elif isinstance(c, TextConditioner) and prompt is not None:
+            batch[c.config.key] = _repeat([prompt] if isinstance(prompt, str) else list(prompt), per)
+            used.add("prompt")
+        elif isinstance(c, SegmentationConditioner) and mask is not None and init_image is None:
+            batch[c.config.key] = _batched(_label_map(mask), B, "mask")
+            used.add("mask")
+        elif isinstance(c, LowResConditioner) and low_res is not None:
+            batch[c.config.key] = _batched(_image(low_res, c.config.channels, None, "low_res"), B, "low_res")
+            if noise_level is not None:
+                batch[c.config.noise_level_key] = noise_level
+            used.add("low_res")
+        elif isinstance(c, InpaintConditioner) and init_image is not None:
+            if mask is None:
+                raise ValueError("this model inpaints: give the mask of the region to fill with init_image")
+            batch[c.config.image_key] = _batched(_image(init_image, 3, image_size, "init_image"), B, "init_image")
+            batch[c.config.mask_key] = _batched(_fill_mask(mask, image_size), B, "mask")
+            used |= {"init_image", "mask"}
+        else:
+            continue
+        given.add(name)
+    for value, what in ((class_label, "class_label"), (prompt, "prompt"), (low_res, "low_res")):
+        if value is not None and what not in used:
+            raise ValueError(f"{what} was given but the model has no condition that reads it; its conditions are "
+                             f"{_describe(model)}")
+    if noise_level is not None and low_res is None:
+        raise ValueError("noise_level is the augmentation level of a low_res image; give low_res too")
+    if mask is not None and init_image is None and "mask" not in used:
+        raise ValueError(f"mask was given without init_image, but the model has no segmentation condition; its "
+                         f"conditions are {_describe(model)} (give init_image too to inpaint)")
+    for key, value in batch.items():
+        size = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else len(value) if isinstance(value, list) else B
+        if size != B:
+            raise ValueError(f"the inputs for {key!r} make {size} rows but the batch has {B}; give one value or the "
+                             "same number of class labels and prompts")
+    return batch, given
+
+
+def _describe(model: TrainedModel) -> str:
+    return ", ".join(f"{n} ({type(c).__name__})" for n, c in model.conditioner.conditioners.items()) or "none"
+
+
+def _batch_size(class_label, prompt, num_images: int) -> int:
+    counts = {1 if v is None or isinstance(v, (int, str)) else len(v) for v in (class_label, prompt)} - {1}
+    if len(counts) > 1:
+        raise ValueError(f"class_label and prompt lists have different lengths {sorted(counts)}")
+    return (counts.pop() if counts else 1) * num_images
+
+
+def condition(conditioner: ComposedConditioner, batch: dict, given: set[str], batch_size: int,
+              latent_size: tuple[int, int], generator: torch.Generator | None) -> Slots:
+    """The conditional slots: the conditions named in ``given`` from ``batch``, every other one null."""
+    with torch.no_grad():
+        return merge_slots([c(batch, generator=generator, latent_size=latent_size) if name in given
+                            else c.null(batch_size, latent_size=latent_size)
+                            for name, c in conditioner.conditioners.items()])
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+
+def encode(model: TrainedModel, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, C, H, W) in [-1, 1] -> what the model denoises (scaled latents, or the pixels themselves)."""
+    device, _ = module_device_dtype(model.unet)
+    if model.autoencoder is None:
+        return images.to(device, torch.float32)
+    return _LatentEncoder(model.autoencoder, model.latent_scale)(images).to(device)
+
+
+def decode(model: TrainedModel, x: torch.Tensor) -> torch.Tensor:
+    """What the model denoises -> images (B, C, H, W) in [-1, 1], float32 on the CPU. Latents are divided by the
+    run's scale (training multiplied the posterior mode by it) and decoded."""
+    if model.autoencoder is not None:
+        device, dtype = module_device_dtype(model.autoencoder)
+        with torch.no_grad():
+            x = model.autoencoder.decode((x / model.latent_scale).to(device, dtype))
+    return x.float().cpu().clamp(-1, 1)
+
+
+def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int | str] | None = None,
+                   prompt: str | Sequence[str] | None = None, mask: ImageInput | None = None,
+                   low_res: ImageInput | None = None, noise_level: int | None = None,
+                   init_image: ImageInput | None = None, strength: float = 1.0, num_images: int = 1,
+                   sampler: str = "ddim", karras: bool = False, steps: int = 50, guidance_scale: float = 3.0,
+                   guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None,
+                   width: int | None = None, progress: bool = False) -> torch.Tensor:
+    """Images (B, C, H, W) in [-1, 1] from a trained model; B = ``num_images`` per class label / prompt (a list of
+    labels or prompts gives ``num_images`` each, label-major).
+
+    ``mask``: a segmentation label map, or with ``init_image`` the region to redraw (white). ``low_res``: the image to
+    upscale (``noise_level``: its augmentation level; default the conditioner's). ``strength`` < 1 with
+    ``init_image``: start from the image noised to that fraction of the schedule. Classifier-free guidance pairs the
+    conditions with the conditioner's null (Ho & Salimans 2022); at ``guidance_scale <= 1`` only the conditional pass
+    runs. ``height``/``width`` default to the training images' size."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if strength < 1.0 and init_image is None:
+        raise ValueError(f"strength={strength} needs an init_image to start from")
+    f = model.downsampling_factor
+    if height is None or width is None:
+        if model.image_size is None:
+            raise ValueError("the run's training data is not available to tell the image size; give height and width")
+        height, width = height or model.image_size[0], width or model.image_size[1]
+    if height <= 0 or width <= 0 or height % f or width % f:
+        raise ValueError(f"image size {width}x{height} (width x height) must be positive multiples of {f}")
+    latent_size = (height // f, width // f)
+    channels = model.unet.config.in_channels
+    B = _batch_size(class_label, prompt, num_images)
+    device, _ = module_device_dtype(model.unet)
+
+    generator = make_generator(seed)
+    noise = draw_noise((B, channels, *latent_size), generator, device, torch.float32)
+    batch, given = _conditions_batch(model, B, (height, width), per=num_images, class_label=class_label,
+                                     prompt=prompt, mask=mask, low_res=low_res, noise_level=noise_level,
+                                     init_image=init_image)
+    cond = condition(model.conditioner, batch, given, B, latent_size, generator).to(device=device)
+    uncond = model.conditioner.null(B, latent_size=latent_size).to(device=device) if given else cond
+
+    plan = sampling_plan(model, sampler, steps, karras)
+    on_step = None
+    if init_image is not None and not any(isinstance(c, InpaintConditioner) for c in model.conditioner.conditioners.values()):
+        known = encode(model, _batched(_image(init_image, 3, (height, width), "init_image"), B, "init_image"))
+        if strength < 1.0:
+            plan = plan.from_strength(strength)
+        x = plan.noised_input(known, noise) if strength < 1.0 else plan.initial_sample(noise)
+        if mask is not None:  # inpainting by blending: the known region is put back after every step
+            small = F.interpolate(_batched(_fill_mask(mask, (height, width)), B, "mask"), size=latent_size,
+                                  mode="nearest").to(device)
+            on_step = blend_known(known, small, noise)
+    else:
+        if strength < 1.0:
+            raise ValueError("strength < 1 is for image-to-image; an inpainting model redraws the mask from noise")
+        x = plan.initial_sample(noise)
+    # no condition given: cond == uncond, and guidance would change nothing
+    denoiser = guided_denoiser(model, plan, uncond, guidance_scale if given else 1.0, guidance_rescale)
+    out = run_sampler(sampler, denoiser, x, plan, cond, generator, on_step=on_step, progress=progress)
+    return decode(model, out)
+
+
+__all__ = ["TrainedModel", "load_run", "sample_trained", "condition", "encode", "decode"]
