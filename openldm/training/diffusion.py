@@ -17,41 +17,52 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from openldm.conditioning.compose import ComposedConditioner, ConditionConfig, Resources, build_conditioning
+from openldm.conditioning.compose import (
+    ComposedConditioner,
+    ConditionConfig,
+    Resources,
+    build_conditioning,
+)
 from openldm.config import from_dict, to_dict
 from openldm.data import build_dataset
-from openldm.diffusion.objectives import PREDICTION_TYPES, min_snr_weight, offset_noise, sample_timesteps, target
+from openldm.diffusion.objectives import (
+    PREDICTION_TYPES,
+    min_snr_weight,
+    offset_noise,
+    sample_timesteps,
+    target,
+)
 from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod, q_sample
 from openldm.io.files import atomic_path
 from openldm.io.native import load_model, save_model
 from openldm.registry import PRESETS
 from openldm.training.checkpoint import load_state, save_state
-from openldm.training.distributed import DistInfo, ShardedSampler, init_distributed
+from openldm.training.common import PRECISIONS, DataSpec, TrainingDiverged
+from openldm.training.common import StopFlag as _StopFlag
+from openldm.training.distributed import (
+    DistInfo,
+    ShardedSampler,
+    all_reduce_mean,
+    any_process,
+    barrier,
+    init_distributed,
+    shutdown,
+)
 from openldm.training.ema import EMA
 from openldm.training.optim import OptimConfig, make_optimizer
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass
-class DataSpec:
-    """A registered dataset (openldm.data) and its options, checked strictly against its config."""
-
-    name: str = "shapes"
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,10 +98,6 @@ class DiffusionTrainConfig:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is left as it was."""
 
 
 class DiffusionModel(nn.Module):
@@ -139,30 +146,6 @@ def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path):
     return cache, "latent", scale, ae
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and returns at the end of the current step."""
-
-    def __init__(self) -> None:
-        self.stop = False
-
-    @contextlib.contextmanager
-    def installed(self):
-        def handler(signum, frame):
-            self.stop = True
-
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for s in previous:
-                signal.signal(s, handler)
-        except ValueError:  # not the main thread: no signal handling
-            previous = {}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
 def _save_run(out_dir: Path, model: DiffusionModel, ema: EMA, state: dict, scale: float) -> None:
     extra = {"openldm.latent_scale": repr(scale)}
     save_model(model.unet, out_dir / "unet.safetensors", extra)
@@ -177,8 +160,25 @@ def _save_run(out_dir: Path, model: DiffusionModel, ema: EMA, state: dict, scale
 def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress: bool = True,
                     on_log: Callable[[dict], None] | None = None, resources: Resources | None = None,
                     fail_at_step: int | None = None) -> dict[str, Any]:
-    """Train (or resume) and return the final metrics. ``fail_at_step`` injects a NaN loss (tests)."""
+    """Train (or resume) and return the final metrics. ``fail_at_step`` injects a NaN loss (tests).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every process runs this with the same config: each takes its share of the
+    global batch (``batch_size`` is global), gradients are averaged by DistributedDataParallel, the logged loss is
+    the mean over all processes, and only rank 0 keeps the EMA and writes files. The result equals one process with
+    the same global batch, up to float reduction order. A process group this call joined is left at the end."""
+    joined = not dist.is_initialized()
     info = init_distributed(cfg.device)
+    try:
+        return _train(cfg, info, resume=resume, progress=progress, on_log=on_log, resources=resources,
+                      fail_at_step=fail_at_step)
+    finally:
+        if joined:
+            shutdown()
+
+
+def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress: bool,
+           on_log: Callable[[dict], None] | None, resources: Resources | None,
+           fail_at_step: int | None) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     device = torch.device(cfg.device if not cfg.device.startswith("cuda") or not info.enabled else f"cuda:{info.local_rank}")
     if info.is_main:
@@ -186,7 +186,11 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
         with atomic_path(out_dir / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.seed)  # parameter initialisation
+    if not info.is_main:
+        barrier(info)  # rank 0 builds the latent cache first; the others then find and reuse it
     dataset, x0_key, scale, _ = prepare_data(cfg, out_dir)
+    if info.is_main:
+        barrier(info)
     conditioner = build_conditioning(cfg.conditions, resources)
     x0_probe = dataset[0][x0_key]
     unet_cfg = build_unet_config(cfg, x0_probe.shape[0], conditioner)
@@ -195,7 +199,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
     model = DiffusionModel(UNet(unet_cfg), conditioner).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = EMA(model, decay=cfg.ema_decay)
+    ema = EMA(model, decay=cfg.ema_decay) if info.is_main else None  # weights are equal on every rank: keep one
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg.optim, cfg.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -208,16 +212,22 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
         model.unet.load_state_dict(load_model(out_dir / "unet.safetensors").state_dict())
         cond = load_file(str(out_dir / "conditioner.safetensors"))
         model.conditioner.load_state_dict({k: v for k, v in cond.items() if not k.startswith("ema.")})
-        ema.shadow.unet.load_state_dict(load_model(out_dir / "unet_ema.safetensors").state_dict())
-        ema.shadow.conditioner.load_state_dict({k[4:]: v for k, v in cond.items() if k.startswith("ema.")})
-        ema.num_updates = state["ema_updates"]
+        if ema is not None:
+            ema.shadow.unet.load_state_dict(load_model(out_dir / "unet_ema.safetensors").state_dict())
+            ema.shadow.conditioner.load_state_dict({k[4:]: v for k, v in cond.items() if k.startswith("ema.")})
+            ema.num_updates = state["ema_updates"]
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
     net: nn.Module = model
     if info.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # The forward goes through the wrapper (DiffusionModel.forward conditions and denoises), so the backward
+        # all-reduces (averages) every gradient: the mean over the global batch when per-rank batches are equal.
+        # find_unused_parameters: a weight left out of one rank's graph in a step (a part some configuration does
+        # not use) would otherwise make DDP fail; the cost is one walk of the autograd graph per step.
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=True)
     forward = torch.compile(net) if cfg.compile else net
 
     global_batch = cfg.batch_size
@@ -243,12 +253,12 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
     history: list[dict] = []
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and info.is_main), desc="train")
     stopper = _StopFlag()
-    t_last, seen = time.perf_counter(), 0
+    t_last, seen, stopped = time.perf_counter(), 0, False
     with stopper.installed():
-        while step < cfg.steps and not stopper.stop:
+        while step < cfg.steps and not stopped:
             model.train()
             total = 0.0
-            for _ in range(cfg.grad_accum):
+            for micro_step in range(cfg.grad_accum):
                 batch = next(stream)
                 x0 = batch[x0_key].to(device).float() * scale
                 n = x0.shape[0]
@@ -260,7 +270,9 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
                 drops = {k: v[rows] for k, v in model.conditioner.sample_drops(micro, gen).items()}
                 ab = alphas_cumprod[t]
                 x_t = q_sample(x0, t, alphas_cumprod, noise)
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                # accumulation steps before the last skip DDP's gradient all-reduce; the last one averages the sums
+                sync = net.no_sync if info.enabled and micro_step < cfg.grad_accum - 1 else contextlib.nullcontext
+                with sync(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     out = forward(batch, x_t, t, drops, gen, tuple(x0.shape[-2:]))
                 err = F.mse_loss(out.float(), target(x0, noise, ab, cfg.prediction), reduction="none")
                 per_sample = err.mean(dim=tuple(range(1, err.dim())))  # (B,)
@@ -269,11 +281,15 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
                 loss = per_sample.mean() / cfg.grad_accum
                 if fail_at_step is not None and step == fail_at_step:
                     loss = loss * float("nan")
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"loss is {loss.item()} at step {step}; training stopped, the last good "
+                # the mean over every rank: what is logged, and the same NaN verdict everywhere (a rank raising
+                # alone would leave the others waiting in the backward's all-reduce)
+                global_loss = all_reduce_mean(loss.detach(), info).item()
+                if not math.isfinite(global_loss):
+                    raise TrainingDiverged(f"loss is {global_loss} at step {step}; training stopped, the last good "
                                            f"checkpoint in {str(out_dir)!r} is untouched")
-                scaler.scale(loss).backward()
-                total += loss.item()
+                with sync():
+                    scaler.scale(loss).backward()
+                total += global_loss
                 seen += n * info.world_size
                 position += micro
             scaler.unscale_(opt)
@@ -282,7 +298,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
             scaler.update()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            ema.update(model)
+            if ema is not None:
+                ema.update(model)
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -295,11 +312,13 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
                 if info.is_main:
                     with open(out_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                if on_log:
-                    on_log(rec)
-            if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stopper.stop):
+                    if on_log:
+                        on_log(rec)
+            stopped = any_process(stopper.stop, info, device)  # a signal to any rank stops every rank at this step
+            if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stopped):
                 state = {"step": step, "epoch": epoch, "position": position, "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "generator": gen.get_state(), "ema_updates": ema.num_updates}
                 _save_run(out_dir, model, ema, state, scale)
     bar.close()
-    return {"step": step, "history": history, "stopped": stopper.stop}
+    barrier(info)  # nobody leaves before rank 0 has written the last checkpoint
+    return {"step": step, "history": history, "stopped": stopped}

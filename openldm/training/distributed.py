@@ -41,8 +41,15 @@ def init_distributed(device: str = "cpu") -> DistInfo:
 
 
 def shutdown() -> None:
+    """Leave the process group (no-op when none was joined)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every process (no-op when single-process)."""
+    if info.enabled:
+        dist.barrier()
 
 
 def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -52,6 +59,16 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / info.world_size
+
+
+def any_process(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
+    """True on every process when ``flag`` is True on any (e.g. one rank caught SIGTERM): lets all ranks leave a
+    loop at the same step instead of the others waiting forever in the next collective."""
+    if not info.enabled:
+        return flag
+    y = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return bool(y.item())
 
 
 class ShardedSampler(torch.utils.data.Sampler[int]):

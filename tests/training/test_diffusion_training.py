@@ -3,11 +3,14 @@ import os
 import signal
 
 import pytest
-import torch
 
 from openldm.config import from_dict
 from openldm.training.checkpoint import load_state
-from openldm.training.diffusion import DiffusionTrainConfig, TrainingDiverged, train_diffusion
+from openldm.training.diffusion import (
+    DiffusionTrainConfig,
+    TrainingDiverged,
+    train_diffusion,
+)
 
 
 def tiny(out_dir, **over) -> DiffusionTrainConfig:
