@@ -73,7 +73,9 @@ def tiny_pipeline(tmp_path, in_channels: int = 4, seed: int = 0, scheduler: str 
     clip_vocab_files(tok_dir)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
     sched_kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                    steps_offset=1, set_alpha_to_one=False, **scheduler_kw)
+                    steps_offset=1, **scheduler_kw)
+    if scheduler in ("PNDMScheduler", "DDIMScheduler"):
+        sched_kw.setdefault("set_alpha_to_one", False)  # SD v1.5's scheduler config
     if scheduler == "PNDMScheduler":
         sched_kw["skip_prk_steps"] = True
     sched = getattr(diffusers, scheduler)(**sched_kw)

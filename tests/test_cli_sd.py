@@ -61,3 +61,18 @@ def test_user_errors_are_one_line(single_file, tmp_path, capsys):
     assert main(["generate", "--model", str(single_file), "--prompt", "x", "--mask", "m.png"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and "31" in errors[0] and "missing" in errors[1] and "--init-image" in errors[2]
+
+
+def test_generate_png_equals_diffusers_pipeline(tmp_path):
+    """The PNG `openldm generate` writes equals StableDiffusionPipeline's image for the same seed and settings."""
+    folder, pipe = tiny_pipeline(tmp_path, scheduler="EulerDiscreteScheduler", timestep_spacing="leading")
+    out = tmp_path / "ours.png"
+    assert main(["generate", "--model", str(folder), "--prompt", "a blue square", "--negative-prompt", "red",
+                 "--sampler", "euler", "--steps", "4", "--guidance-scale", "6", "--seed", "3", "--height", "32",
+                 "--width", "32", "--out", str(out), "--quiet"]) == 0
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a blue square", negative_prompt="red", num_inference_steps=4, guidance_scale=6.0, height=32,
+               width=32, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    a, b = np.asarray(Image.open(out), dtype=np.int16), np.asarray(ref, dtype=np.int16)
+    assert a.shape == b.shape
+    assert (np.abs(a - b) <= 2).mean() >= 0.99
