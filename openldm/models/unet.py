@@ -18,7 +18,7 @@ the concatenated skip, SpatialTransformer?] and an Upsample except at the first 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -95,15 +95,6 @@ class UNetConfig:
                 f"{f'{self.num_heads} heads' if self.num_heads else f'heads of width {self.head_dim}'}"
             )
         return heads, channels // heads
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "UNetConfig":
-        """Build from a plain dict (a checkpoint's JSON); unknown keys are an error naming the valid ones."""
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; valid keys: {names}")
-        return cls(**data)
 
 
 class UNet(nn.Module):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from openldm.config import ConfigError, from_dict
 from openldm.models.presets import sd2_unet, sd15_unet, small_unet, tiny_unet
 from openldm.models.unet import UNet, UNetConfig
 from openldm.registry import MODELS, PRESETS
@@ -147,9 +148,9 @@ def test_config_validation():
         UNetConfig(channel_mult=(1, 2), attention_levels=(2,))
     with pytest.raises(ValueError, match="do not split into"):
         UNetConfig(model_channels=48, num_heads=5)
-    with pytest.raises(ValueError, match="unknown UNetConfig keys"):
-        UNetConfig.from_dict({"model_channel": 32})
-    cfg = UNetConfig.from_dict({**dataclasses.asdict(tiny_unet()), "channel_mult": [1, 2]})
+    with pytest.raises(ConfigError, match="did you mean 'model_channels'"):
+        from_dict(UNetConfig, {"model_channel": 32})
+    cfg = from_dict(UNetConfig, {**dataclasses.asdict(tiny_unet()), "channel_mult": [1, 2]})
     assert cfg == tiny_unet()
 
 
