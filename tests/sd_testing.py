@@ -39,17 +39,27 @@ def clip_vocab_files(folder, pad_token: str = END_TOKEN) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Random weights everywhere (diffusers zero-initialises some layers, which would hide mapping errors)."""
+def random_state(shapes: dict[str, torch.Size], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Uniform random weights with unit-variance fan-in scaling; norm weights near 1; small biases. Every tensor
+    differs from its default (diffusers zero-initialises some layers), so a mis-mapped norm or bias cannot hide."""
     g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        t = torch.empty(shape).uniform_(-1.0, 1.0, generator=g)  # variance 1/3
+        if len(shape) > 1:
+            t.mul_((3.0 / shape[1:].numel()) ** 0.5)
+        else:
+            t.mul_(0.1).add_(float("norm" in name and name.endswith("weight")))
+        state[name] = t
+    return state
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Give every parameter of ``module`` a :func:`random_state` value."""
+    state = random_state({n: p.shape for n, p in module.named_parameters()}, seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            t = torch.empty(p.shape).uniform_(-1, 1, generator=g)
-            if p.dim() > 1:
-                t *= (3.0 / p[0].numel()) ** 0.5
-            else:
-                t = t * 0.1 + float("norm" in name and name.endswith("weight"))
-            p.copy_(t)
+            p.copy_(state[name])
 
 
 def tiny_pipeline(tmp_path, in_channels: int = 4, seed: int = 0, scheduler: str = "PNDMScheduler", **scheduler_kw):

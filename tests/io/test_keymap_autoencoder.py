@@ -26,6 +26,8 @@ TINY_B = AutoencoderKLConfig(  # f = 2, two ResBlocks, other image and latent ch
     in_channels=1, out_channels=2, channels=32, channel_mult=(1, 3), num_res_blocks=2, z_channels=3, scaling_factor=0.5,
 )
 
+from sd_testing import random_state  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The config.json of runwayml/stable-diffusion-v1-5's "vae" folder, as published.
@@ -35,21 +37,6 @@ SD15_VAE_JSON = {
     "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
-
-
-def random_state(shapes: dict[str, torch.Size], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Uniform random weights with unit-variance fan-in scaling; norm weights near 1; small biases. Every
-    tensor differs from its default, so a mis-mapped norm or bias cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in shapes.items():
-        t = torch.empty(shape).uniform_(-1.0, 1.0, generator=g)  # variance 1/3
-        if len(shape) > 1:
-            t.mul_((3.0 / shape[1:].numel()) ** 0.5)
-        else:
-            t.mul_(0.1).add_(float("norm" in name and name.endswith("weight")))
-        state[name] = t
-    return state
 
 
 def build_pair(cfg: AutoencoderKLConfig | VQModelConfig) -> tuple[torch.nn.Module, torch.nn.Module]:

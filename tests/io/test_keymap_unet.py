@@ -26,21 +26,9 @@ TINY_B = UNetConfig(  # SD 2.x style: fixed head width, linear projections; plus
     scale_shift=True, norm_groups=16, norm_eps=1e-6,
 )
 
+from sd_testing import random_state  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def random_state(shapes: dict[str, torch.Size], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Uniform random weights with unit-variance fan-in scaling; norm weights near 1; small biases."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in shapes.items():
-        t = torch.empty(shape).uniform_(-1.0, 1.0, generator=g)  # variance 1/3
-        if len(shape) > 1:
-            t.mul_((3.0 / shape[1:].numel()) ** 0.5)
-        else:
-            t.mul_(0.1).add_(float("norm" in name and name.endswith("weight")))
-        state[name] = t
-    return state
 
 
 def our_shapes(cfg: UNetConfig) -> dict[str, torch.Size]:
