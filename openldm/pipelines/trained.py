@@ -29,18 +29,37 @@ from torch import nn
 from torch.nn import functional as F
 
 from openldm.conditioning.class_label import ClassLabelConditioner
-from openldm.conditioning.compose import ComposedConditioner, Resources, build_conditioning, merge_slots
+from openldm.conditioning.compose import (
+    ComposedConditioner,
+    Resources,
+    build_conditioning,
+    merge_slots,
+)
 from openldm.conditioning.slots import Slots
-from openldm.conditioning.spatial import InpaintConditioner, LowResConditioner, SegmentationConditioner
+from openldm.conditioning.spatial import (
+    InpaintConditioner,
+    LowResConditioner,
+    SegmentationConditioner,
+)
 from openldm.conditioning.text import TextConditioner
 from openldm.config import from_dict
 from openldm.data.image_io import load_image, load_label_map, pil_to_tensor
 from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io.native import load_model, read_metadata
-from openldm.pipelines.common import (draw_noise, guided_denoiser, make_generator, module_device_dtype, run_sampler,
-                                      sampling_plan)
+from openldm.pipelines.common import (
+    draw_noise,
+    guided_denoiser,
+    make_generator,
+    module_device_dtype,
+    run_sampler,
+    sampling_plan,
+)
 from openldm.samplers.base import blend_known
-from openldm.training.diffusion import DiffusionTrainConfig
+from openldm.training.diffusion import (
+    DiffusionTrainConfig,
+    LatentEncoder,
+    latent_resources,
+)
 
 ImageInput = Image.Image | str | Path | torch.Tensor
 
@@ -80,20 +99,6 @@ class TrainedModel:
 
 
 # --------------------------------------------------------------------------------------------------- loading
-
-class _LatentEncoder:
-    """Images in [-1, 1] -> scaled latents, as training cached them (posterior mode times the run's scale)."""
-
-    def __init__(self, autoencoder: nn.Module, scale: float):
-        self.autoencoder, self.scale = autoencoder, scale
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        device, dtype = module_device_dtype(self.autoencoder)
-        posterior = self.autoencoder.encode(images.to(device, dtype))
-        z = posterior.mode() if hasattr(posterior, "mode") else posterior  # KL posterior, or VQ's continuous latents
-        return z.float() * self.scale
-
 
 def _find_autoencoder(path: str, run_dir: Path) -> Path:
     """The config's autoencoder path as written (relative to the working directory), else relative to the run."""
@@ -143,11 +148,7 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     if autoencoder is not None or cfg.autoencoder is not None:
         ae_path = Path(autoencoder) if autoencoder is not None else _find_autoencoder(cfg.autoencoder, run_dir)
         ae = load_model(ae_path, device=device).eval()
-    resources = resources or Resources()
-    if resources.encode is None and ae is not None:
-        resources = Resources(prompt_encoder=resources.prompt_encoder, encode=_LatentEncoder(ae, scale))
-
-    conditioner = build_conditioning(cfg.conditions, resources)
+    conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
     cond_path = run_dir / "conditioner.safetensors"
     if cond_path.is_file():
         state = load_file(str(cond_path))
@@ -307,7 +308,7 @@ def encode(model: TrainedModel, images: torch.Tensor) -> torch.Tensor:
     device, _ = module_device_dtype(model.unet)
     if model.autoencoder is None:
         return images.to(device, torch.float32)
-    return _LatentEncoder(model.autoencoder, model.latent_scale)(images).to(device)
+    return LatentEncoder(model.autoencoder, model.latent_scale)(images).to(device)
 
 
 def decode(model: TrainedModel, x: torch.Tensor) -> torch.Tensor:

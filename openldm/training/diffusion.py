@@ -7,6 +7,15 @@ Run directory (``out_dir``), everything needed to sample or resume:
 - ``unet_ema.safetensors``        EMA UNet (what sampling uses by default)
 - ``conditioner.safetensors``     trainable conditioner weights (raw and ``ema.`` prefixed)
 - ``training_state.safetensors``  optimiser, LR schedule, step, RNG and data position (no pickle)
+- ``metrics.jsonl``               one JSON line per ``log_every`` steps (also TensorBoard under ``tensorboard/`` when
+                                  ``torch.utils.tensorboard`` and ``tensorboard`` are installed)
+- ``samples/step_XXXXXX.png``     every ``sample_every`` steps, from the EMA model: rows = the data, unconditional
+                                  samples, then (conditional models) guided samples for the data's conditions
+- ``latents/``                    the latent cache (latent runs)
+
+Conditions read their inputs from the batch. Two are derived when the data lacks them: a low-res conditioner's image
+is the training image shrunk ``low_res_factor`` times (antialiased), and inpainting draws random masks. Both read
+pixels, which a latent cache built here carries (as float16, column "pixels") when such a condition is configured.
 
 Every file is written atomically. A run resumed from its directory follows the same loss curve as an
 uninterrupted one: the data order, noise, timesteps and condition dropout are drawn from explicit generators whose
@@ -22,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -36,6 +46,7 @@ from openldm.conditioning.compose import (
     Resources,
     build_conditioning,
 )
+from openldm.conditioning.spatial import InpaintConditioner, LowResConditioner
 from openldm.config import from_dict, to_dict
 from openldm.data import build_dataset
 from openldm.diffusion.objectives import (
@@ -46,6 +57,7 @@ from openldm.diffusion.objectives import (
     target,
 )
 from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod, q_sample
+from openldm.evaluation.grid import image_grid
 from openldm.io.files import atomic_path
 from openldm.io.native import load_model, save_model
 from openldm.registry import PRESETS
@@ -90,6 +102,10 @@ class DiffusionTrainConfig:
     log_every: int = 25
     save_every: int = 500
     num_workers: int = 0
+    sample_every: int = 0  # write a sample grid every N steps (0 = never)
+    sample_steps: int = 20  # DDIM steps of those samples
+    sample_guidance: float = 3.0  # their classifier-free guidance scale
+    low_res_factor: int = 4  # a low_res condition absent from the data is the image shrunk this many times
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTION_TYPES:
@@ -98,6 +114,9 @@ class DiffusionTrainConfig:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
+        if self.sample_every < 0 or self.sample_steps < 1 or self.low_res_factor < 1:
+            raise ValueError(f"sample_every={self.sample_every} must be >= 0, sample_steps={self.sample_steps} and "
+                             f"low_res_factor={self.low_res_factor} >= 1")
 
 
 class DiffusionModel(nn.Module):
@@ -128,22 +147,139 @@ def build_unet_config(cfg: DiffusionTrainConfig, data_channels: int, conditioner
     return from_dict(type(base), data, where="unet")
 
 
-def _x0_key(dataset) -> str:
-    return "latent" if hasattr(dataset, "latents") else "image"
+class LatentEncoder:
+    """Images in [-1, 1] -> scaled latents, as training caches them (the posterior's mode times the run's scale);
+    what latent runs hand to conditioners that encode images (``Resources.encode``: the inpainting masked image)."""
+
+    def __init__(self, autoencoder: nn.Module, scale: float):
+        self.autoencoder, self.scale = autoencoder, scale
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        weight = next(self.autoencoder.parameters())
+        posterior = self.autoencoder.encode(images.to(weight.device, weight.dtype))
+        z = posterior.mode() if hasattr(posterior, "mode") else posterior  # KL posterior, or VQ's continuous latents
+        return z.float() * self.scale
+
+
+def latent_resources(resources: Resources | None, autoencoder: nn.Module | None, scale: float) -> Resources:
+    """``resources`` with ``encode`` filled in from the autoencoder (a latent run) when it has none."""
+    resources = resources or Resources()
+    if resources.encode is not None or autoencoder is None:
+        return resources
+    return Resources(prompt_encoder=resources.prompt_encoder, encode=LatentEncoder(autoencoder, scale))
+
+
+def _reads_pixels(conditions: list[ConditionConfig]) -> bool:
+    """Whether a condition may need the training images: inpainting (the masked image) or low-res (derived)."""
+    return any(c.kind in ("inpaint", "low_res") for c in conditions)
+
+
+class _WithPixels(torch.utils.data.Dataset):
+    """A dataset's items plus a copy of "image" as "pixels": a latent cache built from it keeps the pixels."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        item["pixels"] = item["image"]
+        return item
+
+    def fingerprint(self) -> str:
+        from openldm.data.latent_cache import fingerprint_dataset
+
+        return fingerprint_dataset(self.dataset) + ":pixels"
 
 
 def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path):
-    """The training dataset: pixels, or latents cached once with the autoencoder (scale factor measured).
-    Returns (dataset, key of x0 in an item, scale factor, autoencoder or None)."""
+    """The training dataset: pixels, or latents cached once with the autoencoder (scale factor measured; the
+    pixels kept too when a condition reads them). Returns (dataset, key of x0 in an item, scale factor,
+    autoencoder or None)."""
     dataset = build_dataset(cfg.data.name, cfg.data.options)
     if cfg.autoencoder is None:
         return dataset, "image", 1.0, None
     from openldm.data.latent_cache import autoencoder_encoder, build_latent_cache
 
     ae = load_model(cfg.autoencoder).eval()
-    cache = build_latent_cache(dataset, autoencoder_encoder(ae), out_dir / "latents", progress=False)
+    source = _WithPixels(dataset) if _reads_pixels(cfg.conditions) else dataset
+    cache = build_latent_cache(source, autoencoder_encoder(ae), out_dir / "latents", progress=False)
     scale = float(getattr(ae.config, "scaling_factor", None) or cache.meta["scale_factor"])
     return cache, "latent", scale, ae
+
+
+def condition_inputs(batch: dict, conditioner: ComposedConditioner, low_res_factor: int) -> dict:
+    """The batch with the inputs conditions derive from the images: "image" from a latent cache's "pixels", and
+    each low-res conditioner's image (when the data has none) as the image shrunk ``low_res_factor`` times."""
+    batch = dict(batch)
+    if "pixels" in batch and "image" not in batch:
+        batch["image"] = batch.pop("pixels").float()
+    for name, c in conditioner.conditioners.items():
+        if isinstance(c, LowResConditioner):
+            needs = c.config.key
+        elif isinstance(c, InpaintConditioner):
+            needs = c.config.image_key
+        else:
+            continue
+        if needs in batch:
+            continue
+        if "image" not in batch:
+            raise ValueError(
+                f"condition {name!r} ({type(c).__name__}) reads batch[{needs!r}], but the data has neither it nor "
+                f"pixel images (keys: {sorted(batch)}); cached latents carry no pixels: set `autoencoder:` and train "
+                f"from the image dataset, so the cache built here keeps them, or give the data a {needs!r} column")
+        if isinstance(c, LowResConditioner):
+            image = batch["image"].float()  # (B, C, H, W)
+            size = (max(1, image.shape[-2] // low_res_factor), max(1, image.shape[-1] // low_res_factor))
+            batch[needs] = F.interpolate(image, size=size, mode="bicubic", align_corners=False,
+                                         antialias=True).clamp(-1, 1)  # (B, C, H / f, W / f)
+    return batch
+
+
+@torch.no_grad()
+def sample_grid(model: DiffusionModel, batch: dict, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
+                schedule: ScheduleConfig, prediction: str, *, steps: int, guidance_scale: float, seed: int,
+                decode: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Rows of images (B, C, H, W) in [-1, 1]: the data ``x0`` decoded, DDIM samples with every condition null,
+    and (a conditional model) samples guided towards ``batch``'s conditions. The same noise for every row, from
+    ``seed``; the model's own train/eval mode is left as it was (EMA copies are in eval mode)."""
+    from openldm.diffusion.denoiser import DiscreteDenoiser
+    from openldm.diffusion.spacing import make_plan
+    from openldm.samplers.ddim import sample_ddim
+    from openldm.samplers.guidance import CFGDenoiser
+
+    B, size = x0.shape[0], tuple(x0.shape[-2:])
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    plan = make_plan("ddim", schedule, steps, spacing="trailing", steps_offset=0)
+    denoiser = DiscreteDenoiser(model.unet, alphas_cumprod, prediction, quantize=True)
+    null = model.conditioner.null(B, latent_size=size).to(x0.device)
+
+    def run(d, cond):
+        return decode(sample_ddim(d, plan.initial_sample(noise), plan.sigmas, cond=cond, **plan.options))
+
+    rows = [decode(x0), run(denoiser, null)]
+    if len(model.conditioner.conditioners):
+        was = model.conditioner.training
+        model.conditioner.eval()
+        cond = model.conditioner(batch, generator=generator, latent_size=size).to(x0.device)
+        model.conditioner.train(was)
+        guided = denoiser if guidance_scale <= 1 else CFGDenoiser(denoiser, null, guidance_scale,
+                                                                  rescale_space="v" if prediction == "v" else "eps")
+        rows.append(run(guided, cond))
+    return [r.float().cpu().clamp(-1, 1) for r in rows]
+
+
+def _tensorboard(out_dir: Path):
+    """A TensorBoard writer under ``out_dir/tensorboard``, or None when TensorBoard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def _save_run(out_dir: Path, model: DiffusionModel, ema: EMA, state: dict, scale: float) -> None:
@@ -188,10 +324,10 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
     torch.manual_seed(cfg.seed)  # parameter initialisation
     if not info.is_main:
         barrier(info)  # rank 0 builds the latent cache first; the others then find and reuse it
-    dataset, x0_key, scale, _ = prepare_data(cfg, out_dir)
+    dataset, x0_key, scale, ae = prepare_data(cfg, out_dir)
     if info.is_main:
         barrier(info)
-    conditioner = build_conditioning(cfg.conditions, resources)
+    conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
     x0_probe = dataset[0][x0_key]
     unet_cfg = build_unet_config(cfg, x0_probe.shape[0], conditioner)
     from openldm.models.unet import UNet
@@ -251,6 +387,18 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
 
     stream = batches()
     history: list[dict] = []
+    board = _tensorboard(out_dir) if info.is_main else None
+    if info.is_main and cfg.sample_every:
+        # a fixed batch (the first items) whose conditions every grid shows, so grids compare across steps
+        fixed = condition_inputs(torch.utils.data.default_collate([dataset[i] for i in range(min(8, len(dataset)))]),
+                                 model.conditioner, cfg.low_res_factor)
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            if ae is None:
+                return z
+            weight = next(ae.parameters())
+            return ae.decode((z / scale).to(weight.device, weight.dtype))
+
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and info.is_main), desc="train")
     stopper = _StopFlag()
     t_last, seen, stopped = time.perf_counter(), 0, False
@@ -259,7 +407,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
             model.train()
             total = 0.0
             for micro_step in range(cfg.grad_accum):
-                batch = next(stream)
+                batch = condition_inputs(next(stream), model.conditioner, cfg.low_res_factor)
                 x0 = batch[x0_key].to(device).float() * scale
                 n = x0.shape[0]
                 # Draw for the whole micro batch of every rank, keep this rank's rows: the same randomness as one
@@ -312,13 +460,29 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                 if info.is_main:
                     with open(out_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(rec) + "\n")
+                    if board is not None:
+                        for key, value in rec.items():
+                            if key != "step":
+                                board.add_scalar(f"train/{key}", value, step)
                     if on_log:
                         on_log(rec)
+            if info.is_main and cfg.sample_every and step % cfg.sample_every == 0:
+                rows = sample_grid(ema.shadow, fixed, fixed[x0_key].to(device).float() * scale, alphas_cumprod,
+                                   cfg.schedule, cfg.prediction, steps=cfg.sample_steps,
+                                   guidance_scale=cfg.sample_guidance, seed=cfg.seed + 2, decode=decode)
+                grid = image_grid(rows)
+                (out_dir / "samples").mkdir(exist_ok=True)
+                with atomic_path(out_dir / "samples" / f"step_{step:06d}.png") as tmp:
+                    grid.save(tmp, format="PNG")
+                if board is not None:
+                    board.add_image("samples", torch.from_numpy(np.asarray(grid)).permute(2, 0, 1), step)
             stopped = any_process(stopper.stop, info, device)  # a signal to any rank stops every rank at this step
             if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stopped):
                 state = {"step": step, "epoch": epoch, "position": position, "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "generator": gen.get_state(), "ema_updates": ema.num_updates}
                 _save_run(out_dir, model, ema, state, scale)
     bar.close()
+    if board is not None:
+        board.close()
     barrier(info)  # nobody leaves before rank 0 has written the last checkpoint
     return {"step": step, "history": history, "stopped": stopped}

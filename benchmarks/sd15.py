@@ -1,0 +1,256 @@
+"""Load time, peak memory and seconds per image for the full SD v1.5 topology: ours beside diffusers.
+
+A random-weight StableDiffusionPipeline with SD v1.5's configurations (UNet 859,520,964 parameters, KL VAE, CLIP
+ViT-L/14 text encoder) is built from code once -- no download -- saved as a diffusers folder, and converted by our
+converter to an original-layout single file, both in a cache folder. Each side then runs in its own subprocess (so
+peak memories do not mix) from the same single file: ours ``load_sd`` + ``text_to_image``, diffusers
+``StableDiffusionPipeline.from_single_file`` + ``__call__``, both with Euler, guidance 7.5, one prompt and a
+negative prompt. Subprocesses alternate ours / diffusers so that a change in machine load hits both alike; the table
+shows medians and the ratio ours / diffusers (below 1 = ours better). "peak RSS" is the process's resident-memory
+high-water mark (after loading, and after generating). "per step" is the median time between sampler steps (both
+guided UNet calls), "decode" the time from the last step to the images (VAE decode + conversion to PIL).
+
+    python benchmarks/sd15.py                                  # 512x512, 4 steps, float32 and bfloat16, CPU
+    python benchmarks/sd15.py --size 256 --steps 2 --repeats 2 --dtype float32
+    python benchmarks/sd15.py --gpu                            # + UNet iterations/s at 512x512, batch 2, bf16 (CUDA)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "a photograph of an astronaut riding a horse"
+NEGATIVE = "blurry, low quality"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "openldm" / "benchmarks" / "sd15-random"
+
+
+# ---- the random-weight SD v1.5 checkpoint, built once -----------------------------------------------------------
+
+def build_cache(cache: Path) -> Path:
+    """``cache/sd15.safetensors`` (original layout, float32, written by our converter from a diffusers folder that
+    diffusers itself saved). Built on the first run only."""
+    single = cache / "sd15.safetensors"
+    if single.is_file():
+        return single
+    import transformers
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from openldm.io.sd import convert
+    from openldm.tokenizers.clip_bpe import CLIPTokenizer
+
+    print(f"building the random-weight SD v1.5 checkpoint in {cache} (once) ...", flush=True)
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    # diffusers' defaults are SD v1's UNet; the VAE and CLIP configs are those of runwayml/stable-diffusion-v1-5
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+    tok_dir = cache / "tokenizer-src"
+    CLIPTokenizer.from_bpe_file().save_folder(tok_dir)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    folder = cache / "diffusers"
+    pipe.save_pretrained(str(folder))
+    del pipe, unet, vae, text
+    convert(folder, single, to="original")
+    print(f"  built in {time.perf_counter() - start:.0f} s: {single} ({single.stat().st_size / 2**30:.2f} GiB)",
+          flush=True)
+    return single
+
+
+# ---- one side in its own process -------------------------------------------------------------------------------
+
+def rss_peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def worker(side: str, args: argparse.Namespace) -> dict:
+    """Load, then generate ``warmup + repeats`` images; timings and peak RSS as a dict."""
+    dtype = getattr(torch, args.dtype)
+    single, folder = Path(args.cache) / "sd15.safetensors", Path(args.cache) / "diffusers"
+    stamps: list[float] = []
+    start = time.perf_counter()
+    if side == "ours":
+        from openldm.io.sd import load_sd
+        from openldm.pipelines.text_to_image import text_to_image
+
+        sd = load_sd(single, device=args.device, dtype=dtype)
+        sync(args.device)
+
+        def generate() -> None:
+            text_to_image(sd, PROMPT, negative_prompt=NEGATIVE, sampler="euler", steps=args.steps, guidance_scale=7.5,
+                          seed=0, height=args.size, width=args.size, progress=False,
+                          on_step=lambda *_: stamps.append(time.perf_counter()) and None)
+    else:
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_single_file(str(single), config=str(folder), torch_dtype=dtype,
+                                                        safety_checker=None, requires_safety_checker=False)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.to(args.device)
+        pipe.set_progress_bar_config(disable=True)
+        sync(args.device)
+
+        def on_step_end(_pipe, _i, _t, kwargs):
+            stamps.append(time.perf_counter())
+            return kwargs
+
+        def generate() -> None:
+            pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=7.5,
+                 height=args.size, width=args.size, generator=torch.Generator("cpu").manual_seed(0),
+                 callback_on_step_end=on_step_end)
+    load_s = time.perf_counter() - start
+    rss_load = rss_peak_mib()
+    image_s, step_s, decode_s = [], [], []
+    for i in range(args.warmup + args.repeats):
+        stamps.clear()
+        t0 = time.perf_counter()
+        generate()
+        sync(args.device)
+        t1 = time.perf_counter()
+        if i >= args.warmup:
+            image_s.append(t1 - t0)
+            step_s.extend(b - a for a, b in zip(stamps, stamps[1:]))  # whole steps only (the first holds text encoding)
+            decode_s.append(t1 - stamps[-1])
+    return {"load_s": load_s, "rss_load_mib": rss_load, "rss_peak_mib": rss_peak_mib(), "image_s": image_s,
+            "step_s": step_s, "decode_s": decode_s}
+
+
+def run_worker(side: str, args: argparse.Namespace, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--dtype", dtype, "--size", str(args.size), "--steps",
+           str(args.steps), "--device", args.device, "--cache", str(args.cache), "--repeats", str(args.repeats),
+           "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{side} worker ({dtype}) failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- UNet iterations per second on a GPU -----------------------------------------------------------------------
+
+def gpu_section(args: argparse.Namespace) -> None:
+    """UNet iterations/s at 512x512 (64x64 latents), batch 2 (one guided step: cond + uncond), bf16."""
+    print("\n## UNet, one guided step (batch 2, 64x64 latents = 512x512 images, bfloat16, CUDA)\n")
+    if not torch.cuda.is_available():
+        print("not run: CUDA is not available on this machine.")
+        return
+    sys.path.insert(0, str(Path(__file__).parent))
+    from unet import build_pair  # benchmarks/unet.py: both UNets on one set of random weights
+
+    from openldm.models.presets import sd15_unet
+
+    device, dtype = "cuda", torch.bfloat16
+    ours, ref = build_pair(sd15_unet(), device, dtype)
+    ours.eval(), ref.eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 64, 64, generator=g).to(device, dtype)
+    t = torch.full((2,), 500, device=device)
+    context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    calls = {"ours": lambda: ours(x, t, context=context),
+             "diffusers": lambda: ref(x, t, encoder_hidden_states=context).sample}
+    rates: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    with torch.no_grad():
+        for name in calls:
+            for _ in range(5):
+                calls[name]()
+        for r in range(args.gpu_repeats):
+            for name in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(args.gpu_iters):
+                    calls[name]()
+                torch.cuda.synchronize()
+                rates[name].append(args.gpu_iters / (time.perf_counter() - start))
+    ours_r, ref_r = statistics.median(rates["ours"]), statistics.median(rates["diffusers"])
+    print(f"device: {torch.cuda.get_device_name()}, {args.gpu_repeats} runs of {args.gpu_iters} iterations each\n")
+    print("| model | ours (it/s) | diffusers (it/s) | ratio ours/diffusers |")
+    print("|-------|------------:|-----------------:|---------------------:|")
+    print(f"| sd15-unet | {ours_r:.2f} | {ref_r:.2f} | {ours_r / ref_r:.3f} |")
+    print("\nratio above 1: ours faster (iterations per second).")
+
+
+# ---- the table ------------------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512, help="image height = width in pixels (default 512)")
+    parser.add_argument("--steps", type=int, default=4, help="sampler steps, at least 2 (default 4)")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16", "float16"], help="weights dtypes to run (default both)")
+    parser.add_argument("--device", default="cpu", help="torch device for the CPU/GPU pipeline runs (default cpu)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed images per process (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed images per process before timing (default 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="ours/diffusers process pairs per dtype, alternating who goes first (default 1)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint cache (default {DEFAULT_CACHE})")
+    parser.add_argument("--gpu", action="store_true", help="also UNet iterations/s at 512x512, batch 2, bf16 (CUDA)")
+    parser.add_argument("--gpu-iters", type=int, default=20, help="UNet calls per timed GPU run")
+    parser.add_argument("--gpu-repeats", type=int, default=5, help="timed GPU runs per model")
+    parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (per-step time is measured between steps)")
+    if args.worker:
+        args.dtype = args.dtype[0]
+        print(json.dumps(worker(args.worker, args)))
+        return
+
+    build_cache(args.cache)
+    print(f"device={args.device} size={args.size}x{args.size} steps={args.steps} sampler=euler guidance=7.5 "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats} warmup={args.warmup} "
+          f"rounds={args.rounds}", flush=True)
+    rows = []
+    for dtype in args.dtype:
+        results: dict[str, list[dict]] = {"ours": [], "diffusers": []}
+        for r in range(args.rounds):
+            for side in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
+                res = run_worker(side, args, dtype)
+                results[side].append(res)
+                print(f"  {dtype} {side}: load {res['load_s']:.2f} s, images " +
+                      " ".join(f"{s:.2f}" for s in res["image_s"]) + " s, steps " +
+                      " ".join(f"{s:.2f}" for s in res["step_s"]) + f" s, peak RSS {res['rss_peak_mib']:.0f} MiB",
+                      flush=True)
+
+        def med(side: str, key: str) -> float:
+            values = [v for res in results[side] for v in (res[key] if isinstance(res[key], list) else [res[key]])]
+            return statistics.median(values)
+
+        for label, key, unit in (("load", "load_s", "s"), ("peak RSS after load", "rss_load_mib", "MiB"),
+                                 ("peak RSS", "rss_peak_mib", "MiB"), ("seconds per image", "image_s", "s"),
+                                 ("seconds per step", "step_s", "s"), ("decode", "decode_s", "s")):
+            ours, ref = med("ours", key), med("diffusers", key)
+            rows.append((dtype, f"{label} ({unit})", ours, ref, ours / ref))
+
+    header = f"| {'dtype':<8} | {'measure':<26} | {'ours':>10} | {'diffusers':>10} | {'ratio':>6} |"
+    print("\n" + header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    for dtype, label, ours, ref, ratio in rows:
+        print(f"| {dtype:<8} | {label:<26} | {ours:>10.2f} | {ref:>10.2f} | {ratio:>6.3f} |")
+    print("\nratio = median ours / median diffusers (below 1: ours faster or smaller). Wall-clock medians over "
+          f"{args.rounds} process(es) x {args.repeats} image(s) per side; timings on a shared machine are noisy.")
+    if args.gpu:
+        gpu_section(args)
+
+
+if __name__ == "__main__":
+    main()
