@@ -475,7 +475,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                 with atomic_path(out_dir / "samples" / f"step_{step:06d}.png") as tmp:
                     grid.save(tmp, format="PNG")
                 if board is not None:
-                    board.add_image("samples", torch.from_numpy(np.asarray(grid)).permute(2, 0, 1), step)
+                    board.add_image("samples", np.array(grid.convert("RGB")), step, dataformats="HWC")
             stopped = any_process(stopper.stop, info, device)  # a signal to any rank stops every rank at this step
             if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stopped):
                 state = {"step": step, "epoch": epoch, "position": position, "optimizer": opt.state_dict(),
