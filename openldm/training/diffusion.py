@@ -62,11 +62,9 @@ from openldm.io.files import atomic_path
 from openldm.io.native import load_model, save_model
 from openldm.registry import PRESETS
 from openldm.training.checkpoint import load_state, save_state
-from openldm.training.common import PRECISIONS, DataSpec, TrainingDiverged
-from openldm.training.common import StopFlag as _StopFlag
+from openldm.training.common import PRECISIONS, BatchStream, DataSpec, StopFlag, TrainingDiverged
 from openldm.training.distributed import (
     DistInfo,
-    ShardedSampler,
     all_reduce_mean,
     any_process,
     barrier,
@@ -341,7 +339,6 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     alphas_cumprod = make_alphas_cumprod(cfg.schedule).to(device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # noise, timesteps, dropout: the same stream on every rank
-    sampler = ShardedSampler(len(dataset), cfg.seed, info)
     step, epoch, position = 0, 0, 0
     if resume and (out_dir / "training_state.safetensors").is_file():
         state = load_state(out_dir / "training_state.safetensors")
@@ -375,17 +372,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
         raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {global_batch}")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
-    def batches():
-        nonlocal epoch, position
-        while True:
-            sampler.epoch, sampler.start = epoch, position
-            loader = torch.utils.data.DataLoader(dataset, batch_size=micro // info.world_size, sampler=sampler,
-                                                 num_workers=cfg.num_workers, drop_last=True)
-            for b in loader:
-                yield b
-            epoch, position = epoch + 1, 0
-
-    stream = batches()
+    stream = BatchStream(dataset, micro // info.world_size, cfg.seed, cfg.num_workers, info, epoch, position)
     history: list[dict] = []
     board = _tensorboard(out_dir) if info.is_main else None
     if info.is_main and cfg.sample_every:
@@ -400,7 +387,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
             return ae.decode((z / scale).to(weight.device, weight.dtype))
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and info.is_main), desc="train")
-    stopper = _StopFlag()
+    stopper = StopFlag()
     t_last, seen, stopped = time.perf_counter(), 0, False
     with stopper.installed():
         while step < cfg.steps and not stopped:
@@ -439,7 +426,6 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                     scaler.scale(loss).backward()
                 total += global_loss
                 seen += n * info.world_size
-                position += micro
             scaler.unscale_(opt)
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip else math.inf)
             scaler.step(opt)
@@ -478,7 +464,8 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                     board.add_image("samples", np.array(grid.convert("RGB")), step, dataformats="HWC")
             stopped = any_process(stopper.stop, info, device)  # a signal to any rank stops every rank at this step
             if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stopped):
-                state = {"step": step, "epoch": epoch, "position": position, "optimizer": opt.state_dict(),
+                state = {"step": step, "epoch": stream.epoch, "position": stream.position,
+                         "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "generator": gen.get_state(), "ema_updates": ema.num_updates}
                 _save_run(out_dir, model, ema, state, scale)
     bar.close()
