@@ -50,17 +50,13 @@ def _populate() -> None:
         return
     _populated = True
     for pkg in _PROVIDERS:
-        try:
-            importlib.import_module(pkg)
-        except ModuleNotFoundError as e:  # a provider package that does not exist yet
-            if e.name != pkg:
-                raise
+        importlib.import_module(pkg)
 
 
 MODELS: Registry = Registry("model")  # name -> callable(config) -> nn.Module
 PRESETS: Registry = Registry("preset")  # name -> callable() -> (model name, config)
-SAMPLERS: Registry = Registry("sampler")  # name -> sampler function (see openldm.samplers)
-CONDITIONERS: Registry = Registry("conditioner")
-DATASETS: Registry = Registry("dataset")
+SAMPLERS: Registry = Registry("sampler")  # name -> SamplerSpec, callable like its sampler function
+CONDITIONERS: Registry = Registry("conditioner")  # name -> Conditioner subclass (config_class, build)
+DATASETS: Registry = Registry("dataset")  # name -> Dataset class taking its config
 
 Builder = Callable[..., Any]
