@@ -6,7 +6,7 @@ packages that hold registered parts, so a table is complete whichever module was
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any
 
 # Packages whose import fills the tables (each package's __init__ imports its registering modules).
 _PROVIDERS = ("openldm.models", "openldm.samplers", "openldm.conditioning", "openldm.data")
@@ -59,4 +59,3 @@ SAMPLERS: Registry = Registry("sampler")  # name -> SamplerSpec, callable like i
 CONDITIONERS: Registry = Registry("conditioner")  # name -> Conditioner subclass (config_class, build)
 DATASETS: Registry = Registry("dataset")  # name -> Dataset class taking its config
 
-Builder = Callable[..., Any]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -52,15 +51,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file (empty when it has none)."""
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
-
-
-def build_model(kind: str, config: dict[str, Any] | Any, device: torch.device | str = "cpu",
-                dtype: torch.dtype | None = None) -> nn.Module:
-    """Instantiate a registered model from its kind and config (a dict is loaded strictly)."""
-    cls = MODELS.get(kind)
-    cfg = from_dict(cls.config_class, config) if isinstance(config, dict) else config
-    module = cls(cfg)
-    return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
