@@ -73,13 +73,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- openldm generate -------------------------------------------------------------------------------------------
 
-def _sampling_args(p: argparse.ArgumentParser, *, sampler: str, steps: int, guidance: float) -> None:
-    """The sampler, guidance, seed and output flags shared by `generate` and `sample`."""
-    p.add_argument("--sampler", default=sampler, help=f"sampler name (see `openldm samplers`; default {sampler})")
+SD_DEFAULTS = {"sampler": "euler", "steps": 30, "guidance_scale": 7.5}  # Stable Diffusion weights
+TRAINED_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance_scale": 3.0}  # models trained here (and the bundled one)
+
+
+def _sampling_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """The sampler, guidance, seed and output flags shared by `generate` and `sample`. ``defaults`` None: the
+    sampler, steps and guidance follow the model (SD_DEFAULTS or TRAINED_DEFAULTS)."""
+    def said(key: str) -> str:
+        if defaults is not None:
+            return f"default {defaults[key]}"
+        return f"default {SD_DEFAULTS[key]} for SD weights, {TRAINED_DEFAULTS[key]} for models trained here"
+
+    d = defaults or {}
+    p.add_argument("--sampler", default=d.get("sampler"), help=f"sampler name (see `openldm samplers`; {said('sampler')})")
     p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels (sigma-space samplers)")
-    p.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
-    p.add_argument("--guidance-scale", type=float, default=guidance,
-                   help=f"classifier-free guidance scale, 1 = off (default {guidance})")
+    p.add_argument("--steps", type=int, default=d.get("steps"), help=f"sampling steps ({said('steps')})")
+    p.add_argument("--guidance-scale", type=float, default=d.get("guidance_scale"),
+                   help=f"classifier-free guidance scale, 1 = off ({said('guidance_scale')})")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--height", type=int, default=None, help="image height in pixels")
@@ -89,15 +100,28 @@ def _sampling_args(p: argparse.ArgumentParser, *, sampler: str, steps: int, guid
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _trained_args(p: argparse.ArgumentParser) -> None:
+    """Inputs only models trained here read (class labels, segmentation masks, low-res images), and output options."""
+    p.add_argument("--class-label", default=None, help="class index or name (class-conditional models; the bundled "
+                                                       "Fashion-MNIST model: 0-9 or a name such as 'ankle boot')")
+    p.add_argument("--low-res", default=None, help="low-resolution image to upscale (super-resolution models)")
+    p.add_argument("--noise-level", type=int, default=None, help="noise augmentation level of --low-res")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--grid", action="store_true", help="write all images as one grid PNG instead of one file each")
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="SD v1 checkpoint: .safetensors/.ckpt single file, diffusers folder "
-                                                 "or openldm folder")
+    p.add_argument("--model", default=None, help="SD v1 checkpoint (.safetensors/.ckpt single file, diffusers folder or "
+                                                 "openldm folder) or a run directory of `openldm train`; default: the "
+                                                 "bundled Fashion-MNIST model")
     p.add_argument("--prompt", default=None, help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional branch of CFG)")
-    _sampling_args(p, sampler="euler", steps=30, guidance=7.5)
+    _sampling_args(p)
+    _trained_args(p)
     p.add_argument("--init-image", default=None, help="image-to-image (or inpainting) input image")
     p.add_argument("--strength", type=float, default=None, help="how much of the init image to redraw, in [0, 1]")
-    p.add_argument("--mask", default=None, help="inpainting mask (white = redraw); needs --init-image")
+    p.add_argument("--mask", default=None, help="inpainting mask (white = redraw); needs --init-image. Models trained "
+                                                "here: alone, a segmentation mask")
     p.add_argument("--paste-back", action="store_true", help="inpainting: paste the unmasked original pixels back")
     p.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111 count)")
     p.add_argument("--chunked", action="store_true", help="encode prompts over 75 tokens in chunks (A1111)")
@@ -109,7 +133,22 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-png", default=None, help="regenerate with the parameters stored in this PNG")
 
 
-@command("generate", "generate images with Stable Diffusion v1 weights (text-to-image, image-to-image, inpainting)",
+def _is_run_dir(model: str) -> bool:
+    """A directory written by `openldm train` (or an exported / bundled run): config.yaml + unet_ema.safetensors."""
+    from pathlib import Path
+
+    path = Path(model)
+    return path.is_dir() and (path / "config.yaml").is_file() and (path / "unet_ema.safetensors").is_file()
+
+
+def _fill_defaults(args: argparse.Namespace, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+@command("generate", "generate images: the bundled Fashion-MNIST model by default (--prompt or --class-label), a "
+                     "model trained here, or Stable Diffusion v1 weights (text-to-image, image-to-image, inpainting)",
          _generate_args)
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
@@ -124,6 +163,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text_to_image,
     )
 
+    if not args.from_png and (args.model is None or _is_run_dir(args.model)):
+        if args.model is None:
+            from openldm.bundled import bundled_dir
+
+            args.model = str(bundled_dir())
+        if args.negative_prompt:
+            raise ConfigError("--negative-prompt is for Stable Diffusion weights; models trained here guide against "
+                              "their null condition")
+        _fill_defaults(args, TRAINED_DEFAULTS)
+        return _sample_run(args)
+    _fill_defaults(args, SD_DEFAULTS)
+    trained_only = [flag for flag, value in (("--class-label", args.class_label), ("--low-res", args.low_res),
+                                             ("--grid", args.grid)) if value]
+    if trained_only:
+        raise ConfigError(f"{trained_only[0]} is for models trained here (a run directory), not SD weights")
     if args.from_png:
         params = read_png_params(args.from_png)
         model = args.model or params.model
@@ -175,21 +229,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="run directory written by `openldm train`")
-    p.add_argument("--class-label", default=None, help="class index or name (class-conditional models)")
     p.add_argument("--prompt", default=None, help="caption (text-conditional models)")
     p.add_argument("--mask", default=None, help="segmentation mask image, or the inpainting mask with --init-image")
-    p.add_argument("--low-res", default=None, help="low-resolution image to upscale (super-resolution models)")
-    p.add_argument("--noise-level", type=int, default=None, help="noise augmentation level of --low-res")
     p.add_argument("--init-image", default=None, help="image to inpaint (with --mask) or redraw (with --strength)")
-    p.add_argument("--strength", type=float, default=1.0, help="image-to-image strength in (0, 1]")
-    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--grid", action="store_true", help="write all images as one grid PNG instead of one file each")
-    _sampling_args(p, sampler="ddim", steps=50, guidance=3.0)
+    p.add_argument("--strength", type=float, default=None, help="image-to-image strength in (0, 1]")
+    _trained_args(p)
+    _sampling_args(p, TRAINED_DEFAULTS)
 
 
 @command("sample", "sample from a model trained with `openldm train` (class, caption, mask, low-res, inpaint)",
          _sample_args)
 def cmd_sample(args: argparse.Namespace) -> int:
+    return _sample_run(args)
+
+
+def _sample_run(args: argparse.Namespace) -> int:
+    """`sample`, and `generate` on a run directory: images from a model trained here, one PNG each or a grid."""
     from openldm.data.image_io import tensor_to_pil
     from openldm.evaluation.grid import tile
     from openldm.pipelines import GenerationParams, save_images
@@ -201,10 +256,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         label = int(label)
     images = sample_trained(
         model, class_label=label, prompt=args.prompt, mask=args.mask, low_res=args.low_res,
-        noise_level=args.noise_level, init_image=args.init_image, strength=args.strength,
-        num_images=args.num_images, sampler=args.sampler, karras=args.karras, steps=args.steps,
-        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=args.seed,
-        height=args.height, width=args.width, progress=not args.quiet)
+        noise_level=args.noise_level, init_image=args.init_image,
+        strength=1.0 if args.strength is None else args.strength, num_images=args.num_images, sampler=args.sampler,
+        karras=args.karras, steps=args.steps, guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale, seed=args.seed, height=args.height, width=args.width,
+        progress=not args.quiet)
     params = GenerationParams(
         prompt=args.prompt or (f"class {args.class_label}" if args.class_label is not None else ""),
         sampler=args.sampler, karras=args.karras, steps=args.steps, guidance_scale=args.guidance_scale,
@@ -226,6 +282,28 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
     cfg = load(AutoencoderTrainConfig, args.config, args.overrides)
     out = train_autoencoder(cfg, resume=args.resume, progress=not args.quiet)
     print(f"step {out['step']}; latent scale factor {out['scaling_factor']:.5f}; autoencoder saved as {out['autoencoder']}")
+    return 0
+
+
+# --- openldm train-clip -----------------------------------------------------------------------------------------
+
+def _train_clip_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML file of a CLIPTrainConfig (e.g. configs/fmnist_clip.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=500 batch_size=64 optim.lr=1e-3")
+
+
+@command("train-clip", "train a small CLIP contrastively on captioned images; report retrieval numbers",
+         _train_clip_args)
+def cmd_train_clip(args: argparse.Namespace) -> int:
+    from openldm.config import load
+    from openldm.training.clip import CLIPTrainConfig, summary, train_clip
+
+    cfg = load(CLIPTrainConfig, args.config, args.overrides)
+    out = train_clip(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"step {out['step']}; {summary(out['retrieval'])}")
+    print(f"CLIP saved as {out['clip']}; retrieval report in {cfg.out_dir}/retrieval.json")
     return 0
 
 

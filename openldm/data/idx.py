@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from openldm.data.transforms import Normalize, Pad, RandomHorizontalFlip, Resize, Sample, item_generator
+from openldm.data.captions import GarmentCaptioner
+from openldm.data.transforms import Normalize, Pad, RandomHorizontalFlip, Resize, Sample, crop_center, item_generator
 from openldm.io.files import atomic_path
 from openldm.registry import DATASETS
 
@@ -99,7 +100,8 @@ class IDXConfig:
     28 -> 32 adds 2 px each side; ``transforms.center_crop_box`` / ``crop_padding`` undo it); ``fit="resize"``
     resizes bicubically instead. ``flip`` mirrors at random (per seed, epoch and index). ``silhouette_threshold``
     (in [0, 1)) adds a float "mask" = pixel > threshold. ``class_names`` default to Fashion-MNIST's (use
-    ``MNIST_CLASSES`` for digits). ``limit`` keeps the first N items."""
+    ``MNIST_CLASSES`` for digits). ``limit`` keeps the first N items. ``captions`` adds a "caption" describing the
+    garment (Fashion-MNIST labels; openldm.data.captions), drawn per seed, epoch and index."""
 
     root: str = FASHION_MNIST_ROOT
     split: str = "train"
@@ -109,6 +111,7 @@ class IDXConfig:
     silhouette_threshold: float | None = None
     class_names: list[str] = field(default_factory=lambda: list(FASHION_MNIST_CLASSES))
     limit: int | None = None
+    captions: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -154,6 +157,7 @@ class IDXDataset(Dataset):
             raise ValueError(f"IDXConfig.size={c.size} with fit='pad' is smaller than the images ({h}x{w}); "
                              f"use fit='resize' or size >= {max(h, w)}")
         self.original_size = (int(h), int(w))
+        self.captioner = GarmentCaptioner(self.images, self.labels) if c.captions else None
         steps = [Pad(c.size, "zeros") if c.fit == "pad" else Resize(c.size)]
         if c.flip:
             steps.append(RandomHorizontalFlip())
@@ -174,19 +178,24 @@ class IDXDataset(Dataset):
         sample: Sample = {"image": image, "label": int(self.labels[index])}
         if c.silhouette_threshold is not None:
             sample["mask"] = (image[0] > c.silhouette_threshold).float()
+        if self.captioner is not None:
+            sample["caption"] = self.captioner.caption(index, item_generator(c.seed + 1, self.epoch, index))
         generator = item_generator(c.seed, self.epoch, index) if c.flip else None
         for step in self._steps:
             sample = step(sample, generator)
         return self._normalize(sample)
 
+    @property
+    def crop_size(self) -> tuple[int, int] | None:
+        """(h, w) to crop generated images back to: the original size when ``fit="pad"`` padded it, else None."""
+        padded = self.config.fit == "pad" and (self.config.size, self.config.size) != self.original_size
+        return self.original_size if padded else None
+
     def crop_padding(self, images: torch.Tensor) -> torch.Tensor:
         """Undo ``fit="pad"``: centre-crop (..., size, size) back to the original (..., 28, 28)."""
         if self.config.fit != "pad":
             raise ValueError("crop_padding applies to fit='pad'; with fit='resize' resize back instead")
-        H, W = images.shape[-2:]
-        h, w = self.original_size
-        top, left = (H - h) // 2, (W - w) // 2
-        return images[..., top:top + h, left:left + w]
+        return crop_center(images, self.original_size)
 
     def fingerprint(self) -> str:
         """Changes when the config or the files (name, size, modification time) change."""

@@ -95,6 +95,16 @@ def center_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
     return (height - size) // 2, (width - size) // 2
 
 
+def crop_center(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The centred (h, w) window of (..., H, W) images (:func:`center_crop_box` placement)."""
+    H, W = images.shape[-2:]
+    h, w = size
+    if h > H or w > W:
+        raise ValueError(f"crop size {h}x{w} is larger than the images {H}x{W}")
+    top, left = (H - h) // 2, (W - w) // 2
+    return images[..., top:top + h, left:left + w]
+
+
 def random_crop_box(height: int, width: int, size: int, generator: torch.Generator) -> tuple[int, int]:
     """(top, left) of a uniformly placed ``size`` x ``size`` window, drawn from ``generator``."""
     if size > height or size > width:

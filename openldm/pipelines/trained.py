@@ -16,6 +16,7 @@ datasets' convention, so ``openldm.data`` pixel detectors apply to samples direc
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -44,8 +45,10 @@ from openldm.conditioning.spatial import (
 from openldm.conditioning.text import TextConditioner
 from openldm.config import from_dict
 from openldm.data.image_io import load_image, load_label_map, pil_to_tensor
+from openldm.data.transforms import crop_center
 from openldm.diffusion.schedules import ScheduleConfig
-from openldm.io.native import load_model, read_metadata
+from openldm.io.files import atomic_path
+from openldm.io.native import load_model, read_metadata, save_model
 from openldm.pipelines.common import (
     draw_noise,
     guided_denoiser,
@@ -84,10 +87,19 @@ class TrainedModel:
     steps_offset: int = 0
     run_dir: Path | None = None
     ema: bool = True
+    image_channels: int | None = None
+    crop_size: tuple[int, int] | None = None
 
     @property
     def downsampling_factor(self) -> int:
         return 1 if self.autoencoder is None else int(self.autoencoder.downsampling_factor)
+
+    @property
+    def channels(self) -> int:
+        """Channels of the images the model makes (1 for greyscale data)."""
+        if self.image_channels is not None:
+            return int(self.image_channels)
+        return int((self.autoencoder.config if self.autoencoder is not None else self.unet.config).in_channels)
 
     @property
     def image_size(self) -> tuple[int, int] | None:
@@ -101,8 +113,9 @@ class TrainedModel:
 # --------------------------------------------------------------------------------------------------- loading
 
 def _find_autoencoder(path: str, run_dir: Path) -> Path:
-    """The config's autoencoder path as written (relative to the working directory), else relative to the run."""
-    candidates = [Path(path)] + ([run_dir / path] if not Path(path).is_absolute() else [])
+    """The config's autoencoder path: inside the run directory (an exported run keeps its autoencoder there), else as
+    written (relative to the working directory training ran in)."""
+    candidates = ([run_dir / path] if not Path(path).is_absolute() else []) + [Path(path)]
     for p in candidates:
         if p.is_file():
             return p
@@ -110,29 +123,32 @@ def _find_autoencoder(path: str, run_dir: Path) -> Path:
                             "pass autoencoder=PATH to load_run")
 
 
-def _probe_data(cfg: DiffusionTrainConfig, channels: int, f: int) -> tuple[tuple[int, int, int] | None, list | None]:
-    """(data_shape, class_names) from the run's dataset config; (None, None) when the data is not available here."""
+def _data_facts(cfg: DiffusionTrainConfig, run_dir: Path, channels: int, f: int) -> dict[str, Any]:
+    """The run's ``data.json`` (written by training); for runs without one, probed from the dataset config (empty
+    when the data is not available here)."""
+    path = run_dir / "data.json"
+    if path.is_file():
+        return json.loads(path.read_text())
     from openldm.data import build_dataset
 
     try:
         dataset = build_dataset(cfg.data.name, cfg.data.options)
         item = dataset[0]
     except (OSError, ValueError, IndexError, KeyError):
-        return None, None
+        return {}
+    shape = item["latent"].shape if "latent" in item else (channels, *(s // f for s in item["image"].shape[-2:]))
     names = list(getattr(dataset, "class_names", None) or []) or None
-    if "latent" in item:
-        return tuple(int(s) for s in item["latent"].shape), names
-    H, W = item["image"].shape[-2:]
-    return (channels, H // f, W // f), names
+    return {"data_shape": [int(s) for s in shape], "class_names": names}
 
 
 def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
-             autoencoder: str | Path | None = None, resources: Resources | None = None) -> TrainedModel:
+             autoencoder: str | Path | None = None, resources: Resources | None = None,
+             dtype: torch.dtype = torch.float32) -> TrainedModel:
     """Rebuild a diffusion run from its directory: ``config.yaml``, ``unet_ema.safetensors`` (``ema=True``) or
     ``unet.safetensors``, ``conditioner.safetensors`` (its ``ema.`` weights or the raw ones) and the autoencoder the
     config names (``autoencoder`` overrides its path). ``resources``: what a conditioner needs that the run cannot
     hold, e.g. ``Resources(prompt_encoder=...)`` for the text backend "external"; an ``encode`` is filled in from
-    the autoencoder when absent."""
+    the autoencoder when absent. Weights are cast to ``dtype`` (an exported run may store float16)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a diffusion run directory (no config.yaml)")
@@ -141,13 +157,13 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     unet_path = run_dir / ("unet_ema.safetensors" if ema else "unet.safetensors")
     if not unet_path.is_file():
         raise FileNotFoundError(f"{str(unet_path)!r} does not exist; the run has not saved a checkpoint yet")
-    unet = load_model(unet_path, device=device).eval()
+    unet = load_model(unet_path, device=device, dtype=dtype).eval()
     scale = float(read_metadata(unet_path).get("openldm.latent_scale", "1.0"))
 
     ae = None
     if autoencoder is not None or cfg.autoencoder is not None:
         ae_path = Path(autoencoder) if autoencoder is not None else _find_autoencoder(cfg.autoencoder, run_dir)
-        ae = load_model(ae_path, device=device).eval()
+        ae = load_model(ae_path, device=device, dtype=dtype).eval()
     conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
     cond_path = run_dir / "conditioner.safetensors"
     if cond_path.is_file():
@@ -160,10 +176,12 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     conditioner.to(device).eval().requires_grad_(False)
 
     f = 1 if ae is None else int(ae.downsampling_factor)
-    data_shape, class_names = _probe_data(cfg, unet.config.in_channels, f)
+    facts = _data_facts(cfg, run_dir, unet.config.in_channels, f)
+    shape, crop = facts.get("data_shape"), facts.get("crop_size")
     return TrainedModel(unet=unet, conditioner=conditioner, schedule=cfg.schedule, prediction=cfg.prediction,
-                        autoencoder=ae, latent_scale=scale, data_shape=data_shape, config=cfg,
-                        class_names=class_names, run_dir=run_dir, ema=ema)
+                        autoencoder=ae, latent_scale=scale, data_shape=tuple(shape) if shape else None, config=cfg,
+                        class_names=facts.get("class_names"), run_dir=run_dir, ema=ema,
+                        image_channels=facts.get("image_channels"), crop_size=tuple(crop) if crop else None)
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -258,7 +276,8 @@ def _conditions_batch(model: TrainedModel, B: int, image_size: tuple[int, int], 
         elif isinstance(c, InpaintConditioner) and init_image is not None:
             if mask is None:
                 raise ValueError("this model inpaints: give the mask of the region to fill with init_image")
-            batch[c.config.image_key] = _batched(_image(init_image, 3, image_size, "init_image"), B, "init_image")
+            batch[c.config.image_key] = _batched(_image(init_image, model.channels, image_size, "init_image"), B,
+                                                "init_image")
             batch[c.config.mask_key] = _batched(_fill_mask(mask, image_size), B, "mask")
             used |= {"init_image", "mask"}
         else:
@@ -327,9 +346,10 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
                    init_image: ImageInput | None = None, strength: float = 1.0, num_images: int = 1,
                    sampler: str = "ddim", karras: bool = False, steps: int = 50, guidance_scale: float = 3.0,
                    guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None,
-                   width: int | None = None, progress: bool = False) -> torch.Tensor:
+                   width: int | None = None, crop: bool = True, progress: bool = False) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] from a trained model; B = ``num_images`` per class label / prompt (a list of
-    labels or prompts gives ``num_images`` each, label-major).
+    labels or prompts gives ``num_images`` each, label-major). Samples at the training size come back cropped to
+    the dataset's own size when its images were padded (Fashion-MNIST 28 px padded to 32), unless ``crop=False``.
 
     ``mask``: a segmentation label map, or with ``init_image`` the region to redraw (white). ``low_res``: the image to
     upscale (``noise_level``: its augmentation level; default the conditioner's). ``strength`` < 1 with
@@ -365,7 +385,8 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
     plan = sampling_plan(model, sampler, steps, karras)
     on_step = None
     if init_image is not None and not any(isinstance(c, InpaintConditioner) for c in model.conditioner.conditioners.values()):
-        known = encode(model, _batched(_image(init_image, 3, (height, width), "init_image"), B, "init_image"))
+        known = encode(model, _batched(_image(init_image, model.channels, (height, width), "init_image"), B,
+                                        "init_image"))
         if strength < 1.0:
             plan = plan.from_strength(strength)
         x = plan.noised_input(known, noise) if strength < 1.0 else plan.initial_sample(noise)
@@ -380,7 +401,44 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
     # no condition given: cond == uncond, and guidance would change nothing
     denoiser = guided_denoiser(model, plan, uncond, guidance_scale if given else 1.0, guidance_rescale)
     out = run_sampler(sampler, denoiser, x, plan, cond, generator, on_step=on_step, progress=progress)
-    return decode(model, out)
+    images = decode(model, out)
+    if crop and model.crop_size is not None and (height, width) == model.image_size:
+        images = crop_center(images, model.crop_size)
+    return images
 
 
-__all__ = ["TrainedModel", "load_run", "sample_trained", "condition", "encode", "decode"]
+# ----------------------------------------------------------------------------------------------------- export
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float16,
+               autoencoder: str | Path | None = None) -> Path:
+    """Copy what sampling needs from a run into ``out_dir``: ``config.yaml`` (its autoencoder renamed to the copy
+    beside it), ``data.json``, the EMA UNet and conditioner weights and the autoencoder, floating-point tensors cast
+    to ``dtype`` (float16 halves the size; :func:`load_run` casts back to float32). Optimiser state, raw weights and
+    logs stay behind. Returns ``out_dir``."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model = load_run(run_dir, autoencoder=autoencoder)
+    if model.data_shape is None:
+        raise ValueError(f"{str(run_dir)!r} has no data.json and its data cannot be probed here; an exported run "
+                         "must carry its data facts")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if model.autoencoder is not None:
+        cfg["autoencoder"] = "autoencoder.safetensors"
+        save_model(model.autoencoder.to(dtype), out_dir / "autoencoder.safetensors",
+                   {"openldm.source": "exported"})
+    scale = read_metadata(run_dir / "unet_ema.safetensors").get("openldm.latent_scale", "1.0")
+    save_model(model.unet.to(dtype), out_dir / "unet_ema.safetensors", {"openldm.latent_scale": scale})
+    state = {f"ema.{k}": (v.to(dtype) if v.is_floating_point() else v).contiguous()
+             for k, v in model.conditioner.state_dict().items()}
+    with atomic_path(out_dir / "conditioner.safetensors") as tmp:
+        save_file(state, str(tmp))
+    facts = {"data_shape": list(model.data_shape), "image_size": list(model.image_size),
+             "image_channels": model.channels, "class_names": model.class_names,
+             "crop_size": list(model.crop_size) if model.crop_size else None}
+    for name, text in (("config.yaml", yaml.safe_dump(cfg, sort_keys=False)), ("data.json", json.dumps(facts, indent=1))):
+        with atomic_path(out_dir / name) as tmp:
+            tmp.write_text(text)
+    return out_dir
+
+
+__all__ = ["TrainedModel", "export_run", "load_run", "sample_trained", "condition", "encode", "decode"]

@@ -7,6 +7,9 @@ Run directory (``out_dir``), everything needed to sample or resume:
 - ``unet_ema.safetensors``        EMA UNet (what sampling uses by default)
 - ``conditioner.safetensors``     trainable conditioner weights (raw and ``ema.`` prefixed)
 - ``training_state.safetensors``  optimiser, LR schedule, step, RNG and data position (no pickle)
+- ``data.json``                   what sampling needs to know of the data without it: the shape being denoised
+                                  (``data_shape``), the image size and channels, class names, and ``crop_size``
+                                  (the size to crop samples back to when the dataset padded its images)
 - ``metrics.jsonl``               one JSON line per ``log_every`` steps (also TensorBoard under ``tensorboard/`` when
                                   ``torch.utils.tensorboard`` and ``tensorboard`` are installed)
 - ``samples/step_XXXXXX.png``     every ``sample_every`` steps, from the EMA model: rows = the data, unconditional
@@ -193,12 +196,25 @@ class _WithPixels(torch.utils.data.Dataset):
         return fingerprint_dataset(self.dataset) + ":pixels"
 
 
+def describe_data(dataset, data_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The facts about a source dataset that sampling needs (the run's ``data.json``); ``data_shape`` (C, h, w) is
+    what the model denoises (latents or the pixels)."""
+    C, H, W = (int(s) for s in dataset[0]["image"].shape)
+    crop = getattr(dataset, "crop_size", None)
+    names = getattr(dataset, "class_names", None)
+    return {"data_shape": [int(s) for s in data_shape], "image_size": [H, W], "image_channels": C,
+            "class_names": list(names) if names else None, "crop_size": list(crop) if crop else None}
+
+
 def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path):
     """The training dataset: pixels, or latents cached once with the autoencoder (scale factor measured; the
     pixels kept too when a condition reads them). Returns (dataset, key of x0 in an item, scale factor,
-    autoencoder or None)."""
+    autoencoder or None). Rank 0 writes ``data.json`` (:func:`describe_data`)."""
     dataset = build_dataset(cfg.data.name, cfg.data.options)
+    main = not dist.is_initialized() or dist.get_rank() == 0
     if cfg.autoencoder is None:
+        if main:
+            _write_json(out_dir / "data.json", describe_data(dataset, dataset[0]["image"].shape))
         return dataset, "image", 1.0, None
     from openldm.data.latent_cache import autoencoder_encoder, build_latent_cache
 
@@ -206,7 +222,14 @@ def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path):
     source = _WithPixels(dataset) if _reads_pixels(cfg.conditions) else dataset
     cache = build_latent_cache(source, autoencoder_encoder(ae), out_dir / "latents", progress=False)
     scale = float(getattr(ae.config, "scaling_factor", None) or cache.meta["scale_factor"])
+    if main:
+        _write_json(out_dir / "data.json", describe_data(dataset, cache[0]["latent"].shape))
     return cache, "latent", scale, ae
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=1))
 
 
 def condition_inputs(batch: dict, conditioner: ComposedConditioner, low_res_factor: int) -> dict:

@@ -269,3 +269,95 @@ def test_class_conditional_samples_take_the_asked_for_colour(tmp_path):
     accuracy = (dominant_color(x) == wanted).float().mean().item()
     print(f"trained 300 steps in {trained_s:.0f} s; colour accuracy {accuracy:.2f} (chance {1 / 6:.2f})")
     assert accuracy >= 0.35
+
+
+# ------------------------------------------------------------------------------ data facts, crop, export
+
+@pytest.fixture(scope="module")
+def fmnist_run(tmp_path_factory):
+    """Pixel-space class-conditional run on 64 Fashion-MNIST images padded 28 -> 32: plumbing, not quality."""
+    out = tmp_path_factory.mktemp("fmnist_run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = config(out, data={"name": "fashion_mnist", "options": {"size": 32, "limit": 64}},
+                 conditions=[{"kind": "class_label", "options": {"num_classes": 10, "dim": 16}}],
+                 unet={"model_channels": 16, "norm_groups": 4, "in_channels": 1, "out_channels": 1})
+    train_diffusion(cfg, progress=False)
+    torch.set_num_threads(threads)
+    return out
+
+
+def test_runs_record_their_data_facts_and_samples_are_cropped_to_the_dataset_size(fmnist_run):
+    import json
+
+    from openldm.data.idx import FASHION_MNIST_CLASSES
+
+    facts = json.loads((fmnist_run / "data.json").read_text())
+    assert facts == {"data_shape": [1, 32, 32], "image_size": [32, 32], "image_channels": 1,
+                     "class_names": FASHION_MNIST_CLASSES, "crop_size": [28, 28]}
+    model = load_run(fmnist_run)
+    assert model.crop_size == (28, 28) and model.image_size == (32, 32) and model.channels == 1
+    cropped = sample_trained(model, class_label=3, steps=2, seed=1)
+    full = sample_trained(model, class_label=3, steps=2, seed=1, crop=False)
+    assert cropped.shape == (1, 1, 28, 28) and full.shape == (1, 1, 32, 32)
+    assert torch.equal(cropped, full[..., 2:30, 2:30])
+    assert sample_trained(model, class_label=3, steps=2, height=40, width=40).shape[-1] == 40  # other sizes: no crop
+
+
+def test_a_run_loads_from_its_data_json_when_the_dataset_is_absent(fmnist_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    moved = tmp_path / "moved"
+    shutil.copytree(fmnist_run, moved)
+    cfg = yaml.safe_load((moved / "config.yaml").read_text())
+    cfg["data"]["options"]["root"] = str(tmp_path / "nowhere")
+    (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
+    model = load_run(moved)
+    assert model.data_shape == (1, 32, 32) and model.class_names[9] == "ankle boot"
+    assert sample_trained(model, class_label="ankle boot", steps=2).shape == (1, 1, 28, 28)
+
+
+def test_exported_runs_hold_half_precision_weights_and_sample_like_the_run(fmnist_run, tmp_path):
+    from openldm.io.native import read_metadata
+    from openldm.pipelines.trained import export_run
+
+    out = export_run(fmnist_run, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["conditioner.safetensors", "config.yaml", "data.json",
+                                                     "unet_ema.safetensors"]
+    half = load_file(str(out / "unet_ema.safetensors"))
+    assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
+    assert read_metadata(out / "unet_ema.safetensors")["openldm.kind"] == "unet"
+    a = sample_trained(load_run(fmnist_run), class_label=[0, 7], steps=3, seed=2)
+    b = sample_trained(load_run(out), class_label=[0, 7], steps=3, seed=2)
+    assert next(load_run(out).unet.parameters()).dtype == torch.float32
+    assert (a - b).abs().max() < 2e-2  # float16 weights, float32 compute
+
+
+def test_exported_latent_runs_carry_their_autoencoder(tmp_path):
+    from openldm.pipelines.trained import export_run
+
+    ae = AutoencoderKL(tiny_autoencoder_kl(in_channels=3, out_channels=3))
+    save_model(ae, tmp_path / "ae.safetensors")
+    run = tmp_path / "run"
+    train_diffusion(config(run, autoencoder=str(tmp_path / "ae.safetensors"), unet_preset="tiny-unet",
+                           unet={"model_channels": 16, "norm_groups": 4}), progress=False)
+    out = export_run(run, tmp_path / "export")
+    (tmp_path / "ae.safetensors").unlink()  # the export must not need the original
+    model = load_run(out)
+    assert model.autoencoder is not None and model.data_shape == (4, SIZE // 4, SIZE // 4)
+    assert sample_trained(model, class_label=1, steps=2).shape == (1, 3, SIZE, SIZE)
+
+
+def test_generate_samples_a_run_directory_and_refuses_sd_only_flags(fmnist_run, tmp_path):
+    from openldm.cli import main
+
+    out = tmp_path / "g.png"
+    assert main(["generate", "--model", str(fmnist_run), "--class-label", "sandal", "--steps", "2",
+                 "--num-images", "3", "--grid", "--out", str(out), "--quiet"]) == 0
+    assert Image.open(out).size == (2 + 2 * 30, 2 + 2 * 30)  # 2x2 tiles of 28 px with 2 px gaps
+    assert main(["generate", "--model", str(fmnist_run), "--prompt", "x", "--steps", "2", "--out", str(out),
+                 "--quiet"]) == 2  # the model has no text condition: a one-line error
+    assert main(["generate", "--model", str(fmnist_run), "--class-label", "1", "--negative-prompt", "y",
+                 "--out", str(out)]) == 2

@@ -190,7 +190,7 @@ def test_sigterm_saves_and_stops(tmp_path):
 
 
 def test_recipes_load_and_bad_values_are_named():
-    for name in ("autoencoder_kl_fmnist.yaml", "autoencoder_vq_fmnist.yaml"):
+    for name in ("fmnist_autoencoder_kl.yaml", "fmnist_autoencoder_vq.yaml"):
         load(AutoencoderTrainConfig, CONFIGS / name)
     with pytest.raises(ValueError, match="'l3'"):
         AutoencoderTrainConfig(recon_loss="l3")

@@ -1,0 +1,24 @@
+"""Models that ship inside the package (safetensors + config, a few MB), so sampling works with no training and no
+downloads. Each is an exported run directory (``openldm.pipelines.trained.export_run``), loaded with ``load_run``.
+
+- ``fashion_mnist``: a class- and text-conditional latent diffusion model of Fashion-MNIST garments (28x28,
+  greyscale) with its KL autoencoder; prompts go through the bundled MiniLM encoder. Trained by
+  ``configs/fmnist_autoencoder_kl.yaml`` then ``configs/fmnist_class_text.yaml`` (``openldm demo --retrain``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+BUNDLED = ("fashion_mnist",)
+DEFAULT = "fashion_mnist"
+
+
+def bundled_dir(name: str = DEFAULT) -> Path:
+    """The folder of a bundled model; a clear error when the name is unknown or the files are missing."""
+    if name not in BUNDLED:
+        raise ValueError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+    path = Path(__file__).parent / name
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"the bundled model {name!r} is missing from {path}; reinstall openldm or retrain it "
+                                "with `openldm demo --retrain`")
+    return path
