@@ -99,7 +99,7 @@ class IDXConfig:
     """MNIST-layout dataset. ``size`` > 28 with ``fit="pad"`` centre-pads with zeros (the datasets' black background:
     28 -> 32 adds 2 px each side; ``transforms.center_crop_box`` / ``crop_padding`` undo it); ``fit="resize"``
     resizes bicubically instead. ``flip`` mirrors at random (per seed, epoch and index). ``silhouette_threshold``
-    (in [0, 1)) adds a float "mask" = pixel > threshold. ``class_names`` default to Fashion-MNIST's (use
+    (in [0, 1)) adds a "mask" label map (int64, 1 = pixel > threshold, 0 = background). ``class_names`` default to Fashion-MNIST's (use
     ``MNIST_CLASSES`` for digits). ``limit`` keeps the first N items. ``captions`` adds a "caption" describing the
     garment (Fashion-MNIST labels; openldm.data.captions), drawn per seed, epoch and index."""
 
@@ -131,7 +131,7 @@ class IDXConfig:
 @DATASETS.register("fashion_mnist")
 class IDXDataset(Dataset):
     """Greyscale digits / garments from IDX files. Item: {"image": float (1, size, size) in [-1, 1], "label": int,
-    and "mask": float (size, size) silhouette when ``silhouette_threshold`` is set}. The whole split is held in
+    and "mask": int64 (size, size) silhouette (0 or 1) when ``silhouette_threshold`` is set}. The whole split is held in
     memory as ``images`` (N, H, W) uint8 and ``labels`` (N,) int64."""
 
     config_class = IDXConfig
@@ -177,7 +177,7 @@ class IDXDataset(Dataset):
         image = torch.from_numpy(self.images[index].copy()).float().div_(255.0)[None]  # (1, h, w)
         sample: Sample = {"image": image, "label": int(self.labels[index])}
         if c.silhouette_threshold is not None:
-            sample["mask"] = (image[0] > c.silhouette_threshold).float()
+            sample["mask"] = (image[0] > c.silhouette_threshold).long()  # label map: 0 background, 1 garment
         if self.captioner is not None:
             sample["caption"] = self.captioner.caption(index, item_generator(c.seed + 1, self.epoch, index))
         generator = item_generator(c.seed, self.epoch, index) if c.flip else None

@@ -143,18 +143,26 @@ def _data_facts(cfg: DiffusionTrainConfig, run_dir: Path, channels: int, f: int)
 
 def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
              autoencoder: str | Path | None = None, resources: Resources | None = None,
-             dtype: torch.dtype = torch.float32) -> TrainedModel:
+             dtype: torch.dtype = torch.float32, step: int | None = None) -> TrainedModel:
     """Rebuild a diffusion run from its directory: ``config.yaml``, ``unet_ema.safetensors`` (``ema=True``) or
     ``unet.safetensors``, ``conditioner.safetensors`` (its ``ema.`` weights or the raw ones) and the autoencoder the
     config names (``autoencoder`` overrides its path). ``resources``: what a conditioner needs that the run cannot
     hold, e.g. ``Resources(prompt_encoder=...)`` for the text backend "external"; an ``encode`` is filled in from
-    the autoencoder when absent. Weights are cast to ``dtype`` (an exported run may store float16)."""
+    the autoencoder when absent. Weights are cast to ``dtype`` (an exported run may store float16). ``step``: the
+    EMA snapshot of that training step (``snapshot_every``) instead of the last weights."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a diffusion run directory (no config.yaml)")
     cfg = from_dict(DiffusionTrainConfig, yaml.safe_load((run_dir / "config.yaml").read_text()),
                     where=str(run_dir / "config.yaml"))
-    unet_path = run_dir / ("unet_ema.safetensors" if ema else "unet.safetensors")
+    weights_dir = run_dir
+    if step is not None:
+        weights_dir = run_dir / "snapshots" / f"step_{step:06d}"
+        if not ema or not weights_dir.is_dir():
+            found = sorted(p.name for p in (run_dir / "snapshots").glob("step_*")) if ema else []
+            raise FileNotFoundError(f"no EMA snapshot of step {step} in {str(run_dir)!r} (snapshots: {found or 'none'}; "
+                                    "train with snapshot_every=N to keep them)")
+    unet_path = weights_dir / ("unet_ema.safetensors" if ema else "unet.safetensors")
     if not unet_path.is_file():
         raise FileNotFoundError(f"{str(unet_path)!r} does not exist; the run has not saved a checkpoint yet")
     unet = load_model(unet_path, device=device, dtype=dtype).eval()
@@ -165,7 +173,7 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
         ae_path = Path(autoencoder) if autoencoder is not None else _find_autoencoder(cfg.autoencoder, run_dir)
         ae = load_model(ae_path, device=device, dtype=dtype).eval()
     conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
-    cond_path = run_dir / "conditioner.safetensors"
+    cond_path = weights_dir / "conditioner.safetensors"
     if cond_path.is_file():
         state = load_file(str(cond_path))
         prefix = "ema." if ema else ""
@@ -304,10 +312,23 @@ def _describe(model: TrainedModel) -> str:
     return ", ".join(f"{n} ({type(c).__name__})" for n, c in model.conditioner.conditioners.items()) or "none"
 
 
-def _batch_size(class_label, prompt, num_images: int) -> int:
+def _batch_size(class_label, prompt, num_images: int, mask: Any = None, images: Sequence[Any] = ()) -> int:
+    """B: ``num_images`` per class label / prompt. Batched tensor inputs (a mask (N, H, W) / (N, 1, H, W), images
+    (N, C, H, W)) with N > 1 give one image per row, N agreeing with the labels' and prompts' count."""
     counts = {1 if v is None or isinstance(v, (int, str)) else len(v) for v in (class_label, prompt)} - {1}
     if len(counts) > 1:
         raise ValueError(f"class_label and prompt lists have different lengths {sorted(counts)}")
+    rows = {int(x.shape[0]) for x in images if isinstance(x, torch.Tensor) and x.dim() == 4}
+    if isinstance(mask, torch.Tensor) and mask.dim() in (3, 4):
+        rows.add(int(mask.shape[0]))
+    rows -= {1}
+    if rows:
+        if len(rows | counts) > 1:
+            raise ValueError(f"batched inputs have {sorted(rows)} rows and labels/prompts {sorted(counts) or [1]}; "
+                             "give the same number of each")
+        if num_images != 1:
+            raise ValueError("num_images must be 1 with batched image inputs (one image per input row)")
+        return rows.pop()
     return (counts.pop() if counts else 1) * num_images
 
 
@@ -371,7 +392,7 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
         raise ValueError(f"image size {width}x{height} (width x height) must be positive multiples of {f}")
     latent_size = (height // f, width // f)
     channels = model.unet.config.in_channels
-    B = _batch_size(class_label, prompt, num_images)
+    B = _batch_size(class_label, prompt, num_images, mask, (low_res, init_image))
     device, _ = module_device_dtype(model.unet)
 
     generator = make_generator(seed)

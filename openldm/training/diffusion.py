@@ -12,6 +12,8 @@ Run directory (``out_dir``), everything needed to sample or resume:
                                   (the size to crop samples back to when the dataset padded its images)
 - ``metrics.jsonl``               one JSON line per ``log_every`` steps (also TensorBoard under ``tensorboard/`` when
                                   ``torch.utils.tensorboard`` and ``tensorboard`` are installed)
+- ``snapshots/step_XXXXXX/``      every ``snapshot_every`` steps, the EMA UNet and conditioner of that step (for
+                                  quality-against-training-time curves; ``load_run(run_dir, step=N)``)
 - ``samples/step_XXXXXX.png``     every ``sample_every`` steps, from the EMA model: rows = the data, unconditional
                                   samples, then (conditional models) guided samples for the data's conditions
 - ``latents/``                    the latent cache (latent runs)
@@ -102,6 +104,7 @@ class DiffusionTrainConfig:
     out_dir: str = "runs/diffusion"
     log_every: int = 25
     save_every: int = 500
+    snapshot_every: int = 0  # keep the EMA weights of every N-th step under snapshots/ (0 = never)
     num_workers: int = 0
     sample_every: int = 0  # write a sample grid every N steps (0 = never)
     sample_steps: int = 20  # DDIM steps of those samples
@@ -115,6 +118,8 @@ class DiffusionTrainConfig:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
+        if self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every={self.snapshot_every} must be >= 0 (0 = no snapshots)")
         if self.sample_every < 0 or self.sample_steps < 1 or self.low_res_factor < 1:
             raise ValueError(f"sample_every={self.sample_every} must be >= 0, sample_steps={self.sample_steps} and "
                              f"low_res_factor={self.low_res_factor} >= 1")
@@ -303,14 +308,22 @@ def _tensorboard(out_dir: Path):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
-def _save_run(out_dir: Path, model: DiffusionModel, ema: EMA, state: dict, scale: float) -> None:
+def _save_weights(out_dir: Path, model: DiffusionModel | None, ema: EMA, scale: float) -> None:
+    """unet(_ema).safetensors and conditioner.safetensors (raw and ``ema.`` weights; EMA only when ``model`` is
+    None, as in snapshots)."""
     extra = {"openldm.latent_scale": repr(scale)}
-    save_model(model.unet, out_dir / "unet.safetensors", extra)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        save_model(model.unet, out_dir / "unet.safetensors", extra)
     save_model(ema.shadow.unet, out_dir / "unet_ema.safetensors", extra)
-    cond = {k: v.detach().contiguous() for k, v in model.conditioner.state_dict().items()}
+    cond = {} if model is None else {k: v.detach().contiguous() for k, v in model.conditioner.state_dict().items()}
     cond.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.shadow.conditioner.state_dict().items()})
     with atomic_path(out_dir / "conditioner.safetensors") as tmp:
         save_file(cond, str(tmp))
+
+
+def _save_run(out_dir: Path, model: DiffusionModel, ema: EMA, state: dict, scale: float) -> None:
+    _save_weights(out_dir, model, ema, scale)
     save_state(state, out_dir / "training_state.safetensors")  # last: its presence marks a complete checkpoint
 
 
@@ -485,6 +498,8 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                     grid.save(tmp, format="PNG")
                 if board is not None:
                     board.add_image("samples", np.array(grid.convert("RGB")), step, dataformats="HWC")
+            if info.is_main and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                _save_weights(out_dir / "snapshots" / f"step_{step:06d}", None, ema, scale)
             stopped = any_process(stopper.stop, info, device)  # a signal to any rank stops every rank at this step
             if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stopped):
                 state = {"step": step, "epoch": stream.epoch, "position": stream.position,

@@ -96,7 +96,7 @@ def test_pad_to_32_with_zeros_and_crop_back(tiny_root: Path):
     assert torch.all(image[:2] == -1) and torch.all(image[-2:] == -1)  # zero padding = black background = -1
     assert torch.all(image[:, :2] == -1) and torch.all(image[:, -2:] == -1)
     assert torch.allclose(ds.crop_padding(item["image"]), IDXDataset(IDXConfig(root=str(tiny_root)))[1]["image"])
-    assert torch.equal(item["mask"], ((image + 1) / 2 > 0.5).float())  # silhouette aligned with the padded image
+    assert torch.equal(item["mask"], ((image + 1) / 2 > 0.5).long())  # silhouette aligned with the padded image
     resized = IDXDataset(IDXConfig(root=str(tiny_root), size=16, fit="resize"))[1]["image"]
     assert resized.shape == (1, 16, 16) and resized.min() >= -1 and resized.max() <= 1
     with pytest.raises(ValueError, match="fit='resize'"):
