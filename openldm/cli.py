@@ -55,16 +55,50 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- openldm demo -----------------------------------------------------------------------------------------------
+# --- openldm demo, openldm toy ---------------------------------------------------------------------------------
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo.png", help="output name: writes demo-classes.png and demo-prompts.png")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--retrain", action="store_true", help="train the model from scratch with the recipes in configs/ "
+                                                          "first (about an hour on a 2-core CPU), then sample it")
+    p.add_argument("--work-dir", default="runs/demo", help="where --retrain keeps its runs (resumable)")
+    p.add_argument("--update-bundle", action="store_true", help="with --retrain: replace the bundled model with the "
+                                                                "retrained one")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+@command("demo", "sample grids from the bundled Fashion-MNIST model (classes and prompts); --retrain trains it first",
+         _demo_args)
+def cmd_demo(args: argparse.Namespace) -> int:
+    from openldm.bundled import bundled_dir
+    from openldm.pipelines.demo import retrain, run_demo
+
+    model_dir = bundled_dir() if not args.retrain else retrain(args.work_dir, progress=not args.quiet)
+    if args.retrain and args.update_bundle:
+        import shutil
+        from pathlib import Path
+
+        import openldm.bundled
+
+        target = Path(openldm.bundled.__file__).parent / "fashion_mnist"
+        shutil.copytree(model_dir, target, dirs_exist_ok=True)
+        print(f"bundled model replaced: {target}")
+    for path in run_demo(model_dir, args.out, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed):
+        print(path)
+    return 0
+
+
+def _toy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 100], help="sampling step counts to compare")
     p.add_argument("--samples", type=int, default=8000, help="number of points drawn per sampler")
     p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
-@command("demo", "sample a known 2-D Gaussian mixture with every sampler and report how close each gets", _demo_args)
-def cmd_demo(args: argparse.Namespace) -> int:
+@command("toy", "sample a known 2-D Gaussian mixture with every sampler and report how close each gets", _toy_args)
+def cmd_toy(args: argparse.Namespace) -> int:
     from openldm.evaluation.toy import mixture_report
 
     print(mixture_report(steps=args.steps, num_samples=args.samples, seed=args.seed))

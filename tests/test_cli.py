@@ -7,7 +7,7 @@ from openldm.cli import build_parser, main
 def test_help_lists_every_command(capsys):
     parser = build_parser()
     text = parser.format_help()
-    for name in ("models", "samplers", "demo"):
+    for name in ("models", "samplers", "demo", "toy", "generate", "evaluate"):
         assert name in text
 
 
