@@ -1,0 +1,230 @@
+"""Regenerate the README's Fashion-MNIST results (tables and sample grids) from the bundled model and the runs the
+recipes in configs/ leave under runs/. Every number comes from `openldm.evaluation.report` (one cached classifier,
+FID/KID in its features, real held-out images beside), so the README shows what the current code measures.
+
+    python benchmarks/fmnist_results.py                 # writes docs/results/ and the README's results section
+    python benchmarks/fmnist_results.py --num-samples 200 --no-readme   # a quick look
+
+Sections (each skipped, and said so, when its run is missing):
+- autoencoders: reconstruction PSNR/SSIM and FID of reconstructions (runs/fmnist_autoencoder_{kl,vq});
+- the bundled model: class- and caption-conditioned samples at several guidance scales;
+- sampling steps: DDPM 1000 steps against DDIM and DPM-Solver++(2M) at 10/20/50 (class-conditional, guided);
+- training time: the bundled recipe's EMA snapshots (runs/fmnist_class_text/snapshots);
+- the other recipes: unconditional, mask, super-resolution, inpainting, text with MiniLM vs the small CLIP;
+- the small CLIP's retrieval numbers (runs/fmnist_clip/retrieval.json);
+- grids: classes, prompts, and input | output | truth strips for super-resolution, inpainting and masks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from openldm.bundled import bundled_dir
+from openldm.data.transforms import crop_center
+from openldm.evaluation.classifier import classifier_accuracy, classify, default_classifier_path, load_classifier
+from openldm.evaluation.grid import image_grid
+from openldm.evaluation.metrics import fid, psnr, ssim
+from openldm.evaluation.report import REFERENCE, EvalSettings, evaluate_model, format_table
+from openldm.io.native import load_model
+from openldm.pipelines.demo import DEMO_PROMPTS, demo_grids
+from openldm.pipelines.trained import load_run, sample_trained
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs"
+OUT = ROOT / "docs" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def autoencoder_table(classifier, n: int) -> str:
+    from openldm.data import build_dataset
+
+    data = build_dataset("fashion_mnist", {"split": "test", "size": 32})
+    images = torch.stack([data[i]["image"] for i in range(n)])
+    truth = crop_center(images, (28, 28))
+    held = torch.stack([data[i]["image"] for i in range(*REFERENCE.indices(len(data)))])
+    _, reference = classify(classifier, crop_center(held, (28, 28)))
+    lines = ["| autoencoder | latent | PSNR | SSIM | rFID | params |", "|---|---|---|---|---|---|"]
+    for kind in ("kl", "vq"):
+        path = RUNS / f"fmnist_autoencoder_{kind}" / "autoencoder.safetensors"
+        if not path.is_file():
+            log(f"skip autoencoder {kind}: {path} missing")
+            continue
+        ae = load_model(path).eval()
+        with torch.no_grad():
+            z = ae.encode(images)
+            z = z.mode() if hasattr(z, "mode") else z
+            rec = crop_center(ae.decode(z).clamp(-1, 1), (28, 28))
+        _, feats = classify(classifier, rec)
+        params = sum(p.numel() for p in ae.parameters())
+        lines.append(f"| {kind.upper()}-f4 | {tuple(z.shape[1:])} | {float(psnr(rec, truth).mean()):.2f} | "
+                     f"{float(ssim(rec, truth).mean()):.3f} | {fid(feats, reference):.2f} | {params:,} |")
+    return "\n".join(lines)
+
+
+def evaluate(run: Path, settings: EvalSettings, classifier, step: int | None = None) -> list[dict]:
+    t0 = time.perf_counter()
+    report = evaluate_model(load_run(run, step=step), classifier, settings, progress=lambda m: log(f"{run.name}: {m}"))
+    log(f"{run.name} evaluated in {time.perf_counter() - t0:.0f} s")
+    return report["rows"]
+
+
+def steps_table(model_dir: Path, classifier, n: int, n_ddpm: int, guidance: float) -> str:
+    lines = ["| sampler | steps | N | class acc. | FID | KID | s / image |", "|---|---|---|---|---|---|---|"]
+    plans = [("ddpm", 1000, n_ddpm)] + [(s, k, n) for s in ("ddim", "dpmpp_2m") for k in (10, 20, 50)]
+    real: dict[int, dict] = {}
+    for sampler, steps, count in plans:
+        settings = EvalSettings(num_samples=count, sampler=sampler, steps=steps, guidance_scales=[guidance],
+                                tasks=["class"], batch_size=250)
+        rows = evaluate(model_dir, settings, classifier)
+        r = rows[1]
+        real[count] = rows[0]
+        lines.append(f"| {sampler} | {steps} | {count} | {r['accuracy']:.1%} | {r['fid']:.2f} | {r['kid']:.4f} | "
+                     f"{r['seconds'] / count:.3f} |")
+    for count, r in sorted(real.items()):
+        lines.append(f"| real held-out | | {count} | {r['accuracy']:.1%} | {r['fid']:.2f} | {r['kid']:.4f} | |")
+    return "\n".join(lines)
+
+
+def training_table(run: Path, classifier, n: int, guidance: float) -> str:
+    snapshots = sorted(run.glob("snapshots/step_*"))
+    if not snapshots:
+        return ""
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    cfg = load_run(run).config
+    lines = [f"| step | images seen | training time (min) | class acc. (guidance {guidance}) | FID |",
+             "|---|---|---|---|---|"]
+    for snap in snapshots:
+        step = int(snap.name.split("_")[1])
+        seconds, last = 0.0, 0
+        for m in metrics:  # time of each logged window = images in it / its images per second
+            if m["step"] <= step:
+                seconds += (m["step"] - last) * cfg.batch_size / max(m["images_per_s"], 1e-9)
+                last = m["step"]
+        settings = EvalSettings(num_samples=n, guidance_scales=[guidance], tasks=["class"])
+        r = evaluate(run, settings, classifier, step=step)[1]
+        lines.append(f"| {step} | {step * cfg.batch_size:,} | {seconds / 60:.1f} | {r['accuracy']:.1%} | {r['fid']:.2f} |")
+    return "\n".join(lines)
+
+
+def strips(classifier) -> list[str]:
+    """input | output | truth grids for the spatial recipes; returns Markdown image lines."""
+    from openldm.data import build_dataset
+
+    out = []
+    data = build_dataset("fashion_mnist", {"split": "test", "size": 32, "silhouette_threshold": 0.1})
+    idx = list(range(0, 80, 10))
+    images = torch.stack([data[i]["image"] for i in idx])
+    truth = crop_center(images, (28, 28))
+    for name, title in (("super_resolution", "super-resolution 7x7 -> 28x28"), ("inpaint", "inpainting"),
+                        ("mask", "mask -> garment")):
+        run = RUNS / f"fmnist_{name}"
+        if not (run / "unet_ema.safetensors").is_file():
+            continue
+        model = load_run(run)
+        if name == "super_resolution":
+            factor = getattr(model.config, "low_res_factor", 4)
+            small = F.interpolate(images, scale_factor=1 / factor, mode="bicubic", antialias=True).clamp(-1, 1)
+            result = sample_trained(model, low_res=small, guidance_scale=1.0)
+            shown = crop_center(F.interpolate(small, size=images.shape[-2:], mode="nearest"), (28, 28))
+        elif name == "inpaint":
+            masks = torch.zeros(len(idx), 32, 32)
+            masks[:, 8:20, 6:26] = 1.0
+            result = sample_trained(model, init_image=images, mask=masks)
+            shown = crop_center(images * (1 - masks[:, None]) - masks[:, None], (28, 28))
+        else:
+            masks = torch.stack([torch.as_tensor(data[i]["mask"]) for i in idx])
+            result = sample_trained(model, mask=masks)
+            shown = crop_center(masks[:, None].float() * 2 - 1, (28, 28))
+        grid = image_grid([shown, result, truth])
+        grid = grid.resize((grid.width * 3, grid.height * 3))
+        grid.save(OUT / f"{name}.png")
+        out.append(f"**{title}** (rows: input, output, original)\n\n![{title}](docs/results/{name}.png)")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num-samples", type=int, default=1000, help="images per task and guidance scale")
+    p.add_argument("--ddpm-samples", type=int, default=200, help="images for the 1000-step DDPM row")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="guidance scales (bundled)")
+    p.add_argument("--no-readme", action="store_true", help="do not rewrite the README's results section")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    OUT.mkdir(parents=True, exist_ok=True)
+    classifier = load_classifier()
+    sections = [f"Classifier (evaluation feature space): a small CNN trained on the train split, "
+                f"{classifier_accuracy(default_classifier_path()) or 0:.1%} test accuracy. FID/KID are in its "
+                "128-d penultimate features against test images 5000-9999; the *real* rows score N held-out test "
+                "images the same way (the ceiling a perfect generator of N images reaches)."]
+
+    log("autoencoders")
+    sections.append("### Autoencoders (32x32 input, 1000 test images)\n\n" + autoencoder_table(classifier, 1000))
+
+    model_dir = bundled_dir()
+    log("bundled model")
+    rows = evaluate(model_dir, EvalSettings(num_samples=args.num_samples, guidance_scales=args.guidance), classifier)
+    sections.append(f"### The bundled model (class + caption, DDIM 50 steps, N = {args.num_samples})\n\n"
+                    + format_table(rows))
+    best = 3.0 if 3.0 in args.guidance else args.guidance[-1]
+    log("sampling steps")
+    sections.append(f"### Sampling steps (class-conditional, guidance {best})\n\n"
+                    + steps_table(model_dir, classifier, min(args.num_samples, 500), args.ddpm_samples, best))
+    table = training_table(RUNS / "fmnist_class_text", classifier, min(args.num_samples, 500), best)
+    if table:
+        sections.append("### Quality against training time (the bundled recipe's EMA snapshots)\n\n" + table)
+    other = []
+    for name in ("uncond", "mask", "super_resolution", "inpaint", "text_minilm", "text_clip"):
+        run = RUNS / f"fmnist_{name}"
+        if not (run / "unet_ema.safetensors").is_file():
+            log(f"skip {name}: no run")
+            continue
+        rows = evaluate(run, EvalSettings(num_samples=min(args.num_samples, 500), guidance_scales=[1.0, 3.0]),
+                        classifier)
+        other.extend([dict(r, task=f"{name}: {r['task']}") for r in rows if r["task"] != "real" or not other])
+    if other:
+        sections.append("### The other recipes (short runs; N = 500)\n\n" + format_table(other))
+    retrieval = RUNS / "fmnist_clip" / "retrieval.json"
+    if retrieval.is_file():
+        sections.append("### The small CLIP (test split retrieval)\n\n```\n"
+                        + json.dumps(json.loads(retrieval.read_text()), indent=1) + "\n```")
+
+    log("grids")
+    grids = demo_grids(load_run(model_dir))
+    images = []
+    for name, grid in grids.items():
+        grid.save(OUT / f"{name}.png")
+        images.append(f"![{name}](docs/results/{name}.png)")
+    sections.append("### Samples from the bundled model\n\nOne row per class (0 t-shirt/top ... 9 ankle boot), "
+                    "guidance 3, DDIM 50:\n\n" + images[0] + "\n\nOne row per prompt (" +
+                    ", ".join(f'"{p}"' for p in DEMO_PROMPTS)
+                    + "):\n\n" + images[-1])
+    sections.extend(strips(classifier))
+
+    text = "\n\n".join(sections) + "\n"
+    (OUT / "results.md").write_text(text)
+    print(text)
+    if not args.no_readme:
+        readme = ROOT / "README.md"
+        current = readme.read_text()
+        if START in current and END in current:
+            head, rest = current.split(START, 1)
+            _, tail = rest.split(END, 1)
+            readme.write_text(head + START + "\n" + text + END + tail)
+            log("README results section rewritten")
+        else:
+            log(f"README has no {START} ... {END} markers; left alone")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
