@@ -29,8 +29,9 @@ $(LPIPS_HEADS): | venv
 	$(PIP) download -q --no-deps lpips==0.1.4 -d .cache/lpips
 	$(PY) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('.cache/lpips/lpips-*.whl')[0]); open('$@', 'wb').write(z.read('lpips/weights/v0.1/vgg.pth'))"
 
-demo: venv
-	$(VENV)/bin/openldm demo
+# The bundled model's grids; `make demo RETRAIN=1` first retrains it from scratch with the recipes (needs the data).
+demo: venv $(if $(RETRAIN),data)
+	$(VENV)/bin/openldm demo $(if $(RETRAIN),--retrain)
 
 test: venv data $(LPIPS_HEADS)
 	OPENLDM_LPIPS_HEADS=$(LPIPS_HEADS) $(PY) -m pytest -q

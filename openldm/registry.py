@@ -8,8 +8,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Packages whose import fills the tables (each package's __init__ imports its registering modules).
-_PROVIDERS = ("openldm.models", "openldm.samplers", "openldm.conditioning", "openldm.data")
+# Packages whose import fills the tables (each package's __init__ imports its registering modules), and
+# registering modules their package's __init__ does not import.
+_PROVIDERS = ("openldm.models", "openldm.models.contrastive", "openldm.samplers", "openldm.conditioning", "openldm.data",
+              "openldm.evaluation.classifier")
 
 
 class Registry:

