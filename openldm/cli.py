@@ -252,6 +252,225 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_args_for(config: str, example: str) -> Callable[[argparse.ArgumentParser], None]:
+    """The flags every training command takes: its config file, --resume, --quiet and dotted overrides."""
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default=None, help=f"YAML file of a {config} (e.g. {example})")
+        p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=2000 optim.lr=3e-4 batch_size=64")
+    return add
+
+
+# --- openldm samplers -------------------------------------------------------------------------------------------
+
+@command("samplers", "list the registered samplers")
+def cmd_samplers(args: argparse.Namespace) -> int:
+    from openldm.registry import SAMPLERS
+
+    for name, spec in SAMPLERS.items():
+        doc = (getattr(spec, "fn", spec).__doc__ or "").strip().splitlines()
+        print(f"{name:<18} {doc[0] if doc else ''}")
+    return 0
+
+
+# --- openldm demo, openldm toy ---------------------------------------------------------------------------------
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo.png", help="output name: writes demo-classes.png and demo-prompts.png")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--retrain", action="store_true", help="train the model from scratch with the recipes in configs/ "
+                                                          "first (about an hour on a 2-core CPU), then sample it")
+    p.add_argument("--work-dir", default="runs/demo", help="where --retrain keeps its runs (resumable)")
+    p.add_argument("--update-bundle", action="store_true", help="with --retrain: replace the bundled model with the "
+                                                                "retrained one")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+@command("demo", "sample grids from the bundled Fashion-MNIST model (classes and prompts); --retrain trains it first",
+         _demo_args)
+def cmd_demo(args: argparse.Namespace) -> int:
+    from openldm.bundled import bundled_dir
+    from openldm.pipelines.demo import retrain, run_demo
+
+    model_dir = bundled_dir() if not args.retrain else retrain(args.work_dir, progress=not args.quiet)
+    if args.retrain and args.update_bundle:
+        import shutil
+        from pathlib import Path
+
+        import openldm.bundled
+
+        target = Path(openldm.bundled.__file__).parent / "fashion_mnist"
+        shutil.copytree(model_dir, target, dirs_exist_ok=True)
+        print(f"bundled model replaced: {target}")
+    for path in run_demo(model_dir, args.out, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed):
+        print(path)
+    return 0
+
+
+def _toy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 100], help="sampling step counts to compare")
+    p.add_argument("--samples", type=int, default=8000, help="number of points drawn per sampler")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+@command("toy", "sample a known 2-D Gaussian mixture with every sampler and report how close each gets", _toy_args)
+def cmd_toy(args: argparse.Namespace) -> int:
+    from openldm.evaluation.toy import mixture_report
+
+    print(mixture_report(steps=args.steps, num_samples=args.samples, seed=args.seed))
+    return 0
+
+
+# --- openldm generate -------------------------------------------------------------------------------------------
+
+SD_DEFAULTS = {"sampler": "euler", "steps": 30, "guidance_scale": 7.5}  # Stable Diffusion weights
+TRAINED_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance_scale": 3.0}  # models trained here (and the bundled one)
+
+
+def _sampling_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """The sampler, guidance, seed and output flags shared by `generate` and `sample`. ``defaults`` None: the
+    sampler, steps and guidance follow the model (SD_DEFAULTS or TRAINED_DEFAULTS)."""
+    def said(key: str) -> str:
+        if defaults is not None:
+            return f"default {defaults[key]}"
+        return f"default {SD_DEFAULTS[key]} for SD weights, {TRAINED_DEFAULTS[key]} for models trained here"
+
+    d = defaults or {}
+    p.add_argument("--sampler", default=d.get("sampler"), help=f"sampler name (see `openldm samplers`; {said('sampler')})")
+    p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels (sigma-space samplers)")
+    p.add_argument("--steps", type=int, default=d.get("steps"), help=f"sampling steps ({said('steps')})")
+    p.add_argument("--guidance-scale", type=float, default=d.get("guidance_scale"),
+                   help=f"classifier-free guidance scale, 1 = off ({said('guidance_scale')})")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt/label; files get -0, -1, ... suffixes")
+    p.add_argument("--out", default="out.png", help="output PNG path")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _trained_args(p: argparse.ArgumentParser) -> None:
+    """Inputs only models trained here read (class labels, segmentation masks, low-res images), and output options."""
+    p.add_argument("--class-label", default=None, help="class index or name (class-conditional models; the bundled "
+                                                       "Fashion-MNIST model: 0-9 or a name such as 'ankle boot')")
+    p.add_argument("--low-res", default=None, help="low-resolution image to upscale (super-resolution models)")
+    p.add_argument("--noise-level", type=int, default=None, help="noise augmentation level of --low-res")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--grid", action="store_true", help="write all images as one grid PNG instead of one file each")
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="SD v1 checkpoint (.safetensors/.ckpt single file, diffusers folder or "
+                                                 "openldm folder) or a run directory of `openldm train`; default: the "
+                                                 "bundled Fashion-MNIST model")
+    p.add_argument("--prompt", default=None, help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional branch of CFG)")
+    _sampling_args(p)
+    _trained_args(p)
+    p.add_argument("--init-image", default=None, help="image-to-image (or inpainting) input image")
+    p.add_argument("--strength", type=float, default=None, help="how much of the init image to redraw, in [0, 1]")
+    p.add_argument("--mask", default=None, help="inpainting mask (white = redraw); needs --init-image. Models trained "
+                                                "here: alone, a segmentation mask")
+    p.add_argument("--paste-back", action="store_true", help="inpainting: paste the unmasked original pixels back")
+    p.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111 count)")
+    p.add_argument("--chunked", action="store_true", help="encode prompts over 75 tokens in chunks (A1111)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    p.add_argument("--unsafe-load", action="store_true", help="allow .ckpt files that need full unpickling "
+                                                              "(only for files you trust)")
+    p.add_argument("--from-png", default=None, help="regenerate with the parameters stored in this PNG")
+
+
+def _is_run_dir(model: str) -> bool:
+    """A directory written by `openldm train` (or an exported / bundled run): config.yaml + unet_ema.safetensors."""
+    from pathlib import Path
+
+    path = Path(model)
+    return path.is_dir() and (path / "config.yaml").is_file() and (path / "unet_ema.safetensors").is_file()
+
+
+def _fill_defaults(args: argparse.Namespace, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+@command("generate", "generate images: the bundled Fashion-MNIST model by default (--prompt or --class-label), a "
+                     "model trained here, or Stable Diffusion v1 weights (text-to-image, image-to-image, inpainting)",
+         _generate_args)
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from openldm.io.sd import load_sd
+    from openldm.pipelines import (
+        GenerationParams,
+        image_to_image,
+        inpaint,
+        read_png_params,
+        save_images,
+        text_to_image,
+    )
+
+    if not args.from_png and (args.model is None or _is_run_dir(args.model)):
+        if args.model is None:
+            from openldm.bundled import bundled_dir
+
+            args.model = str(bundled_dir())
+        if args.negative_prompt:
+            raise ConfigError("--negative-prompt is for Stable Diffusion weights; models trained here guide against "
+                              "their null condition")
+        _fill_defaults(args, TRAINED_DEFAULTS)
+        return _sample_run(args)
+    _fill_defaults(args, SD_DEFAULTS)
+    trained_only = [flag for flag, value in (("--class-label", args.class_label), ("--low-res", args.low_res),
+                                             ("--grid", args.grid)) if value]
+    if trained_only:
+        raise ConfigError(f"{trained_only[0]} is for models trained here (a run directory), not SD weights")
+    if args.from_png:
+        params = read_png_params(args.from_png)
+        model = args.model or params.model
+    else:
+        params = GenerationParams(
+            prompt=args.prompt or "", negative_prompt=args.negative_prompt, sampler=args.sampler, karras=args.karras,
+            steps=args.steps, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+            seed=args.seed, height=args.height or 512, width=args.width or 512, num_images=args.num_images,
+            clip_skip=args.clip_skip, chunked=args.chunked, strength=args.strength, paste_back=args.paste_back,
+            model=args.model)
+        model = args.model
+    if model is None:
+        raise ConfigError("--model is required (an SD v1 .safetensors/.ckpt file or a diffusers folder)")
+    if args.prompt is None and not args.from_png:
+        raise ConfigError("--prompt is required")
+    if args.mask and not args.init_image:
+        raise ConfigError("--mask needs --init-image (the image to inpaint)")
+    parts = load_sd(model, device=args.device, unsafe_load=args.unsafe_load)
+    kwargs = {**params.pipeline_kwargs(), "device": args.device, "dtype": args.dtype, "vae_tiling": args.vae_tiling,
+              "progress": not args.quiet}
+    if args.init_image:  # the init image's own size unless the user asked for one
+        kwargs.update(height=args.height, width=args.width)
+    if args.mask:
+        images = inpaint(parts, params.prompt, args.init_image, args.mask, **kwargs)
+    elif args.init_image:
+        kwargs.pop("paste_back", None)
+        kwargs.setdefault("strength", 0.75)
+        images = image_to_image(parts, params.prompt, args.init_image, **kwargs)
+    else:
+        kwargs.pop("strength", None)
+        kwargs.pop("paste_back", None)
+        images = text_to_image(parts, params.prompt, **kwargs)
+    if args.from_png and params.num_images > 1:
+        images = [images[params.batch_index]]
+        params = replace(params, num_images=1)
+    for path in save_images(images, args.out, params):
+        print(path)
+    return 0
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML file of a DiffusionTrainConfig (see configs/)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
@@ -361,7 +580,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # --- openldm train-autoencoder ----------------------------------------------------------------------------------
 
-@command("train-autoencoder", "train a KL or VQ autoencoder (reconstruction + LPIPS + PatchGAN)", _train_args)
+@command("train-autoencoder", "train a KL or VQ autoencoder (reconstruction + LPIPS + PatchGAN)",
+         _train_args_for("AutoencoderTrainConfig", "configs/fmnist_autoencoder_kl.yaml"))
 def cmd_train_autoencoder(args: argparse.Namespace) -> int:
     from openldm.config import load
     from openldm.training.autoencoder import AutoencoderTrainConfig, train_autoencoder
@@ -374,15 +594,8 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
 
 # --- openldm train-clip -----------------------------------------------------------------------------------------
 
-def _train_clip_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML file of a CLIPTrainConfig (e.g. configs/fmnist_clip.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=500 batch_size=64 optim.lr=1e-3")
-
-
 @command("train-clip", "train a small CLIP contrastively on captioned images; report retrieval numbers",
-         _train_clip_args)
+         _train_args_for("CLIPTrainConfig", "configs/fmnist_clip.yaml"))
 def cmd_train_clip(args: argparse.Namespace) -> int:
     from openldm.config import load
     from openldm.training.clip import CLIPTrainConfig, summary, train_clip
@@ -424,7 +637,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 # --- openldm train ----------------------------------------------------------------------------------------------
 
-@command("train", "train a (latent) diffusion model; conditions, data and UNet named in the config", _train_args)
+@command("train", "train a (latent) diffusion model; conditions, data and UNet named in the config",
+         _train_args_for("DiffusionTrainConfig", "configs/fmnist_class_text.yaml"))
 def cmd_train(args: argparse.Namespace) -> int:
     from openldm.config import load
     from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion

@@ -137,7 +137,8 @@ def evaluate_model(model: TrainedModel, classifier: ImageClassifier, settings: E
                               guidance_scale=guidance, seed=s.seed + part.start)
 
     for task in wanted:
-        for guidance in s.guidance_scales if task != "super_resolution" else [1.0]:
+        # guidance needs a condition to guide towards; super-resolution is judged against the truth, unguided
+        for guidance in s.guidance_scales if task not in ("super_resolution", "unconditional") else [1.0]:
             t0 = time.perf_counter()
             say(f"{task} (guidance {guidance})")
             row = _run_task(task, guidance, model, classifier, data, reference, n, s, sample)
@@ -174,7 +175,8 @@ def _run_task(task: str, guidance: float, model: TrainedModel, classifier: Image
         return row
     truth = data.originals[:n]
     if task == "super_resolution":
-        factor = model.config.low_res_factor
+        factor = next(c.config.factor for c in model.conditioner.conditioners.values()
+                      if isinstance(c, LowResConditioner))
         size = data.images.shape[-2:]
         small = F.interpolate(data.images[:n], size=(size[0] // factor, size[1] // factor), mode="bicubic",
                               align_corners=False, antialias=True).clamp(-1, 1)
