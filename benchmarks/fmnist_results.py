@@ -152,64 +152,80 @@ def strips(classifier) -> list[str]:
     return out
 
 
+SECTIONS = ("classifier", "autoencoders", "bundled", "steps", "training", "recipes", "clip", "grids")
+
+
+def section(name: str, args: argparse.Namespace, classifier) -> str:
+    """The Markdown of one results section (empty when its run is missing)."""
+    model_dir = bundled_dir()
+    n_small = min(args.num_samples, 500)
+    if name == "classifier":
+        return (f"Classifier (the evaluation feature space): a small CNN trained on the train split, "
+                f"{classifier_accuracy(default_classifier_path()) or 0:.1%} test accuracy. FID/KID are computed in "
+                "its 128-d penultimate features against test images 5000-9999; the *real* rows score N held-out test "
+                "images the same way, the figure a perfect generator of N images would reach. Samples come out at "
+                "28x28 (the 32x32 padding cropped).")
+    if name == "autoencoders":
+        return "### Autoencoders (32x32 input, 1000 test images)\n\n" + autoencoder_table(classifier, 1000)
+    if name == "bundled":
+        rows = evaluate(model_dir, EvalSettings(num_samples=args.num_samples, guidance_scales=args.guidance),
+                        classifier)
+        return (f"### The bundled model (class + caption, DDIM 50 steps, N = {args.num_samples})\n\n"
+                + format_table(rows))
+    if name == "steps":
+        return (f"### Sampling steps (class-conditional, guidance {args.best})\n\n"
+                + steps_table(model_dir, classifier, n_small, args.ddpm_samples, args.best))
+    if name == "training":
+        table = training_table(RUNS / "fmnist_class_text", classifier, n_small, args.best)
+        return "### Quality against training time (the bundled recipe's EMA snapshots)\n\n" + table if table else ""
+    if name == "recipes":
+        rows = []
+        for recipe in ("uncond", "mask", "super_resolution", "inpaint", "text_minilm", "text_clip"):
+            run = RUNS / f"fmnist_{recipe}"
+            if not (run / "unet_ema.safetensors").is_file():
+                log(f"skip {recipe}: no run")
+                continue
+            found = evaluate(run, EvalSettings(num_samples=n_small, guidance_scales=[1.0, 3.0]), classifier)
+            rows.extend(dict(r, task=f"{recipe}: {r['task']}") for r in found if r["task"] != "real" or not rows)
+        return f"### The other recipes (short runs; N = {n_small})\n\n" + format_table(rows) if rows else ""
+    if name == "clip":
+        retrieval = RUNS / "fmnist_clip" / "retrieval.json"
+        if not retrieval.is_file():
+            return ""
+        return ("### The small CLIP (test split retrieval)\n\n```\n"
+                + json.dumps(json.loads(retrieval.read_text()), indent=1) + "\n```")
+    if name == "grids":
+        grids = demo_grids(load_run(model_dir))
+        for key, grid in grids.items():
+            grid.save(OUT / f"{key}.png")
+        text = ("### Samples from the bundled model\n\nOne row per class (0 t-shirt/top ... 9 ankle boot), guidance 3, "
+                "DDIM 50:\n\n![classes](docs/results/classes.png)\n\nOne row per prompt ("
+                + ", ".join(f'"{p}"' for p in DEMO_PROMPTS) + "):\n\n![prompts](docs/results/prompts.png)")
+        return "\n\n".join([text, *strips(classifier)])
+    raise ValueError(f"unknown section {name!r}; sections: {', '.join(SECTIONS)}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-samples", type=int, default=1000, help="images per task and guidance scale")
-    p.add_argument("--ddpm-samples", type=int, default=200, help="images for the 1000-step DDPM row")
-    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="guidance scales (bundled)")
+    p.add_argument("--ddpm-samples", type=int, default=100, help="images for the 1000-step DDPM row")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales (bundled model)")
+    p.add_argument("--best", type=float, default=3.0, help="the guidance scale of the steps and training tables")
+    p.add_argument("--sections", nargs="*", default=list(SECTIONS),
+                   help=f"sections to (re)compute, each saved as docs/results/<name>.md (default all: "
+                        f"{' '.join(SECTIONS)}); none = only reassemble the saved ones")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README's results section")
     args = p.parse_args()
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier()
-    sections = [f"Classifier (evaluation feature space): a small CNN trained on the train split, "
-                f"{classifier_accuracy(default_classifier_path()) or 0:.1%} test accuracy. FID/KID are in its "
-                "128-d penultimate features against test images 5000-9999; the *real* rows score N held-out test "
-                "images the same way (the ceiling a perfect generator of N images reaches)."]
-
-    log("autoencoders")
-    sections.append("### Autoencoders (32x32 input, 1000 test images)\n\n" + autoencoder_table(classifier, 1000))
-
-    model_dir = bundled_dir()
-    log("bundled model")
-    rows = evaluate(model_dir, EvalSettings(num_samples=args.num_samples, guidance_scales=args.guidance), classifier)
-    sections.append(f"### The bundled model (class + caption, DDIM 50 steps, N = {args.num_samples})\n\n"
-                    + format_table(rows))
-    best = 3.0 if 3.0 in args.guidance else args.guidance[-1]
-    log("sampling steps")
-    sections.append(f"### Sampling steps (class-conditional, guidance {best})\n\n"
-                    + steps_table(model_dir, classifier, min(args.num_samples, 500), args.ddpm_samples, best))
-    table = training_table(RUNS / "fmnist_class_text", classifier, min(args.num_samples, 500), best)
-    if table:
-        sections.append("### Quality against training time (the bundled recipe's EMA snapshots)\n\n" + table)
-    other = []
-    for name in ("uncond", "mask", "super_resolution", "inpaint", "text_minilm", "text_clip"):
-        run = RUNS / f"fmnist_{name}"
-        if not (run / "unet_ema.safetensors").is_file():
-            log(f"skip {name}: no run")
-            continue
-        rows = evaluate(run, EvalSettings(num_samples=min(args.num_samples, 500), guidance_scales=[1.0, 3.0]),
-                        classifier)
-        other.extend([dict(r, task=f"{name}: {r['task']}") for r in rows if r["task"] != "real" or not other])
-    if other:
-        sections.append("### The other recipes (short runs; N = 500)\n\n" + format_table(other))
-    retrieval = RUNS / "fmnist_clip" / "retrieval.json"
-    if retrieval.is_file():
-        sections.append("### The small CLIP (test split retrieval)\n\n```\n"
-                        + json.dumps(json.loads(retrieval.read_text()), indent=1) + "\n```")
-
-    log("grids")
-    grids = demo_grids(load_run(model_dir))
-    images = []
-    for name, grid in grids.items():
-        grid.save(OUT / f"{name}.png")
-        images.append(f"![{name}](docs/results/{name}.png)")
-    sections.append("### Samples from the bundled model\n\nOne row per class (0 t-shirt/top ... 9 ankle boot), "
-                    "guidance 3, DDIM 50:\n\n" + images[0] + "\n\nOne row per prompt (" +
-                    ", ".join(f'"{p}"' for p in DEMO_PROMPTS)
-                    + "):\n\n" + images[-1])
-    sections.extend(strips(classifier))
-
+    for name in args.sections:
+        t0 = time.perf_counter()
+        log(f"section {name}")
+        (OUT / f"{name}.md").write_text(section(name, args, classifier))
+        log(f"section {name} done in {time.perf_counter() - t0:.0f} s")
+    sections = [(OUT / f"{name}.md").read_text() for name in SECTIONS if (OUT / f"{name}.md").is_file()]
+    sections = [text for text in sections if text.strip()]
     text = "\n\n".join(sections) + "\n"
     (OUT / "results.md").write_text(text)
     print(text)
