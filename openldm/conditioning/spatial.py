@@ -8,10 +8,16 @@
   et al. 2022, "Image Super-Resolution via Iterative Refinement" / Ho et al. 2022, "Cascaded Diffusion Models");
   the level's sinusoidal embedding fills ``vector``. Null: zeros in both, and the zero vector is never the
   embedding of a level (each sin/cos pair has norm 1), so it marks "no image" without an extra flag channel.
+  Training derives the low-res image (when the data has none) by shrinking the image ``factor`` times.
 - :class:`InpaintConditioner` ("inpaint"): SD-inpainting's ``[mask, masked-image latent]`` channels, with
   :class:`MaskGenerator` drawing random boxes and brush strokes (in the manner of Yu et al. 2019, "Free-Form
   Image Inpainting with Gated Convolution", and Suvorov et al. 2022, LaMa) when the batch has no mask.
   Null: mask all ones ("nothing known") and a zero latent.
+
+Random draws (noise levels and noise, masks) come from the ``generator`` given to ``forward``. Under data
+parallelism each process holds rows ``rank, rank + W, ...`` of a batch (``shard``, set by the training loop): it
+draws for the whole batch and keeps its own rows, so W processes draw exactly what one process with the whole batch
+draws, and the generator advances the same on every rank.
 """
 from __future__ import annotations
 
@@ -30,6 +36,26 @@ from openldm.nn.embedding import timestep_embedding
 from openldm.registry import CONDITIONERS
 
 RESIZE_MODES = ("area", "nearest", "bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """This process's rows of a batch dealt over ``world_size`` processes as ``ShardedSampler`` deals them (rows
+    ``rank``, ``rank + world_size``, ...; every process holds the same number). The default is the whole batch."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"RowShard rank={self.rank}, world_size={self.world_size}; need 0 <= rank < world_size")
+
+    def draw(self, local_size: int, fn: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """``fn(n)`` draws a tensor for n rows; it is called for the whole batch (``local_size * world_size``
+        rows) and this process's rows are kept."""
+        if self.world_size == 1:
+            return fn(local_size)
+        return fn(local_size * self.world_size)[self.rank::self.world_size]
 
 
 def resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -126,11 +152,13 @@ def _upscaler_schedule() -> ScheduleConfig:
 
 @dataclass
 class LowResConfig:
-    """``batch[key]``: the low-resolution image (B, channels, h0, w0) in [-1, 1]. Training draws noise levels
+    """``batch[key]``: the low-resolution image (B, channels, h0, w0) in [-1, 1]; training derives it, when the
+    data has none, by shrinking the image ``factor`` times (antialiased bicubic). Training draws noise levels
     uniformly from 0..max_noise_level; eval mode uses ``batch[noise_level_key]`` ((B,) or a number) if present,
     else ``sample_noise_level``. Defaults are the SD x4 upscaler's (350 and 20)."""
 
     key: str = "low_res"
+    factor: int = 4
     channels: int = 3
     max_noise_level: int = 350
     sample_noise_level: int = 20
@@ -148,8 +176,9 @@ class LowResConfig:
             )
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"LowResConfig.resize={self.resize!r}; choose one of: {', '.join(RESIZE_MODES)}")
-        if self.channels < 1 or self.embed_dim < 2:
-            raise ValueError(f"LowResConfig channels={self.channels} must be >= 1 and embed_dim={self.embed_dim} >= 2")
+        if self.channels < 1 or self.embed_dim < 2 or self.factor < 1:
+            raise ValueError(f"LowResConfig channels={self.channels} and factor={self.factor} must be >= 1 and "
+                             f"embed_dim={self.embed_dim} >= 2")
 
 
 @CONDITIONERS.register("low_res")
@@ -165,12 +194,14 @@ class LowResConditioner(Conditioner):
         self.register_buffer("alphas_cumprod", make_alphas_cumprod(config.schedule), persistent=False)
         self.concat_channels = config.channels
         self.vector_dim = config.embed_dim
+        self.shard = RowShard()  # this process's rows of the batch (set by the training loop under DDP)
 
     def noise_levels(self, batch: Batch, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
         c = self.config
         if self.training:
-            return torch.randint(0, c.max_noise_level + 1, (batch_size,), generator=generator,
-                                 device=random_on(generator, self.device)).to(self.device)
+            return self.shard.draw(batch_size, lambda n: torch.randint(
+                0, c.max_noise_level + 1, (n,), generator=generator, device=random_on(generator, self.device)
+            )).to(self.device)
         given = batch.get(c.noise_level_key, c.sample_noise_level)
         levels = torch.as_tensor(given, device=self.device).long().expand(batch_size).clone()
         top = c.schedule.num_train_steps - 1
@@ -185,7 +216,8 @@ class LowResConditioner(Conditioner):
         x = resize(_image(batch, self.config.key, "low_res", self.config.channels).to(self.device).float(), size,
                    self.config.resize)  # (B, C, h, w)
         levels = self.noise_levels(batch, x.shape[0], generator)  # (B,)
-        noise = torch.randn(x.shape, generator=generator, device=random_on(generator, self.device)).to(self.device)
+        noise = self.shard.draw(x.shape[0], lambda n: torch.randn(
+            (n, *x.shape[1:]), generator=generator, device=random_on(generator, self.device))).to(self.device)
         noisy = q_sample(x, levels, self.alphas_cumprod, noise)  # sqrt(ab) x + sqrt(1 - ab) eps
         return Slots(vector=timestep_embedding(levels, self.config.embed_dim), concat=noisy)
 
@@ -313,6 +345,7 @@ class InpaintConditioner(Conditioner):
         self._encode = Shared(encode)  # never a submodule: the autoencoder is not ours to save, train or copy
         self.mask_generator = MaskGenerator(config.masks)
         self.concat_channels = 1 + config.latent_channels
+        self.shard = RowShard()  # this process's rows of the batch (set by the training loop under DDP)
 
     @classmethod
     def build(cls, config: InpaintConfig, resources: Resources | None = None) -> "InpaintConditioner":
@@ -322,7 +355,7 @@ class InpaintConditioner(Conditioner):
         """(B, 1, H, W) bool, True = fill: the batch's mask, or a random one."""
         B, _, H, W = image.shape
         if self.config.mask_key not in batch:
-            return self.mask_generator(B, (H, W), generator).to(image.device) > 0.5
+            return self.shard.draw(B, lambda n: self.mask_generator(n, (H, W), generator)).to(image.device) > 0.5
         m = torch.as_tensor(batch[self.config.mask_key], device=image.device)
         m = m[:, None] if m.dim() == 3 else m
         if m.shape != (B, 1, H, W):

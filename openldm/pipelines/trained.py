@@ -61,7 +61,10 @@ from openldm.samplers.base import blend_known
 from openldm.training.diffusion import (
     DiffusionTrainConfig,
     LatentEncoder,
+    base_resources,
     latent_resources,
+    load_base_model,
+    upgrade_config,
 )
 
 ImageInput = Image.Image | str | Path | torch.Tensor
@@ -112,15 +115,15 @@ class TrainedModel:
 
 # --------------------------------------------------------------------------------------------------- loading
 
-def _find_autoencoder(path: str, run_dir: Path) -> Path:
-    """The config's autoencoder path: inside the run directory (an exported run keeps its autoencoder there), else as
-    written (relative to the working directory training ran in)."""
+def _find_autoencoder(path: str, run_dir: Path, what: str = "autoencoder") -> Path:
+    """The config's autoencoder (or base model) path: inside the run directory (an exported run keeps its
+    autoencoder there), else as written (relative to the working directory training ran in)."""
     candidates = ([run_dir / path] if not Path(path).is_absolute() else []) + [Path(path)]
     for p in candidates:
-        if p.is_file():
+        if p.is_file() or (what == "base_model" and p.is_dir()):
             return p
-    raise FileNotFoundError(f"the run's autoencoder {path!r} was not found (tried {[str(p) for p in candidates]}); "
-                            "pass autoencoder=PATH to load_run")
+    raise FileNotFoundError(f"the run's {what} {path!r} was not found (tried {[str(p) for p in candidates]}); "
+                            f"pass {what}=PATH to load_run")
 
 
 def _data_facts(cfg: DiffusionTrainConfig, run_dir: Path, channels: int, f: int) -> dict[str, Any]:
@@ -143,17 +146,22 @@ def _data_facts(cfg: DiffusionTrainConfig, run_dir: Path, channels: int, f: int)
 
 def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
              autoencoder: str | Path | None = None, resources: Resources | None = None,
-             dtype: torch.dtype = torch.float32, step: int | None = None) -> TrainedModel:
+             dtype: torch.dtype = torch.float32, step: int | None = None,
+             base_model: str | Path | None = None) -> TrainedModel:
     """Rebuild a diffusion run from its directory: ``config.yaml``, ``unet_ema.safetensors`` (``ema=True``) or
     ``unet.safetensors``, ``conditioner.safetensors`` (its ``ema.`` weights or the raw ones) and the autoencoder the
     config names (``autoencoder`` overrides its path). ``resources``: what a conditioner needs that the run cannot
     hold, e.g. ``Resources(prompt_encoder=...)`` for the text backend "external"; an ``encode`` is filled in from
     the autoencoder when absent. Weights are cast to ``dtype`` (an exported run may store float16). ``step``: the
-    EMA snapshot of that training step (``snapshot_every``) instead of the last weights."""
+    EMA snapshot of that training step (``snapshot_every``) instead of the last weights.
+
+    A fine-tuned Stable Diffusion run (``base_model`` in its config; the argument overrides the path) takes its VAE
+    and frozen CLIP text encoder + tokenizer (for the text backend "external") from that checkpoint, and samples
+    with the checkpoint's timestep spacing and offset."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a diffusion run directory (no config.yaml)")
-    cfg = from_dict(DiffusionTrainConfig, yaml.safe_load((run_dir / "config.yaml").read_text()),
+    cfg = from_dict(DiffusionTrainConfig, upgrade_config(yaml.safe_load((run_dir / "config.yaml").read_text())),
                     where=str(run_dir / "config.yaml"))
     weights_dir = run_dir
     if step is not None:
@@ -168,8 +176,13 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     unet = load_model(unet_path, device=device, dtype=dtype).eval()
     scale = float(read_metadata(unet_path).get("openldm.latent_scale", "1.0"))
 
-    ae = None
-    if autoencoder is not None or cfg.autoencoder is not None:
+    ae, spacing = None, {}
+    if cfg.base_model is not None:
+        path = base_model if base_model is not None else _find_autoencoder(cfg.base_model, run_dir, "base_model")
+        sd = load_base_model(cfg, path, device=device, dtype=dtype)
+        ae, resources, spacing = sd.vae, base_resources(sd, resources), {"spacing": sd.spacing,
+                                                                          "steps_offset": sd.steps_offset}
+    elif autoencoder is not None or cfg.autoencoder is not None:
         ae_path = Path(autoencoder) if autoencoder is not None else _find_autoencoder(cfg.autoencoder, run_dir)
         ae = load_model(ae_path, device=device, dtype=dtype).eval()
     conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
@@ -189,7 +202,8 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     return TrainedModel(unet=unet, conditioner=conditioner, schedule=cfg.schedule, prediction=cfg.prediction,
                         autoencoder=ae, latent_scale=scale, data_shape=tuple(shape) if shape else None, config=cfg,
                         class_names=facts.get("class_names"), run_dir=run_dir, ema=ema,
-                        image_channels=facts.get("image_channels"), crop_size=tuple(crop) if crop else None)
+                        image_channels=facts.get("image_channels"), crop_size=tuple(crop) if crop else None,
+                        **spacing)
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -437,6 +451,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype =
     to ``dtype`` (float16 halves the size; :func:`load_run` casts back to float32). Optimiser state, raw weights and
     logs stay behind. Returns ``out_dir``."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if yaml.safe_load((run_dir / "config.yaml").read_text()).get("base_model"):
+        raise ValueError(f"{str(run_dir)!r} fine-tunes a Stable Diffusion checkpoint (base_model); export_run packs "
+                         "models trained here with their own autoencoder. Convert the run's UNet with `openldm "
+                         "convert` or copy the run directory and keep its base checkpoint")
     model = load_run(run_dir, autoencoder=autoencoder)
     if model.data_shape is None:
         raise ValueError(f"{str(run_dir)!r} has no data.json and its data cannot be probed here; an exported run "

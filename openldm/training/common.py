@@ -92,6 +92,8 @@ class BatchStream:
     def _batches(self) -> Iterator[dict]:
         while True:
             self.sampler.epoch, self.sampler.start = self.epoch, self.position
+            if hasattr(self.dataset, "set_epoch"):  # per-epoch random transforms (flips, crops, captions)
+                self.dataset.set_epoch(self.epoch)
             loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                                 num_workers=self.num_workers, drop_last=True)
             for batch in loader:

@@ -18,9 +18,24 @@ Run directory (``out_dir``), everything needed to sample or resume:
                                   samples, then (conditional models) guided samples for the data's conditions
 - ``latents/``                    the latent cache (latent runs)
 
+Latents: with ``cache_latents`` (the default) the dataset is encoded once into ``latents/`` (the posterior's mode;
+random crops or flips of the data are then drawn once, at caching); with ``cache_latents: false`` every batch is
+encoded with the frozen autoencoder as it is drawn, so random augmentations are not frozen into a cache and big
+folders need none. Either way the latents are the posterior's mode times the scale factor (the autoencoder's
+``scaling_factor``; measured as 1 / std of the latents when it has none).
+
+Fine-tuning Stable Diffusion v1 (``base_model``: a single .safetensors file, a diffusers folder or an openldm SD
+folder, read by ``openldm.io.sd.load_sd``): the UNet starts from the checkpoint's UNet (its config, its weights),
+the checkpoint's VAE encodes the latents (scale factor from the checkpoint, 0.18215 for SD v1), and a text
+condition with backend "external" gets the checkpoint's frozen CLIP text encoder and tokenizer (77 tokens, last
+layer: the prompt encoding of ``openldm.pipelines.text_to_image``). The schedule and prediction type must be the
+checkpoint's. The run stores only what it trains; ``load_run`` takes the VAE and CLIP from ``base_model`` again.
+
 Conditions read their inputs from the batch. Two are derived when the data lacks them: a low-res conditioner's image
-is the training image shrunk ``low_res_factor`` times (antialiased), and inpainting draws random masks. Both read
+is the training image shrunk ``factor`` times (its config; antialiased), and inpainting draws random masks. Both read
 pixels, which a latent cache built here carries (as float16, column "pixels") when such a condition is configured.
+Under DistributedDataParallel their random draws (noise levels, noise, masks) are made for the whole micro-batch on
+every rank and each rank keeps its rows, as the loop's own noise, timesteps and dropout are.
 
 Every file is written atomically. A run resumed from its directory follows the same loss curve as an
 uninterrupted one: the data order, noise, timesteps and condition dropout are drawn from explicit generators whose
@@ -51,7 +66,7 @@ from openldm.conditioning.compose import (
     Resources,
     build_conditioning,
 )
-from openldm.conditioning.spatial import InpaintConditioner, LowResConditioner
+from openldm.conditioning.spatial import InpaintConditioner, LowResConditioner, RowShard
 from openldm.config import from_dict, to_dict
 from openldm.data import build_dataset
 from openldm.diffusion.objectives import (
@@ -84,7 +99,9 @@ from openldm.training.optim import OptimConfig, make_optimizer
 class DiffusionTrainConfig:
     data: DataSpec = field(default_factory=DataSpec)
     autoencoder: str | None = None  # openldm autoencoder file; None trains in pixel space
-    unet_preset: str = "tiny-unet"
+    base_model: str | None = None  # SD v1 checkpoint to fine-tune (single file / diffusers / openldm folder)
+    cache_latents: bool = True  # False: encode each batch with the frozen autoencoder as it is drawn
+    unet_preset: str = "tiny-unet"  # (not with base_model: the UNet is the checkpoint's)
     unet: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
     conditions: list[ConditionConfig] = field(default_factory=list)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -109,7 +126,7 @@ class DiffusionTrainConfig:
     sample_every: int = 0  # write a sample grid every N steps (0 = never)
     sample_steps: int = 20  # DDIM steps of those samples
     sample_guidance: float = 3.0  # their classifier-free guidance scale
-    low_res_factor: int = 4  # a low_res condition absent from the data is the image shrunk this many times
+    low_res_factor: int | None = None  # removed: now the low_res condition's options.factor (kept to say so)
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTION_TYPES:
@@ -120,9 +137,31 @@ class DiffusionTrainConfig:
             raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
         if self.snapshot_every < 0:
             raise ValueError(f"snapshot_every={self.snapshot_every} must be >= 0 (0 = no snapshots)")
-        if self.sample_every < 0 or self.sample_steps < 1 or self.low_res_factor < 1:
-            raise ValueError(f"sample_every={self.sample_every} must be >= 0, sample_steps={self.sample_steps} and "
-                             f"low_res_factor={self.low_res_factor} >= 1")
+        if self.sample_every < 0 or self.sample_steps < 1:
+            raise ValueError(f"sample_every={self.sample_every} must be >= 0 and sample_steps={self.sample_steps} >= 1")
+        if self.low_res_factor is not None:
+            raise ValueError(f"low_res_factor={self.low_res_factor} is no longer a training option: the factor belongs "
+                             "to the low-res condition; remove the top-level key and write it as "
+                             f"conditions: [{{kind: low_res, options: {{factor: {self.low_res_factor}}}}}]")
+        if self.base_model is not None:
+            if self.autoencoder is not None:
+                raise ValueError(f"base_model={self.base_model!r} brings its own autoencoder (the checkpoint's VAE); "
+                                 f"remove autoencoder={self.autoencoder!r}")
+            if self.unet or self.unet_preset != "tiny-unet":
+                raise ValueError(f"base_model={self.base_model!r} fine-tunes the checkpoint's UNet with its own "
+                                 f"config; remove unet_preset={self.unet_preset!r} and unet={self.unet!r}")
+
+
+def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored config (plain data) in today's form: ``low_res_factor`` (written by runs before it moved)
+    becomes each low_res condition's ``options.factor``."""
+    data = dict(data)
+    factor = data.pop("low_res_factor", None)
+    if factor is not None:
+        data["conditions"] = [
+            {**c, "options": {"factor": factor, **c.get("options", {})}} if c.get("kind") == "low_res" else c
+            for c in data.get("conditions", [])]
+    return data
 
 
 class DiffusionModel(nn.Module):
@@ -142,7 +181,7 @@ class DiffusionModel(nn.Module):
 
 def build_unet_config(cfg: DiffusionTrainConfig, data_channels: int, conditioner: ComposedConditioner):
     """The preset's UNetConfig with the user's overrides and the channel/slot widths the data and
-    conditioning require."""
+    conditioning require (for a ``base_model`` run: see :func:`check_base_unet`)."""
     kind, base = PRESETS.get(cfg.unet_preset)()
     if kind != "unet":
         raise ValueError(f"unet_preset {cfg.unet_preset!r} is a {kind} preset, not a UNet")
@@ -151,6 +190,63 @@ def build_unet_config(cfg: DiffusionTrainConfig, data_channels: int, conditioner
     data.update(in_channels=data_channels, out_channels=data_channels, vector_dim=dims.vector_dim,
                 context_dim=dims.context_dim, concat_channels=dims.concat_channels)
     return from_dict(type(base), data, where="unet")
+
+
+def load_base_model(cfg: DiffusionTrainConfig, path: str | Path | None = None, *,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The SD v1 checkpoint ``cfg.base_model`` (or ``path``) as ``StableDiffusionComponents`` at ``dtype``, its VAE
+    and text encoder frozen (eval, no gradients). Raises when the run's schedule or prediction type is not the
+    checkpoint's."""
+    from openldm.io.sd import load_sd
+
+    path = cfg.base_model if path is None else path
+    sd = load_sd(path, device=device, dtype=dtype)
+    if cfg.schedule != sd.schedule or cfg.prediction != sd.prediction:
+        raise ValueError(f"base_model {str(path)!r} was trained with schedule {to_dict(sd.schedule)} and prediction "
+                         f"{sd.prediction!r}; the config has schedule {to_dict(cfg.schedule)} and prediction "
+                         f"{cfg.prediction!r}: set schedule and prediction to the checkpoint's")
+    for module in (sd.vae, sd.text_encoder):
+        module.eval().requires_grad_(False)
+    return sd
+
+
+def base_resources(sd, resources: Resources | None) -> Resources:
+    """``resources`` with the checkpoint's frozen CLIP text encoder + tokenizer as the ``prompt_encoder`` (the
+    text backend "external"), unless the caller gave one: ``tokenizer(prompts)`` (B, 77) -> the encoder's last
+    layer (B, 77, D), every position attended, as SD v1 and ``pipelines.common.encode_text`` do."""
+    from openldm.conditioning.text import wrap_text_encoder
+
+    resources = resources or Resources()
+    if resources.prompt_encoder is not None:
+        return resources
+    return Resources(prompt_encoder=wrap_text_encoder(sd.tokenizer, sd.text_encoder), encode=resources.encode)
+
+
+def check_base_unet(unet_config, data_channels: int, conditioner: ComposedConditioner) -> None:
+    """A base model's UNet must take what the data and conditions give it (its config is not ours to change)."""
+    dims = conditioner.slot_dims()
+    want = {"in_channels": unet_config.in_channels, "context_dim": unet_config.context_dim,
+            "vector_dim": unet_config.vector_dim, "concat_channels": unet_config.concat_channels}
+    got = {"in_channels": data_channels, "context_dim": dims.context_dim, "vector_dim": dims.vector_dim,
+           "concat_channels": dims.concat_channels}
+    if got != want:
+        raise ValueError(f"the base model's UNet takes {want}, but the data and conditions give {got}; fine-tune it "
+                         "with one text condition of backend 'external' and no context_dim (the checkpoint's CLIP), "
+                         "plus an inpaint condition for an inpainting checkpoint")
+
+
+def build_unet(cfg: DiffusionTrainConfig, data_channels: int, conditioner: ComposedConditioner,
+               base_unet: nn.Module | None = None) -> nn.Module:
+    """The UNet training starts from: a copy of ``base_unet`` (its config and weights, float32) for a base-model
+    run, else a fresh UNet of :func:`build_unet_config`."""
+    from openldm.models.unet import UNet
+
+    if base_unet is None:
+        return UNet(build_unet_config(cfg, data_channels, conditioner))
+    check_base_unet(base_unet.config, data_channels, conditioner)
+    unet = UNet(base_unet.config)
+    unet.load_state_dict({k: v.float() for k, v in base_unet.state_dict().items()})  # copied: never train in place
+    return unet
 
 
 class LatentEncoder:
@@ -211,25 +307,53 @@ def describe_data(dataset, data_shape: tuple[int, ...]) -> dict[str, Any]:
             "class_names": list(names) if names else None, "crop_size": list(crop) if crop else None}
 
 
-def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path):
-    """The training dataset: pixels, or latents cached once with the autoencoder (scale factor measured; the
-    pixels kept too when a condition reads them). Returns (dataset, key of x0 in an item, scale factor,
-    autoencoder or None). Rank 0 writes ``data.json`` (:func:`describe_data`)."""
+@dataclass
+class TrainingData:
+    """What the loop draws batches from, and how a batch becomes x0 (what is denoised): ``batch[x0_key]`` times
+    ``scale`` (pixels with scale 1, or cached latents), or, with ``encode`` (on-the-fly latents), ``encode`` of
+    the batch's images (it applies the scale)."""
+
+    dataset: Any
+    x0_key: str
+    scale: float
+    encode: LatentEncoder | None = None
+
+    def x0(self, batch: dict, device: torch.device) -> torch.Tensor:
+        if self.encode is not None:
+            return self.encode(batch["image"]).to(device)  # (B, C, h, w)
+        return batch[self.x0_key].to(device).float() * self.scale
+
+
+def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path, autoencoder: nn.Module | None = None) -> TrainingData:
+    """The training data: pixels (no ``autoencoder``), latents cached once with the autoencoder (the pixels kept
+    too when a condition reads them), or with ``cache_latents: false`` the images, encoded batch by batch. The scale
+    factor is the autoencoder's ``scaling_factor``, else measured (1 / std). Rank 0 writes ``data.json``
+    (:func:`describe_data`)."""
     dataset = build_dataset(cfg.data.name, cfg.data.options)
     main = not dist.is_initialized() or dist.get_rank() == 0
-    if cfg.autoencoder is None:
-        if main:
-            _write_json(out_dir / "data.json", describe_data(dataset, dataset[0]["image"].shape))
-        return dataset, "image", 1.0, None
-    from openldm.data.latent_cache import autoencoder_encoder, build_latent_cache
+    if autoencoder is None:
+        data, shape = TrainingData(dataset, "image", 1.0), dataset[0]["image"].shape
+    elif cfg.cache_latents:
+        from openldm.data.latent_cache import autoencoder_encoder, build_latent_cache
 
-    ae = load_model(cfg.autoencoder).eval()
-    source = _WithPixels(dataset) if _reads_pixels(cfg.conditions) else dataset
-    cache = build_latent_cache(source, autoencoder_encoder(ae), out_dir / "latents", progress=False)
-    scale = float(getattr(ae.config, "scaling_factor", None) or cache.meta["scale_factor"])
+        source = _WithPixels(dataset) if _reads_pixels(cfg.conditions) else dataset
+        cache = build_latent_cache(source, autoencoder_encoder(autoencoder), out_dir / "latents", progress=False,
+                                   device=next(autoencoder.parameters()).device)
+        scale = float(getattr(autoencoder.config, "scaling_factor", None) or cache.meta["scale_factor"])
+        data, shape = TrainingData(cache, "latent", scale), cache[0]["latent"].shape
+    else:
+        scale = getattr(autoencoder.config, "scaling_factor", None)
+        if not scale:
+            from openldm.data.latent_cache import measure_scale_factor
+
+            probe = torch.stack([dataset[i]["image"] for i in range(min(64, len(dataset)))])
+            scale = measure_scale_factor(LatentEncoder(autoencoder, 1.0)(probe))
+        encode = LatentEncoder(autoencoder, float(scale))
+        data = TrainingData(dataset, "image", float(scale), encode)
+        shape = encode(dataset[0]["image"][None]).shape[1:]
     if main:
-        _write_json(out_dir / "data.json", describe_data(dataset, cache[0]["latent"].shape))
-    return cache, "latent", scale, ae
+        _write_json(out_dir / "data.json", describe_data(dataset, shape))
+    return data
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -237,9 +361,9 @@ def _write_json(path: Path, value: Any) -> None:
         tmp.write_text(json.dumps(value, indent=1))
 
 
-def condition_inputs(batch: dict, conditioner: ComposedConditioner, low_res_factor: int) -> dict:
+def condition_inputs(batch: dict, conditioner: ComposedConditioner) -> dict:
     """The batch with the inputs conditions derive from the images: "image" from a latent cache's "pixels", and
-    each low-res conditioner's image (when the data has none) as the image shrunk ``low_res_factor`` times."""
+    each low-res conditioner's image (when the data has none) as the image shrunk its ``factor`` times."""
     batch = dict(batch)
     if "pixels" in batch and "image" not in batch:
         batch["image"] = batch.pop("pixels").float()
@@ -258,8 +382,8 @@ def condition_inputs(batch: dict, conditioner: ComposedConditioner, low_res_fact
                 f"pixel images (keys: {sorted(batch)}); cached latents carry no pixels: set `autoencoder:` and train "
                 f"from the image dataset, so the cache built here keeps them, or give the data a {needs!r} column")
         if isinstance(c, LowResConditioner):
-            image = batch["image"].float()  # (B, C, H, W)
-            size = (max(1, image.shape[-2] // low_res_factor), max(1, image.shape[-1] // low_res_factor))
+            image, f = batch["image"].float(), c.config.factor  # (B, C, H, W)
+            size = (max(1, image.shape[-2] // f), max(1, image.shape[-1] // f))
             batch[needs] = F.interpolate(image, size=size, mode="bicubic", align_corners=False,
                                          antialias=True).clamp(-1, 1)  # (B, C, H / f, W / f)
     return batch
@@ -356,20 +480,29 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
         with atomic_path(out_dir / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.seed)  # parameter initialisation
+    base = load_base_model(cfg, device=device) if cfg.base_model is not None else None
+    ae = base.vae if base is not None else None
+    if cfg.autoencoder is not None:
+        ae = load_model(cfg.autoencoder, device=device).eval().requires_grad_(False)
+    if base is not None:
+        resources = base_resources(base, resources)
     if not info.is_main:
         barrier(info)  # rank 0 builds the latent cache first; the others then find and reuse it
-    dataset, x0_key, scale, ae = prepare_data(cfg, out_dir)
+    data = prepare_data(cfg, out_dir, ae)
+    dataset, scale = data.dataset, data.scale
     if info.is_main:
         barrier(info)
     conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
-    x0_probe = dataset[0][x0_key]
-    unet_cfg = build_unet_config(cfg, x0_probe.shape[0], conditioner)
-    from openldm.models.unet import UNet
-
-    model = DiffusionModel(UNet(unet_cfg), conditioner).to(device)
+    channels = int(data.x0(torch.utils.data.default_collate([dataset[0]]), torch.device("cpu")).shape[1])
+    unet = build_unet(cfg, channels, conditioner, base.unet if base is not None else None)
+    base = None  # the checkpoint's UNet is copied; its VAE and CLIP live on in `ae` and the conditioner
+    model = DiffusionModel(unet, conditioner).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, decay=cfg.ema_decay) if info.is_main else None  # weights are equal on every rank: keep one
+    for c in model.conditioner.conditioners.values():  # (after the EMA copy: sampling draws for its own batch)
+        if isinstance(c, (LowResConditioner, InpaintConditioner)):
+            c.shard = RowShard(info.rank, info.world_size)  # draws for the whole micro batch, this rank's rows kept
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg.optim, cfg.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -414,7 +547,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
     if info.is_main and cfg.sample_every:
         # a fixed batch (the first items) whose conditions every grid shows, so grids compare across steps
         fixed = condition_inputs(torch.utils.data.default_collate([dataset[i] for i in range(min(8, len(dataset)))]),
-                                 model.conditioner, cfg.low_res_factor)
+                                 model.conditioner)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             if ae is None:
@@ -430,8 +563,8 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
             model.train()
             total = 0.0
             for micro_step in range(cfg.grad_accum):
-                batch = condition_inputs(next(stream), model.conditioner, cfg.low_res_factor)
-                x0 = batch[x0_key].to(device).float() * scale
+                batch = condition_inputs(next(stream), model.conditioner)
+                x0 = data.x0(batch, device)
                 n = x0.shape[0]
                 # Draw for the whole micro batch of every rank, keep this rank's rows: the same randomness as one
                 # process with the same global batch (ShardedSampler deals rows r, r + W, ...).
@@ -489,7 +622,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                     if on_log:
                         on_log(rec)
             if info.is_main and cfg.sample_every and step % cfg.sample_every == 0:
-                rows = sample_grid(ema.shadow, fixed, fixed[x0_key].to(device).float() * scale, alphas_cumprod,
+                rows = sample_grid(ema.shadow, fixed, data.x0(fixed, device), alphas_cumprod,
                                    cfg.schedule, cfg.prediction, steps=cfg.sample_steps,
                                    guidance_scale=cfg.sample_guidance, seed=cfg.seed + 2, decode=decode)
                 grid = image_grid(rows)

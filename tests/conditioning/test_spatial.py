@@ -16,6 +16,7 @@ from openldm.conditioning.spatial import (
     LowResConfig,
     MaskGenerator,
     MaskGeneratorConfig,
+    RowShard,
     SegmentationConditioner,
     SegmentationConfig,
 )
@@ -210,3 +211,31 @@ def test_inpaint_errors_name_the_shapes():
         c({"image": torch.zeros(2, 3, 16, 16), "inpaint_mask": torch.zeros(2, 16, 16)}, latent_size=(8, 8))
     with pytest.raises(ValueError, match="latent_channels=3"):
         InpaintConditioner(InpaintConfig(latent_channels=3), PoolEncoder())({"image": torch.zeros(1, 3, 8, 8)}, latent_size=(2, 2))
+
+
+# ------------------------------------------------------------------------------------ data-parallel draws
+
+
+def test_sharded_draws_equal_one_process_with_the_whole_batch():
+    """Two "ranks" holding rows 0, 2, ... and 1, 3, ... of a batch of 4 draw the noise levels, noise and masks one
+    process draws for the whole batch, and leave the generator where that process leaves it."""
+    low_res = LowResConditioner(LowResConfig(channels=3, embed_dim=8)).train()
+    inpaint = InpaintConditioner(InpaintConfig(latent_channels=3))
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    small = F.interpolate(images, size=(2, 2), mode="area")
+
+    def draw(shard, rows):
+        low_res.shard = inpaint.shard = shard
+        g = torch.Generator().manual_seed(1)
+        a = low_res({"low_res": small[rows]}, generator=g, latent_size=(8, 8))
+        b = inpaint({"image": images[rows]}, generator=g, latent_size=(8, 8))
+        return a.vector, a.concat, b.concat, torch.rand(1, generator=g)
+
+    whole = draw(RowShard(), slice(None))
+    for rank in (0, 1):
+        part = draw(RowShard(rank, 2), slice(rank, None, 2))
+        for got, want in zip(part[:3], whole[:3]):
+            torch.testing.assert_close(got, want[rank::2], rtol=0, atol=1e-6)
+        assert torch.equal(part[3], whole[3])  # the generator advanced as much
+    with pytest.raises(ValueError, match="rank=2, world_size=2"):
+        RowShard(2, 2)

@@ -54,7 +54,7 @@ def test_class_and_mask_tasks_are_measured_beside_the_real_row(classifier, tmp_p
 
 
 def test_super_resolution_and_inpainting_report_psnr_beside_their_baselines(classifier, tmp_path):
-    model = _run(tmp_path / "sr", [{"kind": "low_res", "options": {"channels": 1}}], low_res_factor=4,
+    model = _run(tmp_path / "sr", [{"kind": "low_res", "options": {"channels": 1, "factor": 4}}],
                  unet={"model_channels": 16, "norm_groups": 4, "in_channels": 1, "out_channels": 1})
     report = evaluate_model(model, classifier[0], EvalSettings(num_samples=8, steps=2, guidance_scales=[2.0]))
     sr = report["rows"][1]

@@ -361,3 +361,23 @@ def test_generate_samples_a_run_directory_and_refuses_sd_only_flags(fmnist_run, 
                  "--quiet"]) == 2  # the model has no text condition: a one-line error
     assert main(["generate", "--model", str(fmnist_run), "--class-label", "1", "--negative-prompt", "y",
                  "--out", str(out)]) == 2
+
+
+def test_a_run_written_before_low_res_factor_moved_still_loads(tmp_path):
+    """Runs trained before the factor moved into the low_res condition store a top-level ``low_res_factor``;
+    load_run moves it into the condition's options (what a new config must spell out itself)."""
+    import yaml
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train_diffusion(config(tmp_path / "run", steps=1, conditions=[
+        {"kind": "low_res", "options": {"embed_dim": 16, "factor": 4}}]), progress=False)
+    torch.set_num_threads(threads)
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del stored["conditions"][0]["options"]["factor"]
+    stored["low_res_factor"] = 2
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(stored))
+    model = load_run(tmp_path / "run")
+    assert model.conditioner.conditioners["low_res"].config.factor == 2
+    x = sample_trained(model, low_res=torch.zeros(1, 3, 8, 8), steps=2)
+    assert x.shape == (1, 3, SIZE, SIZE)

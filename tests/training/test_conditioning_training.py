@@ -136,7 +136,7 @@ def test_mask_conditioned_samples_fill_the_mask(tmp_path):
     first, last = assert_loss_fell(losses)
     items = held_out(24)
     masks = torch.stack([items[i]["mask"] for i in range(len(items))])  # (B, H, W) ids, 0 = background
-    x = sample_trained(model, mask=masks, num_images=len(items), steps=20, guidance_scale=1.0, seed=0)
+    x = sample_trained(model, mask=masks, steps=20, guidance_scale=1.0, seed=0)  # one per row
     fg, given = foreground(x), masks > 0
     matched, other = iou(fg, given), iou(fg, given.roll(1, dims=0))
     report("segmentation", seconds, first, last, iou=matched, iou_other_masks=other)
@@ -146,22 +146,23 @@ def test_mask_conditioned_samples_fill_the_mask(tmp_path):
 # -------------------------------------------------------------------------------------------- low-res (x4)
 
 def shrink(images: torch.Tensor, factor: int) -> torch.Tensor:
-    """What training derives (low_res_factor): antialiased bicubic down-sampling."""
+    """What training derives (the low_res condition's factor): antialiased bicubic down-sampling."""
     size = (images.shape[-2] // factor, images.shape[-1] // factor)
     return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
 
 
 def test_low_res_conditioned_samples_beat_bicubic_upsampling(tmp_path):
-    """Super-resolution 4x4 -> 16x16 (low_res_factor 4). Samples are closer to the ground truth (MSE) than bicubic
+    """Super-resolution 4x4 -> 16x16 (the condition's factor 4). Samples are closer to the ground truth (MSE) than bicubic
     upsampling of the same input, and keep its colour. Measured: MSE 0.026-0.030 against bicubic's 0.060."""
-    low_res = {"kind": "low_res", "options": {"max_noise_level": 100, "sample_noise_level": 0, "embed_dim": 16}}
-    model, losses, seconds = train(tmp_path / "low_res", [low_res], steps=200, low_res_factor=4)
+    low_res = {"kind": "low_res", "options": {"max_noise_level": 100, "sample_noise_level": 0, "embed_dim": 16,
+                                              "factor": 4}}
+    model, losses, seconds = train(tmp_path / "low_res", [low_res], steps=200)
     first, last = assert_loss_fell(losses)
     items = held_out(24)
     truth = torch.stack([items[i]["image"] for i in range(len(items))])
     small = shrink(truth, 4)  # (B, 3, 4, 4)
     bicubic = F.interpolate(small, size=(SIZE, SIZE), mode="bicubic", align_corners=False).clamp(-1, 1)
-    x = sample_trained(model, low_res=small, num_images=len(items), steps=20, guidance_scale=1.0, seed=0)
+    x = sample_trained(model, low_res=small, steps=20, guidance_scale=1.0, seed=0)  # one per row
     mse, mse_bicubic = F.mse_loss(x, truth).item(), F.mse_loss(bicubic, truth).item()
     colour = (dominant_color(x) == dominant_color(truth)).float().mean().item()
     report("low-res", seconds, first, last, mse=mse, mse_bicubic=mse_bicubic, colour_match=colour)
@@ -185,7 +186,7 @@ def test_inpainting_keeps_the_known_region_and_continues_the_object(tmp_path):
     for i in range(len(items)):
         o = items.scene(i).objects[0]
         hole[i, 0, o.top + o.side // 2: o.top + o.side, o.left: o.left + o.side] = 1.0
-    x = sample_trained(model, init_image=truth, mask=hole, num_images=len(items), steps=20, guidance_scale=1.0, seed=0)
+    x = sample_trained(model, init_image=truth, mask=hole, steps=20, guidance_scale=1.0, seed=0)  # one per row
     known = (hole < 0.5).expand_as(x)
     known_error = (x - truth).abs()[known].mean().item()
     colours = torch.stack([color_map(im) for im in x])  # (B, H, W) palette index or -1
@@ -233,12 +234,14 @@ def test_tensorboard_logs_when_installed(tmp_path):
 def test_low_res_input_is_derived_from_the_image():
     conditioner = build_conditioning([ConditionConfig(kind="low_res")])
     images = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
-    batch = condition_inputs({"image": images}, conditioner, low_res_factor=4)
-    torch.testing.assert_close(batch["low_res"], shrink(images, 4))
+    batch = condition_inputs({"image": images}, conditioner)
+    torch.testing.assert_close(batch["low_res"], shrink(images, 4))  # the default factor
+    by_two = build_conditioning([ConditionConfig(kind="low_res", options={"factor": 2})])
+    torch.testing.assert_close(condition_inputs({"image": images}, by_two)["low_res"], shrink(images, 2))
     given = torch.zeros(2, 3, 8, 8)
-    assert condition_inputs({"image": images, "low_res": given}, conditioner, 4)["low_res"] is given
+    assert condition_inputs({"image": images, "low_res": given}, conditioner)["low_res"] is given
     with pytest.raises(ValueError, match="'low_res'.*cached latents carry no pixels"):
-        condition_inputs({"latent": torch.zeros(2, 4, 4, 4)}, conditioner, 4)
+        condition_inputs({"latent": torch.zeros(2, 4, 4, 4)}, conditioner)
 
 
 def test_latent_run_inpaints_and_upscales_through_the_autoencoder(tmp_path):
