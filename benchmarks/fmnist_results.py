@@ -1,5 +1,5 @@
 """Regenerate the README's Fashion-MNIST results (tables and sample grids) from the bundled model and the runs the
-recipes in configs/ leave under runs/. Every number comes from `openldm.evaluation.report` (one cached classifier,
+recipes in configs/ leave under runs/. Every number comes from `openldm.pipelines.evaluate` (one cached classifier,
 FID/KID in its features, real held-out images beside), so the README shows what the current code measures.
 
     python benchmarks/fmnist_results.py                 # writes docs/results/ and the README's results section
@@ -30,7 +30,7 @@ from openldm.data.transforms import crop_center
 from openldm.evaluation.classifier import classifier_accuracy, classify, default_classifier_path, load_classifier
 from openldm.evaluation.grid import image_grid
 from openldm.evaluation.metrics import fid, psnr, ssim
-from openldm.evaluation.report import REFERENCE, EvalSettings, evaluate_model, format_table
+from openldm.pipelines.evaluate import REFERENCE, EvalSettings, evaluate_model, format_table
 from openldm.io.native import load_model
 from openldm.pipelines.demo import DEMO_PROMPTS, demo_grids
 from openldm.pipelines.trained import load_run, sample_trained

@@ -552,7 +552,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from openldm.evaluation.classifier import load_classifier
-    from openldm.evaluation.report import EvalSettings, evaluate_model, format_table
+    from openldm.pipelines.evaluate import EvalSettings, evaluate_model, format_table
     from openldm.pipelines.trained import load_run
 
     if args.model is None:

@@ -1,4 +1,5 @@
-"""``openldm evaluate``: measure a Fashion-MNIST generator against real held-out data.
+"""``openldm evaluate``: sample a trained Fashion-MNIST generator and measure it against real held-out data
+(metrics from openldm.evaluation; it samples through the pipelines, so it lives beside them).
 
 Every figure is computed with one cached classifier (openldm.evaluation.classifier) in one feature space:
 
