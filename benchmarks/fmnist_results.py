@@ -157,8 +157,8 @@ SECTIONS = ("classifier", "autoencoders", "bundled", "steps", "training", "recip
 
 def section(name: str, args: argparse.Namespace, classifier) -> str:
     """The Markdown of one results section (empty when its run is missing)."""
-    model_dir = bundled_dir()
-    n_small = min(args.num_samples, 500)
+    model_dir = bundled_dir() if name in ("bundled", "steps", "grids") else None
+    n_small = min(args.num_samples, 500) if args else 500
     if name == "classifier":
         return (f"Classifier (the evaluation feature space): a small CNN trained on the train split, "
                 f"{classifier_accuracy(default_classifier_path()) or 0:.1%} test accuracy. FID/KID are computed in "
@@ -192,8 +192,18 @@ def section(name: str, args: argparse.Namespace, classifier) -> str:
         retrieval = RUNS / "fmnist_clip" / "retrieval.json"
         if not retrieval.is_file():
             return ""
-        return ("### The small CLIP (test split retrieval)\n\n```\n"
-                + json.dumps(json.loads(retrieval.read_text()), indent=1) + "\n```")
+        r = json.loads(retrieval.read_text())
+        chance = r.get("chance", {})
+        rows = [("zero-shot class accuracy (image -> nearest of the 10 class phrases)", "zero_shot_accuracy"),
+                ("text -> image precision@10 over the 450 captions", "text_to_image_precision"),
+                ('"dark X" retrieves darker images than "light X" (classes)', "tone_accuracy"),
+                ('"narrow X" retrieves narrower images than "wide X" (classes)', "width_accuracy"),
+                ("image -> exact caption recall@1", "image_to_text_recall_at_1"),
+                ("image -> exact caption recall@5", "image_to_text_recall_at_5")]
+        lines = [f"### The small CLIP (`openldm train-clip`, {r['step']} steps; {r['num_images']:,} test images)",
+                 "", "| measure | value | chance |", "|---|---|---|"]
+        lines += [f"| {title} | {r[key]:.1%} | {chance.get(key, float('nan')):.1%} |" for title, key in rows if key in r]
+        return "\n".join(lines)
     if name == "grids":
         grids = demo_grids(load_run(model_dir))
         for key, grid in grids.items():
