@@ -30,9 +30,9 @@ from openldm.data.transforms import crop_center
 from openldm.evaluation.classifier import classifier_accuracy, classify, default_classifier_path, load_classifier
 from openldm.evaluation.grid import image_grid
 from openldm.evaluation.metrics import fid, psnr, ssim
-from openldm.pipelines.evaluate import REFERENCE, EvalSettings, evaluate_model, format_table
 from openldm.io.native import load_model
 from openldm.pipelines.demo import DEMO_PROMPTS, demo_grids
+from openldm.pipelines.evaluate import REFERENCE, EvalSettings, evaluate_model, format_table
 from openldm.pipelines.trained import load_run, sample_trained
 
 ROOT = Path(__file__).resolve().parent.parent
