@@ -132,7 +132,7 @@ def strips(classifier) -> list[str]:
             continue
         model = load_run(run)
         if name == "super_resolution":
-            factor = getattr(model.config, "low_res_factor", 4)
+            factor = next(c.config.factor for c in model.conditioner.conditioners.values() if hasattr(c.config, "factor"))
             small = F.interpolate(images, scale_factor=1 / factor, mode="bicubic", antialias=True).clamp(-1, 1)
             result = sample_trained(model, low_res=small, guidance_scale=1.0)
             shown = crop_center(F.interpolate(small, size=images.shape[-2:], mode="nearest"), (28, 28))
