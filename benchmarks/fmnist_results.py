@@ -99,6 +99,7 @@ def training_table(run: Path, classifier, n: int, guidance: float) -> str:
     snapshots = sorted(run.glob("snapshots/step_*"))
     if not snapshots:
         return ""
+    snapshots = snapshots[len(snapshots) % 2 + 1::2] if len(snapshots) > 4 else snapshots  # at most half, last kept
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     cfg = load_run(run).config
     lines = [f"| step | images seen | training time (min) | class acc. (guidance {guidance}) | FID |",
