@@ -58,7 +58,7 @@ def test_training_lowers_the_loss_and_beats_chance(tmp_path):
     losses = [r["loss"] for r in out["history"]]
     report = out["retrieval"]
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f};", {k: v for k, v in report.items() if isinstance(v, float)})
-    assert losses[-1] < 0.75 * losses[0]
+    assert sum(losses[-3:]) / 3 < 0.75 * losses[0]  # the last three logged (single-batch) losses: less noise
     assert report["zero_shot_accuracy"] > 0.25  # chance: 0.1
     assert report["text_to_image_precision"] > 0.2
     run = tmp_path / "run"
