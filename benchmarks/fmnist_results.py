@@ -31,6 +31,7 @@ from openldm.evaluation.classifier import classifier_accuracy, classify, default
 from openldm.evaluation.grid import image_grid
 from openldm.evaluation.metrics import fid, psnr, ssim
 from openldm.io.native import load_model
+from openldm.models.autoencoder import latent_mode
 from openldm.pipelines.demo import DEMO_PROMPTS, demo_grids
 from openldm.pipelines.evaluate import REFERENCE, EvalSettings, evaluate_model, format_table
 from openldm.pipelines.trained import load_run, sample_trained
@@ -61,8 +62,7 @@ def autoencoder_table(classifier, n: int) -> str:
             continue
         ae = load_model(path).eval()
         with torch.no_grad():
-            z = ae.encode(images)
-            z = z.mode() if hasattr(z, "mode") else z
+            z = latent_mode(ae.encode(images))
             rec = crop_center(ae.decode(z).clamp(-1, 1), (28, 28))
         _, feats = classify(classifier, rec)
         params = sum(p.numel() for p in ae.parameters())

@@ -133,6 +133,12 @@ def tiny_vq(**overrides) -> VQModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------- posterior
+def latent_mode(encoded) -> torch.Tensor:
+    """The deterministic latents of ``autoencoder.encode(x)``: a KL posterior's mode, or a VQ autoencoder's
+    pre-quantisation latents (a tensor already; note ``torch.Tensor.mode`` is an unrelated reduction)."""
+    return encoded if isinstance(encoded, torch.Tensor) else encoded.mode()
+
+
 class DiagonalGaussian:
     """q(z|x) = N(mean, diag(exp(logvar))), built from the encoder's (B, 2C, h, w) output (Kingma & Welling 2014)."""
 

@@ -80,6 +80,7 @@ from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod, q_s
 from openldm.evaluation.grid import image_grid
 from openldm.io.files import atomic_path
 from openldm.io.native import load_model, save_model
+from openldm.models.autoencoder import latent_mode
 from openldm.registry import PRESETS
 from openldm.training.checkpoint import load_state, save_state
 from openldm.training.common import PRECISIONS, BatchStream, DataSpec, StopFlag, TrainingDiverged
@@ -260,7 +261,7 @@ class LatentEncoder:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         weight = next(self.autoencoder.parameters())
         posterior = self.autoencoder.encode(images.to(weight.device, weight.dtype))
-        z = posterior.mode() if hasattr(posterior, "mode") else posterior  # KL posterior, or VQ's continuous latents
+        z = latent_mode(posterior)  # KL posterior's mode, or VQ's continuous latents
         return z.float() * self.scale
 
 

@@ -246,3 +246,16 @@ def test_tiled_reconstruction_of_a_trained_model_is_as_good_as_untiled(overfit_k
     err_full = (full - mosaic).pow(2).mean().item()
     err_tiled = (tiled - mosaic).pow(2).mean().item()
     assert err_tiled < 1.5 * err_full, (err_tiled, err_full)  # measured: 0.047 tiled, 0.053 untiled
+
+
+def test_latent_mode_takes_the_kl_mode_and_keeps_vq_latents():
+    from openldm.models.autoencoder import AutoencoderKL, VQAutoencoder, latent_mode, tiny_autoencoder_kl, tiny_vq
+    from openldm.training.diffusion import LatentEncoder
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    kl, vq = AutoencoderKL(tiny_autoencoder_kl()).eval(), VQAutoencoder(tiny_vq()).eval()
+    with torch.no_grad():
+        assert torch.equal(latent_mode(kl.encode(x)), kl.encode(x).mean)
+        assert torch.equal(latent_mode(vq.encode(x)), vq.encode(x))  # a tensor: not torch.Tensor.mode's reduction
+        assert LatentEncoder(vq, 2.0)(x).shape == (2, 4, 4, 4)
