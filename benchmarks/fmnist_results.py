@@ -154,6 +154,7 @@ def strips(classifier) -> list[str]:
     return out
 
 
+RECIPES = ("uncond", "mask", "super_resolution", "inpaint", "text_minilm", "text_clip")
 SECTIONS = ("classifier", "autoencoders", "bundled", "steps", "training", "recipes", "clip", "grids")
 
 
@@ -182,14 +183,19 @@ def section(name: str, args: argparse.Namespace, classifier) -> str:
         return "### Quality against training time (the bundled recipe's EMA snapshots)\n\n" + table if table else ""
     if name == "recipes":
         rows = []
-        for recipe in ("uncond", "mask", "super_resolution", "inpaint", "text_minilm", "text_clip"):
-            run = RUNS / f"fmnist_{recipe}"
-            if not (run / "unet_ema.safetensors").is_file():
-                log(f"skip {recipe}: no run")
+        for recipe in RECIPES:
+            run, saved = RUNS / f"fmnist_{recipe}", OUT / f"recipe_{recipe}.json"
+            if recipe in (args.recipes or RECIPES) and (run / "unet_ema.safetensors").is_file():
+                found = evaluate(run, EvalSettings(num_samples=n_small, guidance_scales=[1.0, 3.0]), classifier)
+                cfg = load_run(run).config
+                saved.write_text(json.dumps({"rows": found, "steps": cfg.steps, "batch_size": cfg.batch_size}))
+            if not saved.is_file():
+                log(f"skip {recipe}: no run and no saved rows")
                 continue
-            found = evaluate(run, EvalSettings(num_samples=n_small, guidance_scales=[1.0, 3.0]), classifier)
-            rows.extend(dict(r, task=f"{recipe}: {r['task']}") for r in found if r["task"] != "real" or not rows)
-        return f"### The other recipes (short runs; N = {n_small})\n\n" + format_table(rows) if rows else ""
+            result = json.loads(saved.read_text())
+            tag = f"{recipe} ({result['steps']} x {result['batch_size']})"
+            rows.extend(dict(r, task=f"{tag}: {r['task']}") for r in result["rows"] if r["task"] != "real" or not rows)
+        return f"### The other recipes (N = {n_small})\n\n" + format_table(rows) if rows else ""
     if name == "clip":
         retrieval = RUNS / "fmnist_clip" / "retrieval.json"
         if not retrieval.is_file():
@@ -226,6 +232,8 @@ def main() -> int:
     p.add_argument("--sections", nargs="*", default=list(SECTIONS),
                    help=f"sections to (re)compute, each saved as docs/results/<name>.md (default all: "
                         f"{' '.join(SECTIONS)}); none = only reassemble the saved ones")
+    p.add_argument("--recipes", nargs="*", default=None, help=f"recipes the recipes section re-evaluates (default "
+                                                             f"all: {' '.join(RECIPES)}); the others' saved rows are reused")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README's results section")
     args = p.parse_args()
     torch.manual_seed(0)
