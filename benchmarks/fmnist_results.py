@@ -188,7 +188,8 @@ def section(name: str, args: argparse.Namespace, classifier) -> str:
             if recipe in (args.recipes or RECIPES) and (run / "unet_ema.safetensors").is_file():
                 found = evaluate(run, EvalSettings(num_samples=n_small, guidance_scales=[1.0, 3.0]), classifier)
                 cfg = load_run(run).config
-                saved.write_text(json.dumps({"rows": found, "steps": cfg.steps, "batch_size": cfg.batch_size}))
+                trained = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]  # a stopped run: less
+                saved.write_text(json.dumps({"rows": found, "steps": trained, "batch_size": cfg.batch_size}))
             if not saved.is_file():
                 log(f"skip {recipe}: no run and no saved rows")
                 continue
