@@ -10,6 +10,8 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from openldm.conditioning.class_label import ClassLabelConditioner
+from openldm.conditioning.text import TextConditioner
 from openldm.evaluation.grid import image_grid
 from openldm.pipelines.trained import TrainedModel, export_run, load_run, sample_trained
 
@@ -25,12 +27,12 @@ def demo_grids(model: TrainedModel, *, per_row: int = 8, steps: int = 50, guidan
     """{"classes": one row of ``per_row`` samples per class label, "prompts": one row per prompt}; each grid
     enlarged ``zoom`` times (nearest neighbour, so pixels stay pixels). Rows share their seeds."""
     grids = {}
-    kinds = {type(c).__name__ for c in model.conditioner.conditioners.values()}
+    conditioners = list(model.conditioner.conditioners.values())
     plan: list[tuple[str, dict[str, Any], int]] = []
-    if "ClassLabelConditioner" in kinds:
-        labels = list(range(len(model.class_names or range(10))))
-        plan.append(("classes", {"class_label": labels}, len(labels)))
-    if "TextConditioner" in kinds:
+    classes = next((c.config.num_classes for c in conditioners if isinstance(c, ClassLabelConditioner)), None)
+    if classes is not None:
+        plan.append(("classes", {"class_label": list(range(classes))}, classes))
+    if any(isinstance(c, TextConditioner) for c in conditioners):
         prompts = prompts or DEMO_PROMPTS
         plan.append(("prompts", {"prompt": prompts}, len(prompts)))
     if not plan:

@@ -67,33 +67,30 @@ class EvalSettings:
 
 @dataclass
 class HeldOutData:
-    """The test split as the run's dataset config serves it (padded to the training size, with the run's extra
-    columns), plus the 28x28 originals."""
+    """The test split's items as the run's dataset config serves them (padded to the training size, with the
+    run's extra columns: captions, masks), stacked images and labels, and the images at the dataset size."""
 
-    items: Any
+    items: list[dict[str, Any]]
     images: torch.Tensor  # (N, C, H, W) at the training size, in [-1, 1]
     labels: torch.Tensor  # (N,)
     originals: torch.Tensor  # (N, C, h, w) at the dataset size
 
     @classmethod
-    def load(cls, model: TrainedModel, count: int) -> "HeldOutData":
+    def load(cls, model: TrainedModel) -> "HeldOutData":
         options = {**model.config.data.options, "split": "test", "limit": None}
         dataset = build_dataset(model.config.data.name, options)
         if len(dataset) < REFERENCE.stop:
             raise ValueError(f"the test split has {len(dataset)} images; evaluation needs {REFERENCE.stop}")
-        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-        labels = torch.tensor([int(dataset[i]["label"]) for i in range(len(dataset))])
+        items = [dataset[i] for i in range(len(dataset))]  # read once: captions and masks are drawn per item
+        images = torch.stack([item["image"] for item in items])
+        labels = torch.tensor([int(item["label"]) for item in items])
         originals = crop_center(images, model.crop_size) if model.crop_size else images
-        return cls(items=dataset, images=images, labels=labels, originals=originals)
-
-
-def _features(classifier: ImageClassifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return classify(classifier, images)  # (labels, features)
+        return cls(items=items, images=images, labels=labels, originals=originals)
 
 
 def _distribution_row(classifier: ImageClassifier, images: torch.Tensor, reference: torch.Tensor,
                       labels: torch.Tensor | None) -> dict[str, float]:
-    predicted, feats = _features(classifier, images)
+    predicted, feats = classify(classifier, images)
     row = {"fid": fid(feats, reference), "kid": kid(feats, reference, subset_size=min(1000, len(feats)))[0]}
     if labels is not None:
         row["accuracy"] = float((predicted == labels).float().mean())
@@ -121,10 +118,10 @@ def evaluate_model(model: TrainedModel, classifier: ImageClassifier, settings: E
     """The report: {"settings", "rows": [{"task", "guidance", metrics..., "seconds"}]}; the first row is "real"."""
     s = settings or EvalSettings()
     say = progress or (lambda message: None)
-    data = HeldOutData.load(model, s.num_samples)
+    data = HeldOutData.load(model)
     n = s.num_samples
     held = slice(0, n)
-    _, reference = _features(classifier, data.originals[REFERENCE])
+    _, reference = classify(classifier, data.originals[REFERENCE])
     rows: list[dict[str, Any]] = [{"task": "real", "guidance": None,
                                    **_distribution_row(classifier, data.originals[held], reference, data.labels[held])}]
     kinds = {type(c) for c in model.conditioner.conditioners.values()}
@@ -204,7 +201,7 @@ def _run_task(task: str, guidance: float, model: TrainedModel, classifier: Image
 
 def _paired_row(classifier: ImageClassifier, images: torch.Tensor, truth: torch.Tensor,
                 labels: torch.Tensor) -> dict[str, float]:
-    predicted, _ = _features(classifier, images)
+    predicted, _ = classify(classifier, images)
     return {"psnr": float(psnr(images, truth).clamp(max=100).mean()), "ssim": float(ssim(images, truth).mean()),
             "accuracy": float((predicted == labels).float().mean())}
 

@@ -64,7 +64,7 @@ def test_super_resolution_and_inpainting_report_psnr_beside_their_baselines(clas
 
 def test_real_images_as_the_generator_score_like_the_real_row(classifier, tmp_path):
     model = _run(tmp_path / "run2", [{"kind": "class_label", "options": {"num_classes": 10, "dim": 8}}])
-    data = HeldOutData.load(model, 200)
+    data = HeldOutData.load(model)
     from openldm.evaluation.classifier import classify
 
     _, reference = classify(classifier[0], data.originals[5000:])
