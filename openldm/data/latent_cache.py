@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from openldm.data.transforms import Sample, hflip, item_generator
 from openldm.io.files import atomic_path
+from openldm.models.autoencoder import latent_mode
 from openldm.registry import DATASETS
 
 FORMAT = "openldm-latent-cache"
@@ -96,10 +97,8 @@ class autoencoder_encoder:  # noqa: N801 (used like a function)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         posterior = self.autoencoder.encode(images)
-        if isinstance(posterior, torch.Tensor):  # a VQ autoencoder: encode() gives the pre-quantisation latents
-            return posterior
-        if not self.sample:
-            return posterior.mode()
+        if isinstance(posterior, torch.Tensor) or not self.sample:  # VQ latents as they are, or the KL mode
+            return latent_mode(posterior)
         if self._generator is None:
             device = images.device if images.device.type != "mps" else torch.device("cpu")
             self._generator = torch.Generator(device).manual_seed(self.seed)

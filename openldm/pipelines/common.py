@@ -9,7 +9,7 @@ to the device and dtype, so a seed gives the same image on every machine.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 

@@ -54,7 +54,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -83,7 +82,16 @@ from openldm.io.native import load_model, save_model
 from openldm.models.autoencoder import latent_mode
 from openldm.registry import PRESETS
 from openldm.training.checkpoint import load_state, save_state
-from openldm.training.common import PRECISIONS, BatchStream, DataSpec, StopFlag, TrainingDiverged
+from openldm.training.common import (
+    PRECISIONS,
+    BatchStream,
+    DataSpec,
+    StopFlag,
+    TrainingDiverged,
+    append_metrics,
+    autocast_dtype,
+    write_config,
+)
 from openldm.training.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -477,9 +485,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
     out_dir = Path(cfg.out_dir)
     device = torch.device(cfg.device if not cfg.device.startswith("cuda") or not info.enabled else f"cuda:{info.local_rank}")
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_dir / "config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_config(cfg, out_dir)
     torch.manual_seed(cfg.seed)  # parameter initialisation
     base = load_base_model(cfg, device=device) if cfg.base_model is not None else None
     ae = base.vae if base is not None else None
@@ -540,7 +546,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
     steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch < 1:
         raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {global_batch}")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    amp_dtype = autocast_dtype(cfg.precision)
 
     stream = BatchStream(dataset, micro // info.world_size, cfg.seed, cfg.num_workers, info, epoch, position)
     history: list[dict] = []
@@ -577,7 +583,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                 x_t = q_sample(x0, t, alphas_cumprod, noise)
                 # accumulation steps before the last skip DDP's gradient all-reduce; the last one averages the sums
                 sync = net.no_sync if info.enabled and micro_step < cfg.grad_accum - 1 else contextlib.nullcontext
-                with sync(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                with sync(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = forward(batch, x_t, t, drops, gen, tuple(x0.shape[-2:]))
                 err = F.mse_loss(out.float(), target(x0, noise, ab, cfg.prediction), reduction="none")
                 per_sample = err.mean(dim=tuple(range(1, err.dim())))  # (B,)
@@ -614,8 +620,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                 history.append(rec)
                 bar.set_postfix(loss=f"{total:.4f}", ips=f"{rec['images_per_s']:.0f}")
                 if info.is_main:
-                    with open(out_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    append_metrics(out_dir, rec)
                     if board is not None:
                         for key, value in rec.items():
                             if key != "step":
