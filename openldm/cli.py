@@ -79,11 +79,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model_dir = bundled_dir() if not args.retrain else retrain(args.work_dir, progress=not args.quiet)
     if args.retrain and args.update_bundle:
         import shutil
-        from pathlib import Path
 
-        import openldm.bundled
-
-        target = Path(openldm.bundled.__file__).parent / "fashion_mnist"
+        target = bundled_dir(must_exist=False)
         shutil.copytree(model_dir, target, dirs_exist_ok=True)
         print(f"bundled model replaced: {target}")
     for path in run_demo(model_dir, args.out, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed):

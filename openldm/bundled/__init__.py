@@ -13,12 +13,13 @@ BUNDLED = ("fashion_mnist",)
 DEFAULT = "fashion_mnist"
 
 
-def bundled_dir(name: str = DEFAULT) -> Path:
-    """The folder of a bundled model; a clear error when the name is unknown or the files are missing."""
+def bundled_dir(name: str = DEFAULT, *, must_exist: bool = True) -> Path:
+    """The folder of a bundled model; a clear error when the name is unknown or (``must_exist``) the files are
+    missing. ``must_exist=False``: where a bundle goes (``openldm demo --retrain --update-bundle``)."""
     if name not in BUNDLED:
         raise ValueError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
     path = Path(__file__).parent / name
-    if not (path / "config.yaml").is_file():
+    if must_exist and not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"the bundled model {name!r} is missing from {path}; reinstall openldm or retrain it "
                                 "with `openldm demo --retrain`")
     return path
