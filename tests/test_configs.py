@@ -14,7 +14,7 @@ def _config_class(data: dict):
     from openldm.training.clip import CLIPTrainConfig
     from openldm.training.diffusion import DiffusionTrainConfig
 
-    if "autoencoder_preset" in data:
+    if "autoencoder_preset" in data or "init_from" in data:
         return AutoencoderTrainConfig
     if "unet_preset" in data or "conditions" in data or "base_model" in data:
         return DiffusionTrainConfig

@@ -3,7 +3,8 @@ downloads. Each is an exported run directory (``openldm.pipelines.trained.export
 
 - ``fashion_mnist``: a class- and text-conditional latent diffusion model of Fashion-MNIST garments (28x28,
   greyscale) with its KL autoencoder; prompts go through the bundled MiniLM encoder. Trained by
-  ``configs/fmnist_autoencoder_kl.yaml`` then ``configs/fmnist_class_text.yaml`` (``openldm demo --retrain``).
+  ``configs/fmnist_autoencoder_kl.yaml``, ``configs/fmnist_autoencoder_kl_decoder.yaml`` (its decoder fine-tuned,
+  encoder fixed) then ``configs/fmnist_class_text.yaml`` (``openldm demo --retrain``).
 """
 from __future__ import annotations
 

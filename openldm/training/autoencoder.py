@@ -14,6 +14,10 @@ The adaptive weight (Esser et al. 2021, eq. 7) is lambda = disc_weight * clamp(|
 1e-4), 0, 1e4) at the decoder's last convolution weight ``w``. The discriminator gets its own AdamW and is trained
 on the detached reconstructions of the same batch.
 
+``init_from`` starts from a saved autoencoder; with ``decoder_only`` the encoder side stays fixed and only the
+decoder trains (as Stable Diffusion's ft-EMA / ft-MSE VAE decoders were made): every image keeps its latent, so
+latent caches and diffusion models trained on the old autoencoder stay valid and decode through the new decoder.
+
 Run directory (``out_dir``):
 
 - ``config.yaml``                   the resolved training config
@@ -82,6 +86,8 @@ class AutoencoderTrainConfig:
     data: DataSpec = field(default_factory=DataSpec)
     autoencoder_preset: str = "tiny-vae"  # a registered autoencoder preset: its kind is autoencoder_kl or vq_autoencoder
     autoencoder: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
+    init_from: str | None = None  # an openldm autoencoder file to start from (its architecture replaces the preset's)
+    decoder_only: bool = False  # freeze the encoder side (encoder, quant_conv, codebook): the latents stay the same
     recon_loss: str = "l1"  # l1 | l2
     lpips_weight: float = 1.0
     lpips_vgg: str | None = None  # torchvision VGG16 weights; None (with lpips_heads None) = no LPIPS term
@@ -127,6 +133,12 @@ class AutoencoderTrainConfig:
         if self.steps < 1 or self.log_every < 1 or self.save_every < 1 or self.sample_every < 0:
             raise ValueError(f"steps ({self.steps}), log_every ({self.log_every}) and save_every ({self.save_every}) must "
                              f"be >= 1 and sample_every ({self.sample_every}) >= 0")
+        if self.init_from is not None and self.autoencoder:
+            raise ValueError(f"autoencoder overrides {sorted(self.autoencoder)} cannot apply with init_from "
+                             f"{self.init_from!r}: the architecture comes from that file; remove the overrides")
+        if self.decoder_only and self.init_from is None:
+            raise ValueError("decoder_only needs init_from: an autoencoder whose encoder is already trained "
+                             "(training a decoder on a random frozen encoder is not what you want)")
         if self.scale_samples < 1 or self.num_sample_images < 1:
             raise ValueError(f"scale_samples ({self.scale_samples}) and num_sample_images ({self.num_sample_images}) "
                              "must be >= 1")
@@ -140,6 +152,38 @@ def build_autoencoder(cfg: AutoencoderTrainConfig, image_channels: int) -> nn.Mo
                          f"choose an autoencoder preset ({', '.join(AUTOENCODER_KINDS)})")
     data = {**to_dict(base), **cfg.autoencoder, "in_channels": image_channels, "out_channels": image_channels}
     return MODELS.get(kind)(from_dict(type(base), data, where="autoencoder"))
+
+
+def initial_autoencoder(cfg: AutoencoderTrainConfig, image_channels: int) -> nn.Module:
+    """The model training starts from: ``init_from``'s weights and architecture (float32), else a fresh preset."""
+    if cfg.init_from is None:
+        return build_autoencoder(cfg, image_channels)
+    path = Path(cfg.init_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from {str(path)!r} does not exist; give an openldm autoencoder file such as "
+                                "runs/NAME/autoencoder.safetensors")
+    model = load_model(path).float()
+    kinds = {MODELS.get(kind): kind for kind in AUTOENCODER_KINDS}
+    if type(model) not in kinds:
+        raise ValueError(f"init_from {str(path)!r} holds a {type(model).__name__}, not an autoencoder "
+                         f"({', '.join(AUTOENCODER_KINDS)})")
+    if model.config.in_channels != image_channels:
+        raise ValueError(f"init_from {str(path)!r} takes {model.config.in_channels}-channel images but the data has "
+                         f"{image_channels} channels")
+    return model
+
+
+ENCODER_SIDE = ("encoder", "quant_conv", "quantizer")  # what maps images to (pre-decoder) latents
+
+
+def freeze_encoder_side(model: nn.Module) -> None:
+    """Fix everything before the decoder (``decoder_only``): no gradients and eval mode (so a VQ codebook's EMA
+    does not move either), so every image keeps its latent and a diffusion model trained on them stays valid."""
+    for name in ENCODER_SIDE:
+        part = getattr(model, name, None)
+        if part is not None:
+            part.requires_grad_(False)
+            part.eval()
 
 
 def last_layer(autoencoder: nn.Module) -> nn.Parameter:
@@ -236,11 +280,14 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool = False, prog
     dataset = build_dataset(cfg.data.name, cfg.data.options)
     channels = dataset[0]["image"].shape[0]
     torch.manual_seed(cfg.seed)  # parameter initialisation
-    model = build_autoencoder(cfg, channels).to(device)
+    model = initial_autoencoder(cfg, channels).to(device)
     disc = PatchGANDiscriminator(dataclasses.replace(cfg.discriminator, in_channels=channels)).to(device)
     lpips = LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_heads).to(device) if cfg.lpips_vgg else None
     d_loss_fn, g_loss_fn = gan_losses(cfg.gan_loss)
-    g_params, d_params = list(model.parameters()), list(disc.parameters())
+    if cfg.decoder_only:
+        freeze_encoder_side(model)
+    g_params = [p for p in model.parameters() if p.requires_grad]
+    d_params = list(disc.parameters())
     opt_g, sched_g = make_optimizer(g_params, cfg.optim, cfg.steps)
     opt_d, sched_d = make_optimizer(d_params, cfg.disc_optim, max(1, cfg.steps - cfg.disc_start))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -283,6 +330,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool = False, prog
     with stopper.installed():
         while step < cfg.steps and not stopper.stop:
             model.train()
+            if cfg.decoder_only:
+                freeze_encoder_side(model)
             disc.train()
             gan_on = step >= cfg.disc_start
             sums: dict[str, float] = {}

@@ -1,9 +1,10 @@
 """The README demo: grids from a trained model (a row per class, a row per prompt) and the retrain recipe chain
-(autoencoder -> latent diffusion -> export) on a few steps."""
+(autoencoder -> decoder fine-tune -> latent diffusion -> export) on a few steps."""
 import pytest
 import torch
 from PIL import Image
 
+from openldm.io.native import load_model
 from openldm.pipelines.demo import demo_grids, retrain, run_demo
 from openldm.pipelines.trained import load_run
 
@@ -27,6 +28,12 @@ def retrained(tmp_path_factory):
 
 def test_retrain_chains_the_recipes_and_exports_a_class_and_text_model(retrained):
     assert (retrained / "autoencoder.safetensors").is_file() and (retrained / "data.json").is_file()
+    work = retrained.parent
+    first = load_model(work / "autoencoder" / "autoencoder.safetensors").state_dict()
+    shipped = load_model(retrained / "autoencoder.safetensors").state_dict()
+    encoder_side = [k for k in first if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder_side and all(torch.equal(first[k].half(), shipped[k]) for k in encoder_side)
+    assert not torch.equal(first["decoder.conv_out.weight"].half(), shipped["decoder.conv_out.weight"])
     model = load_run(retrained)
     kinds = sorted(type(c).__name__ for c in model.conditioner.conditioners.values())
     assert kinds == ["ClassLabelConditioner", "TextConditioner"]

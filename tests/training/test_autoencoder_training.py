@@ -159,6 +159,47 @@ def test_saved_autoencoder_rebuilds_and_carries_the_measured_scale(tmp_path):
     assert Image.open(grids[0]).size == (8 * 18 + 2, 2 * 18 + 2)  # 8 images per row, originals over reconstructions
 
 
+@pytest.mark.parametrize("preset", ["tiny-vae", "tiny-vq"])
+def test_decoder_only_keeps_every_latent_and_trains_the_decoder(tmp_path, preset):
+    first = train_autoencoder(tiny(tmp_path / "first", preset, steps=20, save_every=1000), progress=False)
+    start = load_model(first["autoencoder"])
+    cfg = tiny(tmp_path / "decoder", preset, steps=40, save_every=1000, disc_start=20, autoencoder={},
+               init_from=first["autoencoder"], decoder_only=True)
+    out = train_autoencoder(cfg, progress=False)
+    tuned = load_model(out["autoencoder"])
+    before, after = start.state_dict(), tuned.state_dict()
+    side = ("encoder.", "quant_conv.", "quantizer.")
+    frozen = [k for k in before if k.startswith(side)]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)  # codebook EMA buffers included
+    assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith(".weight"))
+    x = _images(cfg)
+    with torch.no_grad():
+        za, zb = start.encode(x), tuned.encode(x)
+    za, zb = (za, zb) if preset == "tiny-vq" else (za.mode(), zb.mode())
+    assert torch.equal(za, zb)
+    assert out["scaling_factor"] == first["scaling_factor"]  # measured again on the same latents
+    before_err, after_err = _recon_error(start, x), _recon_error(tuned, x)
+    print(f"{preset}: decoder-only L1 {before_err:.4f} -> {after_err:.4f}")
+    assert after_err < before_err
+    assert "gan_weight" in out["history"][-1]
+
+
+def test_init_from_and_decoder_only_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="decoder_only needs init_from"):
+        AutoencoderTrainConfig(decoder_only=True)
+    with pytest.raises(ValueError, match="architecture comes from that file"):
+        AutoencoderTrainConfig(init_from="ae.safetensors", autoencoder={"channels": 8})
+    with pytest.raises(FileNotFoundError, match="runs/NAME/autoencoder.safetensors"):
+        train_autoencoder(tiny(tmp_path / "run", autoencoder={}, init_from=str(tmp_path / "missing.safetensors")),
+                          progress=False)
+    disc = train_autoencoder(tiny(tmp_path / "first", steps=1), progress=False)["autoencoder"].replace(
+        "autoencoder.safetensors", "discriminator.safetensors")
+    with pytest.raises(ValueError, match="not an autoencoder"):
+        train_autoencoder(tiny(tmp_path / "run", autoencoder={}, init_from=disc), progress=False)
+
+
 def test_lpips_term_with_weight_files(tmp_path):
     lpips = LPIPS.random(seed=0).state_dict()
     save_file({k: v.contiguous() for k, v in lpips.items() if k.startswith("features.")}, str(tmp_path / "vgg.safetensors"))
@@ -190,7 +231,7 @@ def test_sigterm_saves_and_stops(tmp_path):
 
 
 def test_recipes_load_and_bad_values_are_named():
-    for name in ("fmnist_autoencoder_kl.yaml", "fmnist_autoencoder_vq.yaml"):
+    for name in ("fmnist_autoencoder_kl.yaml", "fmnist_autoencoder_kl_decoder.yaml", "fmnist_autoencoder_vq.yaml"):
         load(AutoencoderTrainConfig, CONFIGS / name)
     with pytest.raises(ValueError, match="'l3'"):
         AutoencoderTrainConfig(recon_loss="l3")
