@@ -6,7 +6,7 @@ FID/KID in its features, real held-out images beside), so the README shows what 
     python benchmarks/fmnist_results.py --num-samples 200 --no-readme   # a quick look
 
 Sections (each skipped, and said so, when its run is missing):
-- autoencoders: reconstruction PSNR/SSIM and FID of reconstructions (runs/fmnist_autoencoder_{kl,vq});
+- autoencoders: reconstruction PSNR/SSIM and FID of reconstructions (runs/fmnist_autoencoder_{kl,kl_decoder,vq});
 - the bundled model: class- and caption-conditioned samples at several guidance scales;
 - sampling steps: DDPM 1000 steps against DDIM and DPM-Solver++(2M) at 10/20/50 (class-conditional, guided);
 - training time: the bundled recipe's EMA snapshots (runs/fmnist_class_text/snapshots);
@@ -56,7 +56,8 @@ def autoencoder_table(classifier, n: int) -> str:
     _, reference = classify(classifier, crop_center(held, (28, 28)))
     lines = ["| autoencoder | latent | PSNR | SSIM | rFID | params |", "|---|---|---|---|---|---|",
              f"| none (the real images) | | | | {fid(classify(classifier, truth)[1], reference):.2f} | |"]
-    for kind in ("kl", "vq"):
+    names = {"kl": "KL-f4", "kl_decoder": "KL-f4, decoder fine-tuned (the recipes' and the bundle's)", "vq": "VQ-f4"}
+    for kind, name in names.items():
         path = RUNS / f"fmnist_autoencoder_{kind}" / "autoencoder.safetensors"
         if not path.is_file():
             log(f"skip autoencoder {kind}: {path} missing")
@@ -67,7 +68,7 @@ def autoencoder_table(classifier, n: int) -> str:
             rec = crop_center(ae.decode(z).clamp(-1, 1), (28, 28))
         _, feats = classify(classifier, rec)
         params = sum(p.numel() for p in ae.parameters())
-        lines.append(f"| {kind.upper()}-f4 | {tuple(z.shape[1:])} | {float(psnr(rec, truth).mean()):.2f} | "
+        lines.append(f"| {name} | {tuple(z.shape[1:])} | {float(psnr(rec, truth).mean()):.2f} | "
                      f"{float(ssim(rec, truth).mean()):.3f} | {fid(feats, reference):.2f} | {params:,} |")
     return "\n".join(lines)
 
@@ -228,7 +229,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-samples", type=int, default=1000, help="images per task and guidance scale")
     p.add_argument("--ddpm-samples", type=int, default=100, help="images for the 1000-step DDPM row")
-    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales (bundled model)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="guidance scales (bundled model)")
     p.add_argument("--best", type=float, default=3.0, help="the guidance scale of the steps and training tables")
     p.add_argument("--sections", nargs="*", default=list(SECTIONS),
                    help=f"sections to (re)compute, each saved as docs/results/<name>.md (default all: "

@@ -460,7 +460,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype =
         raise ValueError(f"{str(run_dir)!r} has no data.json and its data cannot be probed here; an exported run "
                          "must carry its data facts")
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = upgrade_config(yaml.safe_load((run_dir / "config.yaml").read_text()))  # today's keys only
     if model.autoencoder is not None:
         cfg["autoencoder"] = "autoencoder.safetensors"
         save_model(model.autoencoder.to(dtype), out_dir / "autoencoder.safetensors",
