@@ -138,6 +138,8 @@ def _trained_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-res", default=None, help="low-resolution image to upscale (super-resolution models)")
     p.add_argument("--noise-level", type=int, default=None, help="noise augmentation level of --low-res")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--vae", default=None, help="decode through this autoencoder file instead of the run's (one with "
+                                               "the same encoder, e.g. a decoder fine-tuned with decoder_only)")
     p.add_argument("--grid", action="store_true", help="write all images as one grid PNG instead of one file each")
 
 
@@ -206,7 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _sample_run(args)
     _fill_defaults(args, SD_DEFAULTS)
     trained_only = [flag for flag, value in (("--class-label", args.class_label), ("--low-res", args.low_res),
-                                             ("--grid", args.grid)) if value]
+                                             ("--grid", args.grid), ("--vae", args.vae)) if value]
     if trained_only:
         raise ConfigError(f"{trained_only[0]} is for models trained here (a run directory), not SD weights")
     if args.from_png:
@@ -284,7 +286,7 @@ def _sample_run(args: argparse.Namespace) -> int:
     from openldm.pipelines import GenerationParams, save_images
     from openldm.pipelines.trained import load_run, sample_trained
 
-    model = load_run(args.model, ema=not args.raw_weights)
+    model = load_run(args.model, ema=not args.raw_weights, autoencoder=args.vae)
     label = args.class_label
     if label is not None and label.lstrip("-").isdigit():
         label = int(label)

@@ -199,6 +199,10 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     f = 1 if ae is None else int(ae.downsampling_factor)
     facts = _data_facts(cfg, run_dir, unet.config.in_channels, f)
     shape, crop = facts.get("data_shape"), facts.get("crop_size")
+    if autoencoder is not None and ae is not None and shape and ae.post_quant_conv.in_channels != shape[0]:
+        raise ValueError(f"autoencoder {str(autoencoder)!r} has {ae.post_quant_conv.in_channels} latent channels but "
+                         f"the run was trained on {shape[0]}-channel latents; give an autoencoder with the run's "
+                         "encoder (e.g. its decoder fine-tuned with decoder_only)")
     return TrainedModel(unet=unet, conditioner=conditioner, schedule=cfg.schedule, prediction=cfg.prediction,
                         autoencoder=ae, latent_scale=scale, data_shape=tuple(shape) if shape else None, config=cfg,
                         class_names=facts.get("class_names"), run_dir=run_dir, ema=ema,

@@ -250,6 +250,39 @@ def test_latent_space_run_decodes_with_its_autoencoder(tmp_path):
     assert y.shape == (1, 3, SIZE, SIZE)
 
 
+def test_a_run_decodes_through_a_swapped_autoencoder_with_the_same_encoder(tmp_path):
+    """`--vae` / load_run(autoencoder=): the same latents, another decoder; a different latent width is refused."""
+    from openldm.cli import main
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(tiny_autoencoder_kl())
+    save_model(ae, tmp_path / "vae.safetensors")
+    tuned = AutoencoderKL(tiny_autoencoder_kl())
+    tuned.load_state_dict(ae.state_dict())
+    with torch.no_grad():
+        tuned.decoder.conv_out.bias.add_(0.5)  # a different decoder, the same encoder
+    save_model(tuned, tmp_path / "tuned.safetensors")
+    save_model(AutoencoderKL(tiny_autoencoder_kl(z_channels=8)), tmp_path / "wide.safetensors")
+    threads = torch.get_num_threads()
+    train_diffusion(config(tmp_path / "run", autoencoder=str(tmp_path / "vae.safetensors"), steps=1), progress=False)
+    torch.set_num_threads(threads)
+    own, swapped = load_run(tmp_path / "run"), load_run(tmp_path / "run", autoencoder=tmp_path / "tuned.safetensors")
+    a = sample_trained(own, class_label=0, steps=2, seed=3)
+    b = sample_trained(swapped, class_label=0, steps=2, seed=3)
+    with torch.no_grad():  # same UNet and noise: b is the tuned decoder applied to a's latents
+        latents = own.autoencoder.encode(torch.zeros(1, 3, SIZE, SIZE)).mode()
+        assert torch.equal(latents, swapped.autoencoder.encode(torch.zeros(1, 3, SIZE, SIZE)).mode())
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="4-channel latents"):
+        load_run(tmp_path / "run", autoencoder=tmp_path / "wide.safetensors")
+    out = tmp_path / "g.png"
+    args = ["generate", "--model", str(tmp_path / "run"), "--class-label", "0", "--steps", "2", "--seed", "3", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--vae", str(tmp_path / "tuned.safetensors"), "--out", str(tmp_path / "t.png")]) == 0
+    assert Image.open(out).tobytes() != Image.open(tmp_path / "t.png").tobytes()
+    assert main([*args, "--vae", str(tmp_path / "wide.safetensors"), "--out", str(out)]) == 2
+
+
 # ------------------------------------------------------------------------------------------ colour response
 
 @pytest.mark.slow
