@@ -41,10 +41,13 @@ class Resources:
     text backend ``"external"`` (e.g. the CLIP text encoder of a loaded SD checkpoint).
     ``encode``: image (B, 3, H, W) in [-1, 1] -> scaled latent (B, C, h, w), e.g. a frozen autoencoder's encoder
     times its scale factor; used by inpainting for the masked image. None = pixel space (identity).
+    ``latent_channels``: the channels ``encode`` returns (the autoencoder's latent channels), for conditioners whose
+    width follows them (inpainting) when their config leaves it unset.
     """
 
     prompt_encoder: Any = None
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    latent_channels: int | None = None
 
 
 @dataclass(frozen=True)

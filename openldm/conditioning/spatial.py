@@ -21,6 +21,7 @@ draws, and the generator advances the same on every rank.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -320,15 +321,15 @@ class MaskGenerator:
 class InpaintConfig:
     """``batch[image_key]``: (B, C, H, W) in [-1, 1]; ``batch[mask_key]``: (B, 1, H, W) or (B, H, W), 1 (or True)
     = the region to fill; drawn by the mask generator when absent. ``latent_channels``: channels of ``encode``'s
-    output (the image's channels when there is no autoencoder)."""
+    output (the image's channels when there is no autoencoder); None = the autoencoder's, from the resources."""
 
     image_key: str = "image"
     mask_key: str = "inpaint_mask"
-    latent_channels: int = 4
+    latent_channels: int | None = None
     masks: MaskGeneratorConfig = field(default_factory=MaskGeneratorConfig)
 
     def __post_init__(self) -> None:
-        if self.latent_channels < 1:
+        if self.latent_channels is not None and self.latent_channels < 1:
             raise ValueError(f"InpaintConfig.latent_channels={self.latent_channels}; it must be >= 1")
 
 
@@ -344,11 +345,16 @@ class InpaintConditioner(Conditioner):
         self.config = config
         self._encode = Shared(encode)  # never a submodule: the autoencoder is not ours to save, train or copy
         self.mask_generator = MaskGenerator(config.masks)
+        if config.latent_channels is None:
+            raise ValueError("inpaint: latent_channels is not set and no autoencoder gives it; set options."
+                             "latent_channels (the image's channels for a pixel-space model)")
         self.concat_channels = 1 + config.latent_channels
         self.shard = RowShard()  # this process's rows of the batch (set by the training loop under DDP)
 
     @classmethod
     def build(cls, config: InpaintConfig, resources: Resources | None = None) -> "InpaintConditioner":
+        if config.latent_channels is None and resources is not None and resources.latent_channels is not None:
+            config = dataclasses.replace(config, latent_channels=resources.latent_channels)
         return cls(config, resources.encode if resources is not None else None)
 
     def fill_mask(self, batch: Batch, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

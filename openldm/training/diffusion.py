@@ -44,6 +44,7 @@ states are saved with the step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -228,7 +229,7 @@ def base_resources(sd, resources: Resources | None) -> Resources:
     resources = resources or Resources()
     if resources.prompt_encoder is not None:
         return resources
-    return Resources(prompt_encoder=wrap_text_encoder(sd.tokenizer, sd.text_encoder), encode=resources.encode)
+    return dataclasses.replace(resources, prompt_encoder=wrap_text_encoder(sd.tokenizer, sd.text_encoder))
 
 
 def check_base_unet(unet_config, data_channels: int, conditioner: ComposedConditioner) -> None:
@@ -274,11 +275,13 @@ class LatentEncoder:
 
 
 def latent_resources(resources: Resources | None, autoencoder: nn.Module | None, scale: float) -> Resources:
-    """``resources`` with ``encode`` filled in from the autoencoder (a latent run) when it has none."""
+    """``resources`` with ``encode`` (and its ``latent_channels``) filled in from the autoencoder (a latent run)
+    when it has none."""
     resources = resources or Resources()
     if resources.encode is not None or autoencoder is None:
         return resources
-    return Resources(prompt_encoder=resources.prompt_encoder, encode=LatentEncoder(autoencoder, scale))
+    return dataclasses.replace(resources, encode=LatentEncoder(autoencoder, scale),
+                               latent_channels=int(autoencoder.post_quant_conv.in_channels))
 
 
 def _reads_pixels(conditions: list[ConditionConfig]) -> bool:

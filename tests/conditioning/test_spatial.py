@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from openldm.conditioning.compose import Resources
 from openldm.conditioning.spatial import (
     InpaintConditioner,
     InpaintConfig,
@@ -201,6 +202,14 @@ def test_inpaint_draws_masks_when_the_batch_has_none_and_null_means_nothing_know
     null = c.null(2, latent_size=(8, 8)).concat
     assert (null[:, 0] == 1).all() and (null[:, 1:] == 0).all()
     assert list(c.state_dict()) == []
+
+
+def test_inpaint_latent_channels_come_from_the_resources_when_unset():
+    c = InpaintConditioner.build(InpaintConfig(), Resources(encode=PoolEncoder(), latent_channels=3))
+    assert c.config.latent_channels == 3 and c.concat_channels == 4
+    assert InpaintConditioner.build(InpaintConfig(latent_channels=2), Resources(latent_channels=3)).concat_channels == 3
+    with pytest.raises(ValueError, match="options.latent_channels"):
+        InpaintConditioner.build(InpaintConfig(), Resources())
 
 
 def test_inpaint_errors_name_the_shapes():

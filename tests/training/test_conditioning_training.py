@@ -246,12 +246,12 @@ def test_low_res_input_is_derived_from_the_image():
 
 def test_latent_run_inpaints_and_upscales_through_the_autoencoder(tmp_path):
     """Latent runs: the cache keeps the pixels the inpaint and low-res conditions read (column "pixels"), and the
-    inpaint condition encodes the masked image with the run's autoencoder (4 latent channels), in training and
-    in load_run alike."""
+    inpaint condition encodes the masked image with the run's autoencoder, whose 3 latent channels it takes
+    without being told, in training and in load_run alike."""
 
     torch.manual_seed(0)
-    ae_path = save_model(AutoencoderKL(tiny_autoencoder_kl()), tmp_path / "vae.safetensors")
-    conditions = [{"kind": "inpaint", "options": {"latent_channels": 4}},
+    ae_path = save_model(AutoencoderKL(tiny_autoencoder_kl(z_channels=3)), tmp_path / "vae.safetensors")
+    conditions = [{"kind": "inpaint", "options": {}},
                   {"kind": "low_res", "options": {"embed_dim": 16}}]
     train_diffusion(tiny(tmp_path / "run", autoencoder=str(ae_path), conditions=conditions, steps=2,
                          sample_every=2, sample_steps=2), progress=False)
@@ -261,6 +261,7 @@ def test_latent_run_inpaints_and_upscales_through_the_autoencoder(tmp_path):
     model = load_run(tmp_path / "run")
     encode = model.conditioner.conditioners["inpaint"]._encode.value
     assert isinstance(encode, LatentEncoder) and encode.autoencoder is model.autoencoder
+    assert model.conditioner.conditioners["inpaint"].config.latent_channels == 3
     image = held_out(1)[0]["image"]
     fill = torch.zeros(SIZE, SIZE)
     fill[:8] = 1
