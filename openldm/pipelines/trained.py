@@ -62,6 +62,7 @@ from openldm.training.diffusion import (
     DiffusionTrainConfig,
     LatentEncoder,
     base_resources,
+    data_facts,
     latent_resources,
     load_base_model,
     upgrade_config,
@@ -475,9 +476,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype =
              for k, v in model.conditioner.state_dict().items()}
     with atomic_path(out_dir / "conditioner.safetensors") as tmp:
         save_file(state, str(tmp))
-    facts = {"data_shape": list(model.data_shape), "image_size": list(model.image_size),
-             "image_channels": model.channels, "class_names": model.class_names,
-             "crop_size": list(model.crop_size) if model.crop_size else None}
+    facts = data_facts(model.data_shape, model.image_size, model.channels, model.class_names, model.crop_size)
     for name, text in (("config.yaml", yaml.safe_dump(cfg, sort_keys=False)), ("data.json", json.dumps(facts, indent=1))):
         with atomic_path(out_dir / name) as tmp:
             tmp.write_text(text)

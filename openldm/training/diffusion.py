@@ -50,7 +50,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -309,14 +309,23 @@ class _WithPixels(torch.utils.data.Dataset):
         return fingerprint_dataset(self.dataset) + ":pixels"
 
 
-def describe_data(dataset, data_shape: tuple[int, ...]) -> dict[str, Any]:
-    """The facts about a source dataset that sampling needs (the run's ``data.json``); ``data_shape`` (C, h, w) is
-    what the model denoises (latents or the pixels)."""
-    C, H, W = (int(s) for s in dataset[0]["image"].shape)
-    crop = getattr(dataset, "crop_size", None)
-    names = getattr(dataset, "class_names", None)
-    return {"data_shape": [int(s) for s in data_shape], "image_size": [H, W], "image_channels": C,
-            "class_names": list(names) if names else None, "crop_size": list(crop) if crop else None}
+def data_facts(data_shape: Sequence[int], image_size: Sequence[int] | None, image_channels: int | None,
+               class_names: Sequence[str] | None, crop_size: Sequence[int] | None) -> dict[str, Any]:
+    """A run's ``data.json``, the one place its keys are written (training and ``export_run``): ``data_shape``
+    (C, h, w) is what the model denoises (latents or the pixels), ``image_size`` / ``image_channels`` the source
+    images', ``crop_size`` what outputs are cropped back to."""
+    return {"data_shape": [int(s) for s in data_shape],
+            "image_size": [int(s) for s in image_size] if image_size else None,
+            "image_channels": None if image_channels is None else int(image_channels),
+            "class_names": list(class_names) if class_names else None,
+            "crop_size": [int(s) for s in crop_size] if crop_size else None}
+
+
+def describe_data(dataset, data_shape: Sequence[int]) -> dict[str, Any]:
+    """The facts about a source dataset that sampling needs (the run's ``data.json``)."""
+    C, H, W = dataset[0]["image"].shape
+    return data_facts(data_shape, (H, W), C, getattr(dataset, "class_names", None),
+                      getattr(dataset, "crop_size", None))
 
 
 @dataclass
