@@ -98,7 +98,15 @@ def _distribution_row(classifier: ImageClassifier, images: torch.Tensor, referen
 
 
 def _in_batches(n: int, size: int, draw: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-    return torch.cat([draw(slice(i, min(i + size, n))) for i in range(0, n, size)])
+    """``draw`` each slice of ``range(n)`` (at most ``size`` long); every slice must give one image per index."""
+    parts = []
+    for i in range(0, n, size):
+        part = slice(i, min(i + size, n))
+        images = draw(part)
+        if images.shape[0] != part.stop - part.start:
+            raise RuntimeError(f"asked for {part.stop - part.start} images, the sampler gave {images.shape[0]}")
+        parts.append(images)
+    return torch.cat(parts)
 
 
 def _box_masks(n: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -152,7 +160,7 @@ def _run_task(task: str, guidance: float, model: TrainedModel, classifier: Image
         images = _in_batches(n, s.batch_size, lambda p: sample(guidance, p, class_label=wanted[p].tolist()))
         return _distribution_row(classifier, images, reference, wanted)
     if task == "unconditional":
-        images = _in_batches(n, s.batch_size, lambda p: sample(guidance, p))
+        images = _in_batches(n, s.batch_size, lambda p: sample(guidance, p, num_images=p.stop - p.start))
         return _distribution_row(classifier, images, reference, None)
     if task == "text":
         key = next(c.config.key for c in model.conditioner.conditioners.values() if isinstance(c, TextConditioner))

@@ -53,6 +53,20 @@ def test_class_and_mask_tasks_are_measured_beside_the_real_row(classifier, tmp_p
     json.dumps(report)  # serialisable as the CLI writes it
 
 
+def test_an_unconditional_model_is_scored_on_all_n_samples(classifier, tmp_path, monkeypatch):
+    import openldm.pipelines.evaluate as evaluate
+
+    model = _run(tmp_path / "uncond", [])
+    scored = []
+    row = evaluate._distribution_row
+    monkeypatch.setattr(evaluate, "_distribution_row", lambda c, images, *a: scored.append(len(images)) or row(c, images, *a))
+    report = evaluate_model(model, classifier[0], EvalSettings(num_samples=12, steps=2, batch_size=5))
+    assert [r["task"] for r in report["rows"]] == ["real", "unconditional"]
+    assert scored == [12, 12]  # the real row and 12 generated images (batches of 5, 5, 2), not one per batch
+    with pytest.raises(RuntimeError, match="asked for 5 images, the sampler gave 1"):
+        evaluate._in_batches(10, 5, lambda p: torch.zeros(1, 1, 28, 28))
+
+
 def test_super_resolution_and_inpainting_report_psnr_beside_their_baselines(classifier, tmp_path):
     model = _run(tmp_path / "sr", [{"kind": "low_res", "options": {"channels": 1, "factor": 4}}],
                  unet={"model_channels": 16, "norm_groups": 4, "in_channels": 1, "out_channels": 1})
