@@ -227,7 +227,8 @@ def _tone_gap(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
 COLUMNS = [("task", "task", "{}"), ("guidance", "guidance", "{}"), ("accuracy", "class acc.", "{:.1%}"),
            ("fid", "FID", "{:.2f}"), ("kid", "KID", "{:.4f}"), ("iou", "IoU", "{:.3f}"), ("psnr", "PSNR", "{:.2f}"),
            ("ssim", "SSIM", "{:.3f}"), ("baseline_psnr", "baseline PSNR", "{:.2f}"),
-           ("baseline_ssim", "baseline SSIM", "{:.3f}"), ("tone_gap", "tone gap", "{:+.3f}"),
+           ("baseline_ssim", "baseline SSIM", "{:.3f}"), ("baseline_accuracy", "baseline class acc.", "{:.1%}"),
+           ("tone_gap", "tone gap", "{:+.3f}"),
            ("seconds", "seconds", "{:.0f}")]
 
 
