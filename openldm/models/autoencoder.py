@@ -139,6 +139,11 @@ def latent_mode(encoded) -> torch.Tensor:
     return encoded if isinstance(encoded, torch.Tensor) else encoded.mode()
 
 
+def latent_channels(autoencoder: nn.Module) -> int:
+    """Channels of the latents the decoder takes (KL: z_channels, VQ: embed_dim): ``post_quant_conv``'s input."""
+    return int(autoencoder.post_quant_conv.in_channels)
+
+
 class DiagonalGaussian:
     """q(z|x) = N(mean, diag(exp(logvar))), built from the encoder's (B, 2C, h, w) output (Kingma & Welling 2014)."""
 

@@ -49,6 +49,7 @@ from openldm.data.transforms import crop_center
 from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io.files import atomic_path
 from openldm.io.native import load_model, read_metadata, save_model
+from openldm.models.autoencoder import latent_channels
 from openldm.pipelines.common import (
     draw_noise,
     guided_denoiser,
@@ -200,8 +201,8 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     f = 1 if ae is None else int(ae.downsampling_factor)
     facts = _data_facts(cfg, run_dir, unet.config.in_channels, f)
     shape, crop = facts.get("data_shape"), facts.get("crop_size")
-    if autoencoder is not None and ae is not None and shape and ae.post_quant_conv.in_channels != shape[0]:
-        raise ValueError(f"autoencoder {str(autoencoder)!r} has {ae.post_quant_conv.in_channels} latent channels but "
+    if autoencoder is not None and ae is not None and shape and latent_channels(ae) != shape[0]:
+        raise ValueError(f"autoencoder {str(autoencoder)!r} has {latent_channels(ae)} latent channels but "
                          f"the run was trained on {shape[0]}-channel latents; give an autoencoder with the run's "
                          "encoder (e.g. its decoder fine-tuned with decoder_only)")
     return TrainedModel(unet=unet, conditioner=conditioner, schedule=cfg.schedule, prediction=cfg.prediction,

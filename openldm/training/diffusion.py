@@ -80,7 +80,7 @@ from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod, q_s
 from openldm.evaluation.grid import image_grid
 from openldm.io.files import atomic_path
 from openldm.io.native import load_model, save_model
-from openldm.models.autoencoder import latent_mode
+from openldm.models.autoencoder import latent_channels, latent_mode
 from openldm.registry import PRESETS
 from openldm.training.checkpoint import load_state, save_state
 from openldm.training.common import (
@@ -281,7 +281,7 @@ def latent_resources(resources: Resources | None, autoencoder: nn.Module | None,
     if resources.encode is not None or autoencoder is None:
         return resources
     return dataclasses.replace(resources, encode=LatentEncoder(autoencoder, scale),
-                               latent_channels=int(autoencoder.post_quant_conv.in_channels))
+                               latent_channels=latent_channels(autoencoder))
 
 
 def _reads_pixels(conditions: list[ConditionConfig]) -> bool:
