@@ -51,7 +51,7 @@ from openldm.data.latent_cache import measure_scale_factor
 from openldm.evaluation.grid import image_grid
 from openldm.io.files import atomic_path
 from openldm.io.native import load_model, save_model
-from openldm.models.autoencoder import AutoencoderKL
+from openldm.models.autoencoder import AutoencoderKL, latent_mode
 from openldm.models.discriminator import (
     DiscriminatorConfig,
     PatchGANDiscriminator,
@@ -163,8 +163,7 @@ def initial_autoencoder(cfg: AutoencoderTrainConfig, image_channels: int) -> nn.
         raise FileNotFoundError(f"init_from {str(path)!r} does not exist; give an openldm autoencoder file such as "
                                 "runs/NAME/autoencoder.safetensors")
     model = load_model(path).float()
-    kinds = {MODELS.get(kind): kind for kind in AUTOENCODER_KINDS}
-    if type(model) not in kinds:
+    if not isinstance(model, tuple(MODELS.get(kind) for kind in AUTOENCODER_KINDS)):
         raise ValueError(f"init_from {str(path)!r} holds a {type(model).__name__}, not an autoencoder "
                          f"({', '.join(AUTOENCODER_KINDS)})")
     if model.config.in_channels != image_channels:
@@ -244,7 +243,7 @@ def measure_latent_scale(model: nn.Module, dataset, num_images: int, batch_size:
     for i in range(0, n, batch_size):
         x = torch.stack([dataset[j]["image"] for j in rows[i:i + batch_size]]).to(device).float()
         z = model.encode(x)
-        latents.append((z if isinstance(z, torch.Tensor) else z.mode()).float().cpu())
+        latents.append(latent_mode(z).float().cpu())
     model.train(was_training)
     return measure_scale_factor(torch.cat(latents), max_items=None)
 
@@ -256,7 +255,7 @@ def save_reconstructions(model: nn.Module, images: torch.Tensor, path: Path) -> 
     was_training = model.training
     model.eval()
     z = model.encode(images)
-    recon = model.decode(z if isinstance(z, torch.Tensor) else z.mode())
+    recon = model.decode(latent_mode(z))
     model.train(was_training)
     with atomic_path(path) as tmp:
         image_grid([images, recon.clamp(-1, 1)]).save(tmp, format="PNG")
