@@ -60,7 +60,8 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo.png", help="output name: writes demo-classes.png and demo-prompts.png")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's recommended, 2 for the bundled model)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--retrain", action="store_true", help="train the model from scratch with the recipes in configs/ "
                                                           "first (about an hour on a 2-core CPU), then sample it")
@@ -83,7 +84,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         target = bundled_dir(must_exist=False)
         shutil.copytree(model_dir, target, dirs_exist_ok=True)
         print(f"bundled model replaced: {target}")
-    for path in run_demo(model_dir, args.out, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed):
+    from openldm.io.run_dir import read_sampling
+
+    guidance = read_sampling(model_dir)["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+    for path in run_demo(model_dir, args.out, steps=args.steps, guidance_scale=guidance, seed=args.seed):
         print(path)
     return 0
 
@@ -104,28 +108,20 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
 # --- openldm generate -------------------------------------------------------------------------------------------
 
-SD_DEFAULTS = {"sampler": "euler", "steps": 30, "guidance_scale": 7.5}  # Stable Diffusion weights
-TRAINED_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance_scale": 3.0}  # models trained here (and the bundled one)
-
-
-def _sampling_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    """The sampler, guidance, seed and output flags shared by `generate` and `sample`. ``defaults`` None: the
-    sampler, steps and guidance follow the model (SD_DEFAULTS or TRAINED_DEFAULTS)."""
-    def said(key: str) -> str:
-        if defaults is not None:
-            return f"default {defaults[key]}"
-        return f"default {SD_DEFAULTS[key]} for SD weights, {TRAINED_DEFAULTS[key]} for models trained here"
-
-    d = defaults or {}
-    p.add_argument("--sampler", default=d.get("sampler"), help=f"sampler name (see `openldm samplers`; {said('sampler')})")
-    p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels (sigma-space samplers)")
-    p.add_argument("--steps", type=int, default=d.get("steps"), help=f"sampling steps ({said('steps')})")
-    p.add_argument("--guidance-scale", type=float, default=d.get("guidance_scale"),
-                   help=f"classifier-free guidance scale, 1 = off ({said('guidance_scale')})")
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampler, guidance, seed and output flags shared by `generate` and `sample`. Sampler, steps, guidance
+    and size default to the model's recommended settings (its sampling.json; SD weights: euler, 30, 7.5, 512)."""
+    said = "default: the model's recommended setting"
+    p.add_argument("--sampler", default=None, help=f"sampler name (see `openldm samplers`; {said})")
+    p.add_argument("--karras", action="store_true", default=None,
+                   help="Karras et al. 2022 noise levels (sigma-space samplers)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps ({said})")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"classifier-free guidance scale, 1 = off ({said})")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels")
+    p.add_argument("--height", type=int, default=None, help=f"image height in pixels ({said})")
+    p.add_argument("--width", type=int, default=None, help=f"image width in pixels ({said})")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt/label; files get -0, -1, ... suffixes")
     p.add_argument("--out", default="out.png", help="output PNG path")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -166,87 +162,61 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-png", default=None, help="regenerate with the parameters stored in this PNG")
 
 
-def _is_run_dir(model: str) -> bool:
-    """A directory written by `openldm train` (or an exported / bundled run): config.yaml + unet_ema.safetensors."""
-    from pathlib import Path
-
-    path = Path(model)
-    return path.is_dir() and (path / "config.yaml").is_file() and (path / "unet_ema.safetensors").is_file()
-
-
-def _fill_defaults(args: argparse.Namespace, defaults: dict) -> None:
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-
-
 @command("generate", "generate images: the bundled Fashion-MNIST model by default (--prompt or --class-label), a "
                      "model trained here, or Stable Diffusion v1 weights (text-to-image, image-to-image, inpainting)",
          _generate_args)
 def cmd_generate(args: argparse.Namespace) -> int:
+    return _generate(args)
+
+
+def _request(args: argparse.Namespace, inputs: dict):
+    from openldm.pipelines.generate import GenerationRequest
+
+    return GenerationRequest(
+        prompt=args.prompt, negative_prompt=getattr(args, "negative_prompt", ""), class_label=args.class_label,
+        seed=args.seed, sampler=args.sampler, karras=args.karras, steps=args.steps,
+        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, width=args.width,
+        height=args.height, num_images=args.num_images, init_image=args.init_image, strength=args.strength,
+        mask=args.mask, paste_back=getattr(args, "paste_back", False), inputs=inputs,
+        clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
+        vae_tiling=getattr(args, "vae_tiling", False))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """`generate` and `sample`: load the model behind the one generation interface, make the images, save them
+    as PNGs carrying their parameters (one file each, or a grid)."""
     from dataclasses import replace
 
-    from openldm.io.sd import load_sd
-    from openldm.pipelines import (
-        GenerationParams,
-        image_to_image,
-        inpaint,
-        read_png_params,
-        save_images,
-        text_to_image,
-    )
+    import torch
 
-    if not args.from_png and (args.model is None or _is_run_dir(args.model)):
-        if args.model is None:
-            from openldm.bundled import bundled_dir
+    from openldm.data.image_io import pil_to_tensor
+    from openldm.evaluation.grid import tile
+    from openldm.pipelines import read_png_params, save_images
+    from openldm.pipelines.generate import load_generator, request_from_params
 
-            args.model = str(bundled_dir())
-        if args.negative_prompt:
-            raise ConfigError("--negative-prompt is for Stable Diffusion weights; models trained here guide against "
-                              "their null condition")
-        _fill_defaults(args, TRAINED_DEFAULTS)
-        return _sample_run(args)
-    _fill_defaults(args, SD_DEFAULTS)
-    trained_only = [flag for flag, value in (("--class-label", args.class_label), ("--low-res", args.low_res),
-                                             ("--grid", args.grid), ("--vae", args.vae)) if value]
-    if trained_only:
-        raise ConfigError(f"{trained_only[0]} is for models trained here (a run directory), not SD weights")
-    if args.from_png:
-        params = read_png_params(args.from_png)
-        model = args.model or params.model
-    else:
-        params = GenerationParams(
-            prompt=args.prompt or "", negative_prompt=args.negative_prompt, sampler=args.sampler, karras=args.karras,
-            steps=args.steps, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
-            seed=args.seed, height=args.height or 512, width=args.width or 512, num_images=args.num_images,
-            clip_skip=args.clip_skip, chunked=args.chunked, strength=args.strength, paste_back=args.paste_back,
-            model=args.model)
-        model = args.model
-    if model is None:
-        raise ConfigError("--model is required (an SD v1 .safetensors/.ckpt file or a diffusers folder)")
-    if args.prompt is None and not args.from_png:
-        raise ConfigError("--prompt is required")
-    if args.mask and not args.init_image:
-        raise ConfigError("--mask needs --init-image (the image to inpaint)")
-    parts = load_sd(model, device=args.device, unsafe_load=args.unsafe_load)
-    kwargs = {**params.pipeline_kwargs(), "device": args.device, "dtype": args.dtype, "vae_tiling": args.vae_tiling,
-              "progress": not args.quiet}
-    if args.init_image:  # the init image's own size unless the user asked for one
-        kwargs.update(height=args.height, width=args.width)
-    if args.mask:
-        images = inpaint(parts, params.prompt, args.init_image, args.mask, **kwargs)
-    elif args.init_image:
-        kwargs.pop("paste_back", None)
-        kwargs.setdefault("strength", 0.75)
-        images = image_to_image(parts, params.prompt, args.init_image, **kwargs)
-    else:
-        kwargs.pop("strength", None)
-        kwargs.pop("paste_back", None)
-        images = text_to_image(parts, params.prompt, **kwargs)
-    if args.from_png and params.num_images > 1:
-        images = [images[params.batch_index]]
-        params = replace(params, num_images=1)
-    for path in save_images(images, args.out, params):
+    stored = read_png_params(args.from_png) if getattr(args, "from_png", None) else None
+    model = args.model or (stored.model if stored is not None else None)
+    generator = load_generator(model, device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"),
+                               unsafe_load=getattr(args, "unsafe_load", False), ema=not args.raw_weights,
+                               vae=args.vae)
+    caps = generator.capabilities
+    inputs = {f.name: getattr(args, f.name) for f in caps.inputs
+              if f.name != "mask" and getattr(args, f.name, None) is not None}
+    for flag in ("low_res", "noise_level"):
+        if getattr(args, flag, None) is not None and flag not in inputs:
+            raise ConfigError(f"--{flag.replace('_', '-')} is not an input of model {caps.name!r}; its inputs: "
+                              f"{', '.join(f.name for f in caps.inputs) or 'none'}")
+    request = request_from_params(stored) if stored is not None else _request(args, inputs)
+    if caps.kind == "stable-diffusion" and request.prompt is None:
+        raise ConfigError("--prompt is required for Stable Diffusion weights")
+    result = generator.generate(request, progress=not args.quiet)
+    images, params = result.images, result.params
+    if stored is not None and stored.num_images > 1:
+        images, params = [images[stored.batch_index]], [replace(params[stored.batch_index], num_images=1)]
+    if args.grid:
+        images = [tile(torch.stack([pil_to_tensor(im) * 2 - 1 for im in images]))]
+        params = [replace(params[0], num_images=1)]
+    for path in save_images(images, args.out, params[0]):
         print(path)
     return 0
 
@@ -270,42 +240,13 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-image", default=None, help="image to inpaint (with --mask) or redraw (with --strength)")
     p.add_argument("--strength", type=float, default=None, help="image-to-image strength in (0, 1]")
     _trained_args(p)
-    _sampling_args(p, TRAINED_DEFAULTS)
+    _sampling_args(p)
 
 
 @command("sample", "sample from a model trained with `openldm train` (class, caption, mask, low-res, inpaint)",
          _sample_args)
 def cmd_sample(args: argparse.Namespace) -> int:
-    return _sample_run(args)
-
-
-def _sample_run(args: argparse.Namespace) -> int:
-    """`sample`, and `generate` on a run directory: images from a model trained here, one PNG each or a grid."""
-    from openldm.data.image_io import tensor_to_pil
-    from openldm.evaluation.grid import tile
-    from openldm.pipelines import GenerationParams, save_images
-    from openldm.pipelines.trained import load_run, sample_trained
-
-    model = load_run(args.model, ema=not args.raw_weights, autoencoder=args.vae)
-    label = args.class_label
-    if label is not None and label.lstrip("-").isdigit():
-        label = int(label)
-    images = sample_trained(
-        model, class_label=label, prompt=args.prompt, mask=args.mask, low_res=args.low_res,
-        noise_level=args.noise_level, init_image=args.init_image,
-        strength=1.0 if args.strength is None else args.strength, num_images=args.num_images, sampler=args.sampler,
-        karras=args.karras, steps=args.steps, guidance_scale=args.guidance_scale,
-        guidance_rescale=args.guidance_rescale, seed=args.seed, height=args.height, width=args.width,
-        progress=not args.quiet)
-    params = GenerationParams(
-        prompt=args.prompt or (f"class {args.class_label}" if args.class_label is not None else ""),
-        sampler=args.sampler, karras=args.karras, steps=args.steps, guidance_scale=args.guidance_scale,
-        guidance_rescale=args.guidance_rescale, seed=args.seed, height=images.shape[-2], width=images.shape[-1],
-        num_images=1 if args.grid else images.shape[0], model=args.model)
-    pictures = [tile(images)] if args.grid else [tensor_to_pil(x) for x in images]
-    for path in save_images(pictures, args.out, params):
-        print(path)
-    return 0
+    return _generate(args)
 
 
 # --- openldm evaluate -------------------------------------------------------------------------------------------

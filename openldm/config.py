@@ -17,6 +17,7 @@ import json
 import types
 import typing
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
 import yaml
@@ -171,3 +172,35 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
     """Build ``cls`` from an optional YAML file plus dotted overrides, strictly."""
     data = load_file(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides or []))
+
+
+# ---- run-level configs shared by the training loops and the run directories they write --------------------
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class DataSpec:
+    """A registered dataset (openldm.data) and its options, checked strictly against its config."""
+
+    name: str = "shapes"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine (to min_lr_ratio * lr at total_steps)
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
+
+    def __post_init__(self) -> None:
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr schedule {self.schedule!r} is not one of {LR_SCHEDULES}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")

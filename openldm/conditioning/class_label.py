@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from openldm.conditioning.compose import Batch, Conditioner, batch_value
+from openldm.conditioning.compose import Batch, Conditioner, RequestField, batch_value
 from openldm.conditioning.slots import Slots
 from openldm.registry import CONDITIONERS
 
@@ -55,6 +55,9 @@ class ClassLabelConditioner(Conditioner):
                 f"class label {int(bad[0])} is out of range; accepted: 0..{self.null_label - 1}, or {self.null_label} for no class"
             )
         return labels.long()
+
+    def request_fields(self) -> tuple[RequestField, ...]:
+        return (RequestField("class_label", "class", "class index or name", self.config.num_classes),)
 
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None,
                 latent_size: tuple[int, int] | None = None) -> Slots:

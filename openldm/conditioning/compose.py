@@ -50,6 +50,32 @@ class Resources:
     latent_channels: int | None = None
 
 
+def latent_resources(resources: Resources | None, autoencoder: nn.Module | None, latent_scale: float) -> Resources:
+    """``resources`` with ``encode`` (and its ``latent_channels``) filled in from the autoencoder (a latent run)
+    when it has none: the run's :class:`~openldm.models.autoencoder.LatentCodec`."""
+    from dataclasses import replace
+
+    from openldm.models.autoencoder import LatentCodec, latent_channels
+
+    resources = resources or Resources()
+    if resources.encode is not None or autoencoder is None:
+        return resources
+    return replace(resources, encode=LatentCodec(autoencoder, latent_scale),
+                   latent_channels=latent_channels(autoencoder))
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """An input a conditioner reads from a generation request: the request's key (``prompt``, ``class_label``,
+    ``mask``, ``low_res``, ``noise_level``, ``init_image``), its type ("text" | "class" | "image" | "label_map" |
+    "int" | "float"), help, and for "class" the number of classes. The CLI flag is ``--name`` with dashes."""
+
+    name: str
+    type: str
+    help: str
+    num_classes: int | None = None
+
+
 @dataclass(frozen=True)
 class SlotDims:
     """What the UNet must be configured with; the field names are ``UNetConfig``'s."""
@@ -97,6 +123,10 @@ class Conditioner(nn.Module):
 
     def slot_dims(self) -> SlotDims:
         return SlotDims(self.vector_dim, self.context_dim, self.concat_channels)
+
+    def request_fields(self) -> tuple[RequestField, ...]:
+        """What this condition reads from a generation request (the CLI, the server and the page show these)."""
+        return ()
 
 
 # ---------------------------------------------------------------------------------------- shared helpers

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from openldm.conditioning.compose import Batch, Conditioner, Resources, Shared, batch_value, random_on, require_size
+from openldm.conditioning.compose import Batch, Conditioner, RequestField, Resources, Shared, batch_value, random_on, require_size
 from openldm.conditioning.slots import Slots
 from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod, q_sample
 from openldm.nn.embedding import timestep_embedding
@@ -131,6 +131,9 @@ class SegmentationConditioner(Conditioner):
             )
         return m.float()
 
+    def request_fields(self) -> tuple[RequestField, ...]:
+        return (RequestField("mask", "label_map", "segmentation label map (an L/P/I PNG of class ids)"),)
+
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None,
                 latent_size: tuple[int, int] | None = None) -> Slots:
         size = require_size(latent_size, "segmentation")
@@ -210,6 +213,11 @@ class LowResConditioner(Conditioner):
         if bad.numel():
             raise ValueError(f"noise level {int(bad[0])} is out of range; accepted: 0..{top}")
         return levels
+
+    def request_fields(self) -> tuple[RequestField, ...]:
+        return (RequestField("low_res", "image", "low-resolution image to upscale"),
+                RequestField("noise_level", "int", f"noise augmentation level of the low-res image, "
+                             f"0..{self.config.max_noise_level}"))
 
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None,
                 latent_size: tuple[int, int] | None = None) -> Slots:
@@ -367,6 +375,10 @@ class InpaintConditioner(Conditioner):
         if m.shape != (B, 1, H, W):
             raise ValueError(f"batch[{self.config.mask_key!r}] has shape {tuple(m.shape)}; accepted: ({B}, 1, {H}, {W}) or ({B}, {H}, {W})")
         return m > 0.5 if m.is_floating_point() else m.bool()
+
+    def request_fields(self) -> tuple[RequestField, ...]:
+        return (RequestField("init_image", "image", "image to inpaint"),
+                RequestField("mask", "image", "inpainting mask (white = redraw)"))
 
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None,
                 latent_size: tuple[int, int] | None = None) -> Slots:

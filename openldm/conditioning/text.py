@@ -29,7 +29,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from openldm.conditioning.compose import Batch, Conditioner, Resources, Shared, batch_value
+from openldm.conditioning.compose import Batch, Conditioner, RequestField, Resources, Shared, batch_value
 from openldm.conditioning.slots import Slots
 from openldm.nn.attention import Attention
 from openldm.registry import CONDITIONERS
@@ -415,6 +415,9 @@ class TextConditioner(Conditioner):
         if self.proj is not None:
             hidden = self.proj(hidden)  # (B, S, context_dim)
         return Slots(context=hidden * mask[..., None], context_mask=mask)
+
+    def request_fields(self) -> tuple[RequestField, ...]:
+        return (RequestField("prompt", "text", "what to draw (a caption)"),)
 
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None,
                 latent_size: tuple[int, int] | None = None) -> Slots:

@@ -144,6 +144,58 @@ def latent_channels(autoencoder: nn.Module) -> int:
     return int(autoencoder.post_quant_conv.in_channels)
 
 
+class LatentCodec:
+    """The one owner of "images <-> diffusion latents": ``latents = latent_scale * (z - shift)`` with ``z`` the
+    autoencoder's latents of the image, and back. ``latent_scale`` is SD's ``scaling_factor`` (0.18215 for SD v1)
+    or the scale a run trained here measured (1 / std of its latents); ``shift`` is the autoencoder config's
+    ``shift_factor`` (0 unless the checkpoint says otherwise).
+
+    ``encode(images)`` takes the posterior's mode (what training caches); ``encode(images, generator)`` samples
+    the posterior with noise drawn float32 on the CPU from ``generator``, as diffusers' ``latent_dist.sample``.
+    Calling the codec is ``encode`` (mode): it is what conditioners that encode images take
+    (``Resources.encode``)."""
+
+    def __init__(self, autoencoder: nn.Module, latent_scale: float):
+        self.autoencoder, self.latent_scale = autoencoder, float(latent_scale)
+        self.shift = float(getattr(autoencoder.config, "shift_factor", 0.0) or 0.0)
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        weight = next(self.autoencoder.parameters())
+        return weight.device, weight.dtype
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, *,
+               tile_size: int | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> latents (B, c, h, w), float32 on the autoencoder's device.
+        ``tile_size``: encode in overlapping tiles of that many pixels (KL autoencoders)."""
+        device, dtype = self._device_dtype()
+        x = images.to(device, dtype)
+        if tile_size is not None and max(x.shape[-2:]) > tile_size:
+            encoded = self.autoencoder.tiled_encode(x, tile_size=tile_size, overlap=tile_size // 8)
+        else:
+            encoded = self.autoencoder.encode(x)
+        if generator is None:
+            z = latent_mode(encoded)  # KL posterior's mode, or VQ's continuous latents
+        else:
+            eps = torch.randn(tuple(encoded.mean.shape), generator=generator, dtype=torch.float32)
+            z = encoded.mean + encoded.std * eps.to(device, encoded.mean.dtype)
+        return (z.float() - self.shift) * self.latent_scale
+
+    __call__ = encode
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, *, tile_size: int | None = None) -> torch.Tensor:
+        """Latents -> images (B, C, H, W) in [-1, 1] (not clamped), float32 on the CPU."""
+        device, dtype = self._device_dtype()
+        z = (latents.to(device, torch.float32) / self.latent_scale + self.shift).to(dtype)
+        f = int(self.autoencoder.downsampling_factor)
+        if tile_size is not None and max(z.shape[-2:]) * f > tile_size:
+            images = self.autoencoder.tiled_decode(z, tile_size=tile_size, overlap=tile_size // 8)
+        else:
+            images = self.autoencoder.decode(z)
+        return images.float().cpu()
+
+
 class DiagonalGaussian:
     """q(z|x) = N(mean, diag(exp(logvar))), built from the encoder's (B, 2C, h, w) output (Kingma & Welling 2014)."""
 

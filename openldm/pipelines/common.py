@@ -151,6 +151,21 @@ def guided_denoiser(parts: ModelParts, plan: SamplingPlan, uncond: Slots, guidan
                        rescale_space="v" if parts.prediction == "v" else "eps")
 
 
+def chain_hooks(*hooks: OnStep | None) -> OnStep | None:
+    """One ``on_step`` hook running ``hooks`` in order (None entries skipped), each seeing the ``x`` the previous
+    one returned (inpainting's blend, then progress reporting)."""
+    hooks = tuple(h for h in hooks if h is not None)
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
+
+    def hook(i: int, sigma: float, sigma_next: float, x: torch.Tensor, denoised: torch.Tensor):
+        for h in hooks:
+            out = h(i, sigma, sigma_next, x, denoised)
+            x = x if out is None else out
+        return x
+    return hook
+
+
 def run_sampler(sampler: str, denoiser, x: torch.Tensor, plan: SamplingPlan, cond: Slots,
                 generator: torch.Generator, on_step: OnStep | None = None, progress: bool = True) -> torch.Tensor:
     """Run the registered ``sampler`` over the plan from ``x`` and return the final latents."""
@@ -248,11 +263,12 @@ class GenerationParams:
     paste_back: bool = False  # inpainting
     batch_index: int = 0  # which image of the seed's batch this is
     model: str | None = None
+    class_label: str | None = None  # class-conditional models trained here (an index or a class name)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the pipeline functions (``batch_index`` and ``model`` are not among them)."""
         d = asdict(self)
-        for key in ("batch_index", "model", "prompt"):
+        for key in ("batch_index", "model", "prompt", "class_label"):
             d.pop(key)
         if d["strength"] is None:
             d.pop("strength")
@@ -265,6 +281,8 @@ class GenerationParams:
                  ("Seed", self.seed), ("Size", f"{self.width}x{self.height}")]
         if self.model:
             items.append(("Model", self.model))
+        if self.class_label is not None:
+            items.append(("Class label", self.class_label))
         if self.strength is not None:
             items.append(("Denoising strength", _num(self.strength)))
         if self.clip_skip != 1:
@@ -309,7 +327,7 @@ class GenerationParams:
         conversions = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
                        "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
                        "CFG rescale phi": ("guidance_rescale", float), "Batch size": ("num_images", int),
-                       "Batch pos": ("batch_index", int), "Model": ("model", str),
+                       "Batch pos": ("batch_index", int), "Model": ("model", str), "Class label": ("class_label", str),
                        "Chunked prompt": ("chunked", lambda v: v == "True"),
                        "Paste back": ("paste_back", lambda v: v == "True")}
         for key, (name, convert) in conversions.items():

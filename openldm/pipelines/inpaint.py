@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 from openldm.conditioning.spatial import InpaintConditioner, InpaintConfig
-from openldm.pipelines.common import (ModelParts, denoise_and_decode, draw_noise, encode_images, encode_text,
+from openldm.pipelines.common import (ModelParts, chain_hooks, denoise_and_decode, draw_noise, encode_images, encode_text,
                                       image_to_tensor, latent_shape, make_generator, module_device_dtype,
                                       paste_unmasked, place, sampling_plan, to_pil)
-from openldm.samplers.base import blend_known
+from openldm.samplers.base import OnStep, blend_known
 
 
 def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image | str | Path,
@@ -30,7 +30,7 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
             guidance_scale: float = 7.5, guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None,
             width: int | None = None, num_images: int = 1, clip_skip: int = 1, chunked: bool = False,
             device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-            vae_tiling: bool = False, progress: bool = True) -> list[Image.Image]:
+            vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None) -> list[Image.Image]:
     """``image`` with the white region of ``mask`` (grey levels binarised at 0.5) redrawn, as diffusers'
     StableDiffusionInpaintPipeline with the same seed. The kind of UNet (4 or 9 input channels) picks the method."""
     if not 0.0 < strength <= 1.0:
@@ -59,7 +59,7 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
     noise = draw_noise(shape, generator, device, dtype)
     x = plan.initial_sample(noise) if strength == 1.0 else plan.noised_input(known, noise)
 
-    on_step = None
+    hooks = [on_step]
     if concat_channels:
         conditioner = InpaintConditioner(InpaintConfig(latent_channels=shape[1]),
                                          encode=lambda masked: encode_images(parts.vae, masked, generator,
@@ -69,9 +69,9 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
         cond, uncond = replace(cond, concat=concat), replace(uncond, concat=concat)
     else:
         small = torch.nn.functional.interpolate(fill, size=shape[2:], mode="nearest").to(device, dtype)
-        on_step = blend_known(known, small, noise)
+        hooks.insert(0, blend_known(known, small, noise))
     images = denoise_and_decode(parts, x, plan, cond, uncond, sampler=sampler, guidance_scale=guidance_scale,
-                                guidance_rescale=guidance_rescale, generator=generator, on_step=on_step,
+                                guidance_rescale=guidance_rescale, generator=generator, on_step=chain_hooks(*hooks),
                                 vae_tiling=vae_tiling, progress=progress)
     if paste_back:
         images = paste_unmasked(images, init, fill)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -34,6 +34,7 @@ from openldm.conditioning.compose import (
     ComposedConditioner,
     Resources,
     build_conditioning,
+    latent_resources,
     merge_slots,
 )
 from openldm.conditioning.slots import Slots
@@ -43,14 +44,15 @@ from openldm.conditioning.spatial import (
     SegmentationConditioner,
 )
 from openldm.conditioning.text import TextConditioner
-from openldm.config import from_dict
 from openldm.data.image_io import load_image, load_label_map, pil_to_tensor
 from openldm.data.transforms import crop_center
 from openldm.diffusion.schedules import ScheduleConfig
-from openldm.io.files import atomic_path
-from openldm.io.native import load_model, read_metadata, save_model
-from openldm.models.autoencoder import latent_channels
+from openldm.io import run_dir as runs
+from openldm.io.native import load_model, save_model
+from openldm.io.run_dir import DiffusionTrainConfig, base_resources, load_base_model
+from openldm.models.autoencoder import LatentCodec, latent_channels
 from openldm.pipelines.common import (
+    chain_hooks,
     draw_noise,
     guided_denoiser,
     make_generator,
@@ -58,16 +60,7 @@ from openldm.pipelines.common import (
     run_sampler,
     sampling_plan,
 )
-from openldm.samplers.base import blend_known
-from openldm.training.diffusion import (
-    DiffusionTrainConfig,
-    LatentEncoder,
-    base_resources,
-    data_facts,
-    latent_resources,
-    load_base_model,
-    upgrade_config,
-)
+from openldm.samplers.base import OnStep, blend_known
 
 ImageInput = Image.Image | str | Path | torch.Tensor
 
@@ -117,35 +110,6 @@ class TrainedModel:
 
 # --------------------------------------------------------------------------------------------------- loading
 
-def _find_autoencoder(path: str, run_dir: Path, what: str = "autoencoder") -> Path:
-    """The config's autoencoder (or base model) path: inside the run directory (an exported run keeps its
-    autoencoder there), else as written (relative to the working directory training ran in)."""
-    candidates = ([run_dir / path] if not Path(path).is_absolute() else []) + [Path(path)]
-    for p in candidates:
-        if p.is_file() or (what == "base_model" and p.is_dir()):
-            return p
-    raise FileNotFoundError(f"the run's {what} {path!r} was not found (tried {[str(p) for p in candidates]}); "
-                            f"pass {what}=PATH to load_run")
-
-
-def _data_facts(cfg: DiffusionTrainConfig, run_dir: Path, channels: int, f: int) -> dict[str, Any]:
-    """The run's ``data.json`` (written by training); for runs without one, probed from the dataset config (empty
-    when the data is not available here)."""
-    path = run_dir / "data.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    from openldm.data import build_dataset
-
-    try:
-        dataset = build_dataset(cfg.data.name, cfg.data.options)
-        item = dataset[0]
-    except (OSError, ValueError, IndexError, KeyError):
-        return {}
-    shape = item["latent"].shape if "latent" in item else (channels, *(s // f for s in item["image"].shape[-2:]))
-    names = list(getattr(dataset, "class_names", None) or []) or None
-    return {"data_shape": [int(s) for s in shape], "class_names": names}
-
-
 def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
              autoencoder: str | Path | None = None, resources: Resources | None = None,
              dtype: torch.dtype = torch.float32, step: int | None = None,
@@ -161,34 +125,25 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     and frozen CLIP text encoder + tokenizer (for the text backend "external") from that checkpoint, and samples
     with the checkpoint's timestep spacing and offset."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a diffusion run directory (no config.yaml)")
-    cfg = from_dict(DiffusionTrainConfig, upgrade_config(yaml.safe_load((run_dir / "config.yaml").read_text())),
-                    where=str(run_dir / "config.yaml"))
-    weights_dir = run_dir
-    if step is not None:
-        weights_dir = run_dir / "snapshots" / f"step_{step:06d}"
-        if not ema or not weights_dir.is_dir():
-            found = sorted(p.name for p in (run_dir / "snapshots").glob("step_*")) if ema else []
-            raise FileNotFoundError(f"no EMA snapshot of step {step} in {str(run_dir)!r} (snapshots: {found or 'none'}; "
-                                    "train with snapshot_every=N to keep them)")
-    unet_path = weights_dir / ("unet_ema.safetensors" if ema else "unet.safetensors")
+    cfg = runs.read_config(run_dir)
+    weights_dir = runs.weights_dir(run_dir, step, ema)
+    unet_path = weights_dir / (runs.UNET_EMA_FILE if ema else runs.UNET_FILE)
     if not unet_path.is_file():
         raise FileNotFoundError(f"{str(unet_path)!r} does not exist; the run has not saved a checkpoint yet")
     unet = load_model(unet_path, device=device, dtype=dtype).eval()
-    scale = float(read_metadata(unet_path).get("openldm.latent_scale", "1.0"))
+    scale = runs.read_latent_scale(unet_path)
 
     ae, spacing = None, {}
     if cfg.base_model is not None:
-        path = base_model if base_model is not None else _find_autoencoder(cfg.base_model, run_dir, "base_model")
+        path = base_model if base_model is not None else runs.find_in_run(cfg.base_model, run_dir, "base_model")
         sd = load_base_model(cfg, path, device=device, dtype=dtype)
         ae, resources, spacing = sd.vae, base_resources(sd, resources), {"spacing": sd.spacing,
                                                                           "steps_offset": sd.steps_offset}
     elif autoencoder is not None or cfg.autoencoder is not None:
-        ae_path = Path(autoencoder) if autoencoder is not None else _find_autoencoder(cfg.autoencoder, run_dir)
+        ae_path = Path(autoencoder) if autoencoder is not None else runs.find_in_run(cfg.autoencoder, run_dir)
         ae = load_model(ae_path, device=device, dtype=dtype).eval()
     conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
-    cond_path = weights_dir / "conditioner.safetensors"
+    cond_path = weights_dir / runs.CONDITIONER_FILE
     if cond_path.is_file():
         state = load_file(str(cond_path))
         prefix = "ema." if ema else ""
@@ -199,7 +154,7 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     conditioner.to(device).eval().requires_grad_(False)
 
     f = 1 if ae is None else int(ae.downsampling_factor)
-    facts = _data_facts(cfg, run_dir, unet.config.in_channels, f)
+    facts = runs.read_data_facts(run_dir, cfg, unet.config.in_channels, f)
     shape, crop = facts.get("data_shape"), facts.get("crop_size")
     if autoencoder is not None and ae is not None and shape and latent_channels(ae) != shape[0]:
         raise ValueError(f"autoencoder {str(autoencoder)!r} has {latent_channels(ae)} latent channels but "
@@ -368,16 +323,14 @@ def encode(model: TrainedModel, images: torch.Tensor) -> torch.Tensor:
     device, _ = module_device_dtype(model.unet)
     if model.autoencoder is None:
         return images.to(device, torch.float32)
-    return LatentEncoder(model.autoencoder, model.latent_scale)(images).to(device)
+    return LatentCodec(model.autoencoder, model.latent_scale).encode(images).to(device)
 
 
 def decode(model: TrainedModel, x: torch.Tensor) -> torch.Tensor:
     """What the model denoises -> images (B, C, H, W) in [-1, 1], float32 on the CPU. Latents are divided by the
     run's scale (training multiplied the posterior mode by it) and decoded."""
     if model.autoencoder is not None:
-        device, dtype = module_device_dtype(model.autoencoder)
-        with torch.no_grad():
-            x = model.autoencoder.decode((x / model.latent_scale).to(device, dtype))
+        x = LatentCodec(model.autoencoder, model.latent_scale).decode(x)
     return x.float().cpu().clamp(-1, 1)
 
 
@@ -387,7 +340,8 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
                    init_image: ImageInput | None = None, strength: float = 1.0, num_images: int = 1,
                    sampler: str = "ddim", karras: bool = False, steps: int = 50, guidance_scale: float = 3.0,
                    guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None,
-                   width: int | None = None, crop: bool = True, progress: bool = False) -> torch.Tensor:
+                   width: int | None = None, crop: bool = True, progress: bool = False,
+                   on_step: OnStep | None = None) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] from a trained model; B = ``num_images`` per class label / prompt (a list of
     labels or prompts gives ``num_images`` each, label-major). Samples at the training size come back cropped to
     the dataset's own size when its images were padded (Fashion-MNIST 28 px padded to 32), unless ``crop=False``.
@@ -424,7 +378,7 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
     uncond = model.conditioner.null(B, latent_size=latent_size).to(device=device) if given else cond
 
     plan = sampling_plan(model, sampler, steps, karras)
-    on_step = None
+    hooks = [on_step]
     if init_image is not None and not any(isinstance(c, InpaintConditioner) for c in model.conditioner.conditioners.values()):
         known = encode(model, _batched(_image(init_image, model.channels, (height, width), "init_image"), B,
                                         "init_image"))
@@ -434,17 +388,23 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
         if mask is not None:  # inpainting by blending: the known region is put back after every step
             small = F.interpolate(_batched(_fill_mask(mask, (height, width)), B, "mask"), size=latent_size,
                                   mode="nearest").to(device)
-            on_step = blend_known(known, small, noise)
+            hooks.insert(0, blend_known(known, small, noise))
     else:
         if strength < 1.0:
             raise ValueError("strength < 1 is for image-to-image; an inpainting model redraws the mask from noise")
         x = plan.initial_sample(noise)
     # no condition given: cond == uncond, and guidance would change nothing
     denoiser = guided_denoiser(model, plan, uncond, guidance_scale if given else 1.0, guidance_rescale)
-    out = run_sampler(sampler, denoiser, x, plan, cond, generator, on_step=on_step, progress=progress)
+    out = run_sampler(sampler, denoiser, x, plan, cond, generator, on_step=chain_hooks(*hooks), progress=progress)
     images = decode(model, out)
-    if crop and model.crop_size is not None and (height, width) == model.image_size:
-        images = crop_center(images, model.crop_size)
+    return crop_output(model, images) if crop else images
+
+
+def crop_output(model: TrainedModel, images: torch.Tensor) -> torch.Tensor:
+    """Images at the training size cropped back to the dataset's own size when its images were padded
+    (Fashion-MNIST: 28 px padded to 32); other sizes as they are."""
+    if model.crop_size is not None and tuple(images.shape[-2:]) == model.image_size:
+        return crop_center(images, model.crop_size)
     return images
 
 
@@ -457,7 +417,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype =
     to ``dtype`` (float16 halves the size; :func:`load_run` casts back to float32). Optimiser state, raw weights and
     logs stay behind. Returns ``out_dir``."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if yaml.safe_load((run_dir / "config.yaml").read_text()).get("base_model"):
+    if runs.read_config(run_dir).base_model:
         raise ValueError(f"{str(run_dir)!r} fine-tunes a Stable Diffusion checkpoint (base_model); export_run packs "
                          "models trained here with their own autoencoder. Convert the run's UNet with `openldm "
                          "convert` or copy the run directory and keep its base checkpoint")
@@ -466,21 +426,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype =
         raise ValueError(f"{str(run_dir)!r} has no data.json and its data cannot be probed here; an exported run "
                          "must carry its data facts")
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = upgrade_config(yaml.safe_load((run_dir / "config.yaml").read_text()))  # today's keys only
+    cfg = runs.upgrade_config(yaml.safe_load((run_dir / runs.CONFIG_FILE).read_text()))  # today's keys only
     if model.autoencoder is not None:
         cfg["autoencoder"] = "autoencoder.safetensors"
-        save_model(model.autoencoder.to(dtype), out_dir / "autoencoder.safetensors",
-                   {"openldm.source": "exported"})
-    scale = read_metadata(run_dir / "unet_ema.safetensors").get("openldm.latent_scale", "1.0")
-    save_model(model.unet.to(dtype), out_dir / "unet_ema.safetensors", {"openldm.latent_scale": scale})
-    state = {f"ema.{k}": (v.to(dtype) if v.is_floating_point() else v).contiguous()
-             for k, v in model.conditioner.state_dict().items()}
-    with atomic_path(out_dir / "conditioner.safetensors") as tmp:
-        save_file(state, str(tmp))
-    facts = data_facts(model.data_shape, model.image_size, model.channels, model.class_names, model.crop_size)
-    for name, text in (("config.yaml", yaml.safe_dump(cfg, sort_keys=False)), ("data.json", json.dumps(facts, indent=1))):
-        with atomic_path(out_dir / name) as tmp:
-            tmp.write_text(text)
+        save_model(model.autoencoder.to(dtype), out_dir / "autoencoder.safetensors", {"openldm.source": "exported"})
+    cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.conditioner.state_dict().items()}
+    runs.save_weights(out_dir, ema_unet=model.unet.to(dtype), ema_conditioner=cast, latent_scale=model.latent_scale)
+    runs.write_config(cfg, out_dir)
+    runs.write_json(out_dir / runs.DATA_FILE, runs.data_facts(model.data_shape, model.image_size, model.channels,
+                                                               model.class_names, model.crop_size))
+    if (run_dir / runs.SAMPLING_FILE).is_file():
+        runs.write_json(out_dir / runs.SAMPLING_FILE, json.loads((run_dir / runs.SAMPLING_FILE).read_text()))
     return out_dir
 
 

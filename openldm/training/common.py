@@ -6,28 +6,15 @@ import contextlib
 import json
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from openldm.config import to_dict
-from openldm.io.files import atomic_path
+from openldm.config import PRECISIONS, DataSpec, to_dict  # noqa: F401  (re-exported)
+from openldm.io.run_dir import write_config  # noqa: F401  (re-exported: every loop writes config.yaml through it)
 from openldm.training.distributed import DistInfo, ShardedSampler
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass
-class DataSpec:
-    """A registered dataset (openldm.data) and its options, checked strictly against its config."""
-
-    name: str = "shapes"
-    options: dict[str, Any] = field(default_factory=dict)
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is left as it was."""
@@ -62,13 +49,6 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-def write_config(cfg: Any, out_dir: Path) -> None:
-    """``out_dir/config.yaml``: the resolved training config, written atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:

@@ -1,22 +1,7 @@
 """Diffusion training: an explicit loop over (cached) latents or pixels, any composition of conditioners.
 
-Run directory (``out_dir``), everything needed to sample or resume:
-
-- ``config.yaml``                 the resolved training config
-- ``unet.safetensors``            raw UNet weights + UNet config (openldm model file)
-- ``unet_ema.safetensors``        EMA UNet (what sampling uses by default)
-- ``conditioner.safetensors``     trainable conditioner weights (raw and ``ema.`` prefixed)
-- ``training_state.safetensors``  optimiser, LR schedule, step, RNG and data position (no pickle)
-- ``data.json``                   what sampling needs to know of the data without it: the shape being denoised
-                                  (``data_shape``), the image size and channels, class names, and ``crop_size``
-                                  (the size to crop samples back to when the dataset padded its images)
-- ``metrics.jsonl``               one JSON line per ``log_every`` steps (also TensorBoard under ``tensorboard/`` when
-                                  ``torch.utils.tensorboard`` and ``tensorboard`` are installed)
-- ``snapshots/step_XXXXXX/``      every ``snapshot_every`` steps, the EMA UNet and conditioner of that step (for
-                                  quality-against-training-time curves; ``load_run(run_dir, step=N)``)
-- ``samples/step_XXXXXX.png``     every ``sample_every`` steps, from the EMA model: rows = the data, unconditional
-                                  samples, then (conditional models) guided samples for the data's conditions
-- ``latents/``                    the latent cache (latent runs)
+The run directory (``out_dir``) and its files are ``openldm.io.run_dir``'s: this loop writes the config, weights,
+data facts and training state through it, as inference reads them.
 
 Latents: with ``cache_latents`` (the default) the dataset is encoded once into ``latents/`` (the posterior's mode;
 random crops or flips of the data are then drawn once, at caching); with ``cache_latents: false`` every batch is
@@ -44,18 +29,16 @@ states are saved with the step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -65,12 +48,12 @@ from openldm.conditioning.compose import (
     ConditionConfig,
     Resources,
     build_conditioning,
+    latent_resources,
 )
 from openldm.conditioning.spatial import InpaintConditioner, LowResConditioner, RowShard
 from openldm.config import from_dict, to_dict
 from openldm.data import build_dataset
 from openldm.diffusion.objectives import (
-    PREDICTION_TYPES,
     min_snr_weight,
     offset_noise,
     sample_timesteps,
@@ -79,14 +62,23 @@ from openldm.diffusion.objectives import (
 from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod, q_sample
 from openldm.evaluation.grid import image_grid
 from openldm.io.files import atomic_path
-from openldm.io.native import load_model, save_model
-from openldm.models.autoencoder import latent_channels, latent_mode
+from openldm.io.native import load_model
+from openldm.io.run_dir import (  # noqa: F401  (DiffusionTrainConfig, upgrade_config, data_facts: re-exported)
+    DATA_FILE,
+    STATE_FILE,
+    DiffusionTrainConfig,
+    base_resources,
+    data_facts,
+    load_base_model,
+    save_weights,
+    upgrade_config,
+    write_json,
+)
+from openldm.models.autoencoder import LatentCodec
 from openldm.registry import PRESETS
 from openldm.training.checkpoint import load_state, save_state
 from openldm.training.common import (
-    PRECISIONS,
     BatchStream,
-    DataSpec,
     StopFlag,
     TrainingDiverged,
     append_metrics,
@@ -102,76 +94,7 @@ from openldm.training.distributed import (
     shutdown,
 )
 from openldm.training.ema import EMA
-from openldm.training.optim import OptimConfig, make_optimizer
-
-
-@dataclass
-class DiffusionTrainConfig:
-    data: DataSpec = field(default_factory=DataSpec)
-    autoencoder: str | None = None  # openldm autoencoder file; None trains in pixel space
-    base_model: str | None = None  # SD v1 checkpoint to fine-tune (single file / diffusers / openldm folder)
-    cache_latents: bool = True  # False: encode each batch with the frozen autoencoder as it is drawn
-    unet_preset: str = "tiny-unet"  # (not with base_model: the UNet is the checkpoint's)
-    unet: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
-    conditions: list[ConditionConfig] = field(default_factory=list)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    prediction: str = "eps"  # eps | v | x0
-    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting; None = plain MSE
-    offset_noise: float = 0.0
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 32  # global batch (over all processes and accumulation steps)
-    grad_accum: int = 1
-    steps: int = 1000
-    ema_decay: float = 0.999
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, GPU)
-    channels_last: bool = False
-    compile: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    out_dir: str = "runs/diffusion"
-    log_every: int = 25
-    save_every: int = 500
-    snapshot_every: int = 0  # keep the EMA weights of every N-th step under snapshots/ (0 = never)
-    num_workers: int = 0
-    sample_every: int = 0  # write a sample grid every N steps (0 = never)
-    sample_steps: int = 20  # DDIM steps of those samples
-    sample_guidance: float = 3.0  # their classifier-free guidance scale
-    low_res_factor: int | None = None  # removed: now the low_res condition's options.factor (kept to say so)
-
-    def __post_init__(self) -> None:
-        if self.prediction not in PREDICTION_TYPES:
-            raise ValueError(f"prediction {self.prediction!r} is not one of {PREDICTION_TYPES}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
-        if self.snapshot_every < 0:
-            raise ValueError(f"snapshot_every={self.snapshot_every} must be >= 0 (0 = no snapshots)")
-        if self.sample_every < 0 or self.sample_steps < 1:
-            raise ValueError(f"sample_every={self.sample_every} must be >= 0 and sample_steps={self.sample_steps} >= 1")
-        if self.low_res_factor is not None:
-            raise ValueError(f"low_res_factor={self.low_res_factor} is no longer a training option: the factor belongs "
-                             "to the low-res condition; remove the top-level key and write it as "
-                             f"conditions: [{{kind: low_res, options: {{factor: {self.low_res_factor}}}}}]")
-        if self.base_model is not None:
-            if self.autoencoder is not None:
-                raise ValueError(f"base_model={self.base_model!r} brings its own autoencoder (the checkpoint's VAE); "
-                                 f"remove autoencoder={self.autoencoder!r}")
-            if self.unet or self.unet_preset != "tiny-unet":
-                raise ValueError(f"base_model={self.base_model!r} fine-tunes the checkpoint's UNet with its own "
-                                 f"config; remove unet_preset={self.unet_preset!r} and unet={self.unet!r}")
-
-
-def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
-    """A run's stored config (plain data) in today's form: ``low_res_factor`` (written by runs before it moved)
-    becomes each low_res condition's ``options.factor``."""
-    data = dict(data)
-    factor = data.pop("low_res_factor", None)
-    if factor is not None:
-        data["conditions"] = [
-            {**c, "options": {"factor": factor, **c.get("options", {})}} if c.get("kind") == "low_res" else c
-            for c in data.get("conditions", [])]
-    return data
+from openldm.training.optim import make_optimizer
 
 
 class DiffusionModel(nn.Module):
@@ -202,36 +125,6 @@ def build_unet_config(cfg: DiffusionTrainConfig, data_channels: int, conditioner
     return from_dict(type(base), data, where="unet")
 
 
-def load_base_model(cfg: DiffusionTrainConfig, path: str | Path | None = None, *,
-                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """The SD v1 checkpoint ``cfg.base_model`` (or ``path``) as ``StableDiffusionComponents`` at ``dtype``, its VAE
-    and text encoder frozen (eval, no gradients). Raises when the run's schedule or prediction type is not the
-    checkpoint's."""
-    from openldm.io.sd import load_sd
-
-    path = cfg.base_model if path is None else path
-    sd = load_sd(path, device=device, dtype=dtype)
-    if cfg.schedule != sd.schedule or cfg.prediction != sd.prediction:
-        raise ValueError(f"base_model {str(path)!r} was trained with schedule {to_dict(sd.schedule)} and prediction "
-                         f"{sd.prediction!r}; the config has schedule {to_dict(cfg.schedule)} and prediction "
-                         f"{cfg.prediction!r}: set schedule and prediction to the checkpoint's")
-    for module in (sd.vae, sd.text_encoder):
-        module.eval().requires_grad_(False)
-    return sd
-
-
-def base_resources(sd, resources: Resources | None) -> Resources:
-    """``resources`` with the checkpoint's frozen CLIP text encoder + tokenizer as the ``prompt_encoder`` (the
-    text backend "external"), unless the caller gave one: ``tokenizer(prompts)`` (B, 77) -> the encoder's last
-    layer (B, 77, D), every position attended, as SD v1 and ``pipelines.common.encode_text`` do."""
-    from openldm.conditioning.text import wrap_text_encoder
-
-    resources = resources or Resources()
-    if resources.prompt_encoder is not None:
-        return resources
-    return dataclasses.replace(resources, prompt_encoder=wrap_text_encoder(sd.tokenizer, sd.text_encoder))
-
-
 def check_base_unet(unet_config, data_channels: int, conditioner: ComposedConditioner) -> None:
     """A base model's UNet must take what the data and conditions give it (its config is not ours to change)."""
     dims = conditioner.slot_dims()
@@ -259,31 +152,6 @@ def build_unet(cfg: DiffusionTrainConfig, data_channels: int, conditioner: Compo
     return unet
 
 
-class LatentEncoder:
-    """Images in [-1, 1] -> scaled latents, as training caches them (the posterior's mode times the run's scale);
-    what latent runs hand to conditioners that encode images (``Resources.encode``: the inpainting masked image)."""
-
-    def __init__(self, autoencoder: nn.Module, scale: float):
-        self.autoencoder, self.scale = autoencoder, scale
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        weight = next(self.autoencoder.parameters())
-        posterior = self.autoencoder.encode(images.to(weight.device, weight.dtype))
-        z = latent_mode(posterior)  # KL posterior's mode, or VQ's continuous latents
-        return z.float() * self.scale
-
-
-def latent_resources(resources: Resources | None, autoencoder: nn.Module | None, scale: float) -> Resources:
-    """``resources`` with ``encode`` (and its ``latent_channels``) filled in from the autoencoder (a latent run)
-    when it has none."""
-    resources = resources or Resources()
-    if resources.encode is not None or autoencoder is None:
-        return resources
-    return dataclasses.replace(resources, encode=LatentEncoder(autoencoder, scale),
-                               latent_channels=latent_channels(autoencoder))
-
-
 def _reads_pixels(conditions: list[ConditionConfig]) -> bool:
     """Whether a condition may need the training images: inpainting (the masked image) or low-res (derived)."""
     return any(c.kind in ("inpaint", "low_res") for c in conditions)
@@ -309,18 +177,6 @@ class _WithPixels(torch.utils.data.Dataset):
         return fingerprint_dataset(self.dataset) + ":pixels"
 
 
-def data_facts(data_shape: Sequence[int], image_size: Sequence[int] | None, image_channels: int | None,
-               class_names: Sequence[str] | None, crop_size: Sequence[int] | None) -> dict[str, Any]:
-    """A run's ``data.json``, the one place its keys are written (training and ``export_run``): ``data_shape``
-    (C, h, w) is what the model denoises (latents or the pixels), ``image_size`` / ``image_channels`` the source
-    images', ``crop_size`` what outputs are cropped back to."""
-    return {"data_shape": [int(s) for s in data_shape],
-            "image_size": [int(s) for s in image_size] if image_size else None,
-            "image_channels": None if image_channels is None else int(image_channels),
-            "class_names": list(class_names) if class_names else None,
-            "crop_size": [int(s) for s in crop_size] if crop_size else None}
-
-
 def describe_data(dataset, data_shape: Sequence[int]) -> dict[str, Any]:
     """The facts about a source dataset that sampling needs (the run's ``data.json``)."""
     C, H, W = dataset[0]["image"].shape
@@ -337,7 +193,7 @@ class TrainingData:
     dataset: Any
     x0_key: str
     scale: float
-    encode: LatentEncoder | None = None
+    encode: LatentCodec | None = None
 
     def x0(self, batch: dict, device: torch.device) -> torch.Tensor:
         if self.encode is not None:
@@ -368,18 +224,13 @@ def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path, autoencoder: nn.Modul
             from openldm.data.latent_cache import measure_scale_factor
 
             probe = torch.stack([dataset[i]["image"] for i in range(min(64, len(dataset)))])
-            scale = measure_scale_factor(LatentEncoder(autoencoder, 1.0)(probe))
-        encode = LatentEncoder(autoencoder, float(scale))
+            scale = measure_scale_factor(LatentCodec(autoencoder, 1.0)(probe))
+        encode = LatentCodec(autoencoder, float(scale))
         data = TrainingData(dataset, "image", float(scale), encode)
         shape = encode(dataset[0]["image"][None]).shape[1:]
     if main:
-        _write_json(out_dir / "data.json", describe_data(dataset, shape))
+        write_json(out_dir / DATA_FILE, describe_data(dataset, shape))
     return data
-
-
-def _write_json(path: Path, value: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=1))
 
 
 def condition_inputs(batch: dict, conditioner: ComposedConditioner) -> dict:
@@ -454,22 +305,15 @@ def _tensorboard(out_dir: Path):
 
 
 def _save_weights(out_dir: Path, model: DiffusionModel | None, ema: EMA, scale: float) -> None:
-    """unet(_ema).safetensors and conditioner.safetensors (raw and ``ema.`` weights; EMA only when ``model`` is
-    None, as in snapshots)."""
-    extra = {"openldm.latent_scale": repr(scale)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if model is not None:
-        save_model(model.unet, out_dir / "unet.safetensors", extra)
-    save_model(ema.shadow.unet, out_dir / "unet_ema.safetensors", extra)
-    cond = {} if model is None else {k: v.detach().contiguous() for k, v in model.conditioner.state_dict().items()}
-    cond.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.shadow.conditioner.state_dict().items()})
-    with atomic_path(out_dir / "conditioner.safetensors") as tmp:
-        save_file(cond, str(tmp))
+    """The run's weight files (EMA only when ``model`` is None, as in snapshots), through the run directory's owner."""
+    save_weights(out_dir, ema_unet=ema.shadow.unet, ema_conditioner=ema.shadow.conditioner.state_dict(),
+                 latent_scale=scale, unet=None if model is None else model.unet,
+                 conditioner=None if model is None else model.conditioner.state_dict())
 
 
 def _save_run(out_dir: Path, model: DiffusionModel, ema: EMA, state: dict, scale: float) -> None:
     _save_weights(out_dir, model, ema, scale)
-    save_state(state, out_dir / "training_state.safetensors")  # last: its presence marks a complete checkpoint
+    save_state(state, out_dir / STATE_FILE)  # last: its presence marks a complete checkpoint
 
 
 def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress: bool = True,
@@ -528,8 +372,8 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
     alphas_cumprod = make_alphas_cumprod(cfg.schedule).to(device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # noise, timesteps, dropout: the same stream on every rank
     step, epoch, position = 0, 0, 0
-    if resume and (out_dir / "training_state.safetensors").is_file():
-        state = load_state(out_dir / "training_state.safetensors")
+    if resume and (out_dir / STATE_FILE).is_file():
+        state = load_state(out_dir / STATE_FILE)
         model.unet.load_state_dict(load_model(out_dir / "unet.safetensors").state_dict())
         cond = load_file(str(out_dir / "conditioner.safetensors"))
         model.conditioner.load_state_dict({k: v for k, v in cond.items() if not k.startswith("ema.")})

@@ -2,30 +2,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-LR_SCHEDULES = ("constant", "cosine")
+from openldm.config import LR_SCHEDULES, OptimConfig  # noqa: F401  (the config lives with the run configs)
 
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine (to min_lr_ratio * lr at total_steps)
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
-
-    def __post_init__(self) -> None:
-        if self.schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr schedule {self.schedule!r} is not one of {LR_SCHEDULES}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
 
 
 def lr_factor(step: int, config: OptimConfig, total_steps: int) -> float:

@@ -250,7 +250,7 @@ def test_tiled_reconstruction_of_a_trained_model_is_as_good_as_untiled(overfit_k
 
 def test_latent_mode_takes_the_kl_mode_and_keeps_vq_latents():
     from openldm.models.autoencoder import AutoencoderKL, VQAutoencoder, latent_mode, tiny_autoencoder_kl, tiny_vq
-    from openldm.training.diffusion import LatentEncoder
+    from openldm.models.autoencoder import LatentCodec
 
     torch.manual_seed(0)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -258,4 +258,4 @@ def test_latent_mode_takes_the_kl_mode_and_keeps_vq_latents():
     with torch.no_grad():
         assert torch.equal(latent_mode(kl.encode(x)), kl.encode(x).mean)
         assert torch.equal(latent_mode(vq.encode(x)), vq.encode(x))  # a tensor: not torch.Tensor.mode's reduction
-        assert LatentEncoder(vq, 2.0)(x).shape == (2, 4, 4, 4)
+        assert LatentCodec(vq, 2.0)(x).shape == (2, 4, 4, 4)

@@ -31,7 +31,7 @@ from openldm.models.autoencoder import AutoencoderKL, tiny_autoencoder_kl
 from openldm.pipelines.trained import load_run, sample_trained
 from openldm.training.diffusion import (
     DiffusionTrainConfig,
-    LatentEncoder,
+    LatentCodec,
     condition_inputs,
     train_diffusion,
 )
@@ -260,7 +260,7 @@ def test_latent_run_inpaints_and_upscales_through_the_autoencoder(tmp_path):
     assert (tmp_path / "run" / "samples" / "step_000002.png").is_file()
     model = load_run(tmp_path / "run")
     encode = model.conditioner.conditioners["inpaint"]._encode.value
-    assert isinstance(encode, LatentEncoder) and encode.autoencoder is model.autoencoder
+    assert isinstance(encode, LatentCodec) and encode.autoencoder is model.autoencoder
     assert model.conditioner.conditioners["inpaint"].config.latent_channels == 3
     image = held_out(1)[0]["image"]
     fill = torch.zeros(SIZE, SIZE)

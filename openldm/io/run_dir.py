@@ -1,0 +1,319 @@
+"""The run directory: the one owner of its layout. Training writes through it, inference reads through it.
+
+A run directory (``out_dir`` of ``openldm train``, an exported run, a bundled model) holds:
+
+- ``config.yaml``                 the resolved :class:`DiffusionTrainConfig` (read back with :func:`read_config`,
+                                  older keys upgraded by :func:`upgrade_config`)
+- ``unet.safetensors``            raw UNet weights + UNet config (an openldm model file)
+- ``unet_ema.safetensors``        the EMA UNet (what sampling uses by default); both UNet files carry the latent
+                                  scale in their metadata (``LATENT_SCALE_KEY``)
+- ``conditioner.safetensors``     trainable conditioner weights (raw and ``ema.`` prefixed)
+- ``data.json``                   what sampling needs to know of the data without it (:func:`data_facts`)
+- ``sampling.json``               the model's recommended sampling settings (sampler, steps, guidance_scale,
+                                  karras, width, height), optional; the CLI, the API and the page start from them
+- ``training_state.safetensors``  optimiser, LR schedule, step, RNG and data position (training/ only)
+- ``snapshots/step_XXXXXX/``      EMA weights of chosen steps
+- ``metrics.jsonl``, ``samples/``, ``latents/``, ``tensorboard/``: training's logs and caches
+
+Paths inside the config (``autoencoder``, ``base_model``) are looked up in the run directory first, so a run that
+carries its autoencoder can be moved anywhere (:func:`find_in_run`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from openldm.conditioning.compose import ConditionConfig, Resources
+from openldm.config import PRECISIONS, DataSpec, OptimConfig, from_dict, to_dict
+from openldm.diffusion.objectives import PREDICTION_TYPES
+from openldm.diffusion.schedules import ScheduleConfig
+from openldm.io.files import atomic_path
+from openldm.io.native import read_metadata, save_model
+
+CONFIG_FILE = "config.yaml"
+UNET_FILE = "unet.safetensors"
+UNET_EMA_FILE = "unet_ema.safetensors"
+CONDITIONER_FILE = "conditioner.safetensors"
+DATA_FILE = "data.json"
+SAMPLING_FILE = "sampling.json"
+STATE_FILE = "training_state.safetensors"
+SNAPSHOTS = "snapshots"
+LATENT_SCALE_KEY = "openldm.latent_scale"  # the run's latent scale, in the UNet files' metadata
+TRAINED_SAMPLING = {"sampler": "ddim", "steps": 50, "guidance_scale": 3.0}  # a run without sampling.json
+
+
+@dataclass
+class DiffusionTrainConfig:
+    data: DataSpec = field(default_factory=DataSpec)
+    autoencoder: str | None = None  # openldm autoencoder file; None trains in pixel space
+    base_model: str | None = None  # SD v1 checkpoint to fine-tune (single file / diffusers / openldm folder)
+    cache_latents: bool = True  # False: encode each batch with the frozen autoencoder as it is drawn
+    unet_preset: str = "tiny-unet"  # (not with base_model: the UNet is the checkpoint's)
+    unet: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
+    conditions: list[ConditionConfig] = field(default_factory=list)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prediction: str = "eps"  # eps | v | x0
+    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting; None = plain MSE
+    offset_noise: float = 0.0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 32  # global batch (over all processes and accumulation steps)
+    grad_accum: int = 1
+    steps: int = 1000
+    ema_decay: float = 0.999
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, GPU)
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    out_dir: str = "runs/diffusion"
+    log_every: int = 25
+    save_every: int = 500
+    snapshot_every: int = 0  # keep the EMA weights of every N-th step under snapshots/ (0 = never)
+    num_workers: int = 0
+    sample_every: int = 0  # write a sample grid every N steps (0 = never)
+    sample_steps: int = 20  # DDIM steps of those samples
+    sample_guidance: float = 3.0  # their classifier-free guidance scale
+    low_res_factor: int | None = None  # removed: now the low_res condition's options.factor (kept to say so)
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTION_TYPES:
+            raise ValueError(f"prediction {self.prediction!r} is not one of {PREDICTION_TYPES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
+        if self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every={self.snapshot_every} must be >= 0 (0 = no snapshots)")
+        if self.sample_every < 0 or self.sample_steps < 1:
+            raise ValueError(f"sample_every={self.sample_every} must be >= 0 and sample_steps={self.sample_steps} >= 1")
+        if self.low_res_factor is not None:
+            raise ValueError(f"low_res_factor={self.low_res_factor} is no longer a training option: the factor belongs "
+                             "to the low-res condition; remove the top-level key and write it as "
+                             f"conditions: [{{kind: low_res, options: {{factor: {self.low_res_factor}}}}}]")
+        if self.base_model is not None:
+            if self.autoencoder is not None:
+                raise ValueError(f"base_model={self.base_model!r} brings its own autoencoder (the checkpoint's VAE); "
+                                 f"remove autoencoder={self.autoencoder!r}")
+            if self.unet or self.unet_preset != "tiny-unet":
+                raise ValueError(f"base_model={self.base_model!r} fine-tunes the checkpoint's UNet with its own "
+                                 f"config; remove unet_preset={self.unet_preset!r} and unet={self.unet!r}")
+
+
+def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored config (plain data) in today's form: ``low_res_factor`` (written by runs before it moved)
+    becomes each low_res condition's ``options.factor``."""
+    data = dict(data)
+    factor = data.pop("low_res_factor", None)
+    if factor is not None:
+        data["conditions"] = [
+            {**c, "options": {"factor": factor, **c.get("options", {})}} if c.get("kind") == "low_res" else c
+            for c in data.get("conditions", [])]
+    return data
+
+
+
+
+# ---- reading and writing the files ---------------------------------------------------------------------------
+
+def is_run_dir(path: str | Path) -> bool:
+    """A directory written by ``openldm train`` (or an exported / bundled run): config.yaml + unet_ema.safetensors."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / UNET_EMA_FILE).is_file()
+
+
+def read_config(run_dir: str | Path) -> DiffusionTrainConfig:
+    """The run's config, older keys upgraded, checked strictly."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a diffusion run directory (no {CONFIG_FILE})")
+    return from_dict(DiffusionTrainConfig, upgrade_config(yaml.safe_load(path.read_text())), where=str(path))
+
+
+def write_json(path: Path, value: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=1))
+
+
+def write_config(cfg: Any, out_dir: Path) -> None:
+    """``out_dir/config.yaml``: the resolved config (a dataclass or its plain data), written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    with atomic_path(out_dir / CONFIG_FILE) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def read_data_facts(run_dir: Path, cfg: DiffusionTrainConfig, channels: int, f: int) -> dict[str, Any]:
+    """The run's ``data.json``; for runs without one, probed from the dataset config (empty when the data is not
+    available here)."""
+    path = run_dir / DATA_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    from openldm.data import build_dataset
+
+    try:
+        dataset = build_dataset(cfg.data.name, cfg.data.options)
+        item = dataset[0]
+    except (OSError, ValueError, IndexError, KeyError):
+        return {}
+    shape = item["latent"].shape if "latent" in item else (channels, *(s // f for s in item["image"].shape[-2:]))
+    names = list(getattr(dataset, "class_names", None) or []) or None
+    return {"data_shape": [int(s) for s in shape], "class_names": names}
+
+
+def read_sampling(run_dir: Path) -> dict[str, Any]:
+    """The run's recommended sampling settings: ``sampling.json`` over :data:`TRAINED_SAMPLING`."""
+    path = run_dir / SAMPLING_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if not isinstance(saved, dict):
+        raise ValueError(f"{str(path)!r} must hold a mapping of sampling settings, got {saved!r}")
+    return {**TRAINED_SAMPLING, **saved}
+
+
+def weights_dir(run_dir: Path, step: int | None, ema: bool) -> Path:
+    """Where the weights to load live: the run directory, or the EMA snapshot of ``step``."""
+    if step is None:
+        return run_dir
+    path = run_dir / SNAPSHOTS / f"step_{step:06d}"
+    if not ema or not path.is_dir():
+        found = sorted(p.name for p in (run_dir / SNAPSHOTS).glob("step_*")) if ema else []
+        raise FileNotFoundError(f"no EMA snapshot of step {step} in {str(run_dir)!r} (snapshots: {found or 'none'}; "
+                                "train with snapshot_every=N to keep them)")
+    return path
+
+
+def read_latent_scale(unet_path: Path) -> float:
+    """The latent scale a run trained with (1 for pixel-space runs), from its UNet file's metadata."""
+    return float(read_metadata(unet_path).get(LATENT_SCALE_KEY, "1.0"))
+
+
+def save_weights(out_dir: Path, *, ema_unet: nn.Module, ema_conditioner: dict[str, torch.Tensor],
+                 latent_scale: float, unet: nn.Module | None = None,
+                 conditioner: dict[str, torch.Tensor] | None = None) -> None:
+    """``unet_ema.safetensors``, ``conditioner.safetensors`` (``ema.``-prefixed, plus the raw weights when given)
+    and, with ``unet``, ``unet.safetensors``: the files :func:`is_run_dir` and inference read."""
+    extra = {LATENT_SCALE_KEY: repr(float(latent_scale))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if unet is not None:
+        save_model(unet, out_dir / UNET_FILE, extra)
+    save_model(ema_unet, out_dir / UNET_EMA_FILE, extra)
+    state = {k: v.detach().contiguous() for k, v in (conditioner or {}).items()}
+    state.update({f"ema.{k}": v.detach().contiguous() for k, v in ema_conditioner.items()})
+    with atomic_path(out_dir / CONDITIONER_FILE) as tmp:
+        save_file(state, str(tmp))
+
+
+def find_in_run(path: str, run_dir: Path, what: str = "autoencoder") -> Path:
+    """A path the config names (its autoencoder or base model): inside the run directory (an exported run keeps
+    its autoencoder there), else as written (relative to the working directory training ran in)."""
+    candidates = ([run_dir / path] if not Path(path).is_absolute() else []) + [Path(path)]
+    for p in candidates:
+        if p.is_file() or (what == "base_model" and p.is_dir()):
+            return p
+    raise FileNotFoundError(f"the run's {what} {path!r} was not found (tried {[str(p) for p in candidates]}); "
+                            f"pass {what}=PATH to load_run")
+
+
+# ---- model sources ---------------------------------------------------------------------------------------------
+
+def resolve_source(source: str | Path | None) -> Path:
+    """A model source as a path: None is the default bundled model, a bundled model's name its folder, anything
+    else a path that must exist."""
+    from openldm.bundled import BUNDLED, bundled_dir
+
+    if source is None:
+        return bundled_dir()
+    if str(source) in BUNDLED and not Path(source).exists():
+        return bundled_dir(str(source))
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"model {str(source)!r} does not exist (give a run directory, an SD .safetensors / "
+                                f".ckpt file, a diffusers folder, or a bundled model: {', '.join(BUNDLED)})")
+    return path
+
+
+def find_model_sources(root: str | Path) -> list[Path]:
+    """Every model under ``root`` (``root`` itself if it is one): run directories, diffusers folders, openldm SD
+    folders and single-file checkpoints that are not openldm model files (those are parts of a run)."""
+    from openldm.io.components import OPENLDM_INDEX, SINGLE_FILE_SUFFIXES
+
+    root = Path(root)
+
+    def is_folder_model(p: Path) -> bool:
+        return is_run_dir(p) or (p / "model_index.json").is_file() or (p / OPENLDM_INDEX).is_file()
+
+    if root.is_file() or is_folder_model(root):
+        return [root]
+    found: list[Path] = []
+
+    def walk(folder: Path) -> None:
+        for p in sorted(folder.iterdir()):
+            if p.is_dir():
+                if is_folder_model(p):
+                    found.append(p)
+                elif not p.name.startswith("."):
+                    walk(p)
+            elif p.suffix.lower() in SINGLE_FILE_SUFFIXES and not _is_openldm_file(p):
+                found.append(p)
+    walk(root)
+    return found
+
+
+def _is_openldm_file(path: Path) -> bool:
+    if path.suffix.lower() != ".safetensors":
+        return False
+    try:
+        return "openldm.kind" in read_metadata(path)
+    except Exception:  # not a readable safetensors file: let the loader say what is wrong with it
+        return False
+
+
+# ---- what a run borrows from a Stable Diffusion checkpoint (fine-tuned runs) ------------------------------------
+
+def load_base_model(cfg: DiffusionTrainConfig, path: str | Path | None = None, *,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The SD v1 checkpoint ``cfg.base_model`` (or ``path``) as ``StableDiffusionComponents`` at ``dtype``, its VAE
+    and text encoder frozen (eval, no gradients). Raises when the run's schedule or prediction type is not the
+    checkpoint's."""
+    from openldm.io.sd import load_sd
+
+    path = cfg.base_model if path is None else path
+    sd = load_sd(path, device=device, dtype=dtype)
+    if cfg.schedule != sd.schedule or cfg.prediction != sd.prediction:
+        raise ValueError(f"base_model {str(path)!r} was trained with schedule {to_dict(sd.schedule)} and prediction "
+                         f"{sd.prediction!r}; the config has schedule {to_dict(cfg.schedule)} and prediction "
+                         f"{cfg.prediction!r}: set schedule and prediction to the checkpoint's")
+    for module in (sd.vae, sd.text_encoder):
+        module.eval().requires_grad_(False)
+    return sd
+
+
+def base_resources(sd, resources: Resources | None) -> Resources:
+    """``resources`` with the checkpoint's frozen CLIP text encoder + tokenizer as the ``prompt_encoder`` (the
+    text backend "external"), unless the caller gave one: ``tokenizer(prompts)`` (B, 77) -> the encoder's last
+    layer (B, 77, D), every position attended, as SD v1 and ``pipelines.common.encode_text`` do."""
+    from openldm.conditioning.text import wrap_text_encoder
+
+    resources = resources or Resources()
+    if resources.prompt_encoder is not None:
+        return resources
+    return replace(resources, prompt_encoder=wrap_text_encoder(sd.tokenizer, sd.text_encoder))
+
+
+def data_facts(data_shape: Sequence[int], image_size: Sequence[int] | None, image_channels: int | None,
+               class_names: Sequence[str] | None, crop_size: Sequence[int] | None) -> dict[str, Any]:
+    """A run's ``data.json``, the one place its keys are written (training and ``export_run``): ``data_shape``
+    (C, h, w) is what the model denoises (latents or the pixels), ``image_size`` / ``image_channels`` the source
+    images', ``crop_size`` what outputs are cropped back to."""
+    return {"data_shape": [int(s) for s in data_shape],
+            "image_size": [int(s) for s in image_size] if image_size else None,
+            "image_channels": None if image_channels is None else int(image_channels),
+            "class_names": list(class_names) if class_names else None,
+            "crop_size": [int(s) for s in crop_size] if crop_size else None}

@@ -1,0 +1,314 @@
+"""The one generation entry point: load any model source into a :class:`Generator` that says what it can do
+(:class:`Capabilities`) and makes images from one typed :class:`GenerationRequest`.
+
+Model sources (``load_generator``): a bundled model's name (``fashion_mnist``) or None for the default one, a run
+directory of ``openldm train`` (or an exported / bundled run), a Stable Diffusion v1 single file
+(``.safetensors`` / ``.ckpt``), a diffusers folder, or an openldm SD folder. The CLI (``openldm generate`` and
+``openldm sample``), the server (``openldm serve``) and the Python API all call :meth:`Generator.generate`.
+
+A request names only what the user chose; :meth:`GenerationRequest.resolve` fills the rest from the model's
+recommended settings (``Capabilities.recommended``, read from the model's own files) and checks every field
+against what the model accepts, raising :class:`RequestError` (a ValueError naming the field).
+
+Progress: ``on_progress(Progress)`` after every sampler step (step, total, and the denoiser's current estimate,
+which :meth:`Generator.preview` turns into a cheap picture). Cancelling: ``should_stop()`` is asked after every
+step; when it says yes, sampling ends there and the current estimate is decoded (``GenerationResult.interrupted``).
+
+Concurrency: a generator's modules are placed (device, dtype) once at load; a request never moves, casts or
+otherwise changes them, so several requests may run at once on one loaded model and each gets the images it would
+get alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from PIL import Image
+
+from openldm.conditioning.compose import RequestField
+from openldm.pipelines.common import GenerationParams
+
+ImageInput = Image.Image | str | Path
+
+
+class RequestError(ValueError):
+    """A request field the model cannot take; ``field`` names it (the server answers 4xx with both)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """A model's recommended settings, where the CLI, the API and the page start."""
+
+    sampler: str = "euler"
+    steps: int = 30
+    guidance_scale: float = 7.5
+    karras: bool = False
+    width: int = 512
+    height: int = 512
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: "Recommended | None" = None) -> "Recommended":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown recommended settings {unknown}; accepted: {sorted(known)}")
+        return replace(base or cls(), **data)
+
+
+InputField = RequestField  # a condition's input (conditioning/ declares them; the type lives there)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a loaded model can do; ``to_dict()`` is the server's model description."""
+
+    name: str
+    kind: str  # "stable-diffusion" | "trained"
+    source: str
+    prompt: bool
+    negative_prompt: bool
+    class_names: tuple[str, ...] | None  # class-conditional models: the names, index = label
+    num_classes: int | None
+    inputs: tuple[InputField, ...]
+    image_to_image: bool
+    inpainting: bool
+    channels: int  # 1 greyscale, 3 RGB
+    size_multiple: int  # width and height must be positive multiples of this
+    samplers: tuple[str, ...]
+    recommended: Recommended
+    max_steps: int = 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class_names"] = list(self.class_names) if self.class_names is not None else None
+        d["inputs"] = [asdict(f) for f in self.inputs]
+        d["samplers"] = list(self.samplers)
+        return d
+
+
+@dataclass
+class GenerationRequest:
+    """Everything that decides the images besides the model. None fields take the model's recommended value.
+
+    ``mask``: the region to redraw (white) of ``init_image``; on a model trained with a segmentation condition and
+    no ``init_image``, the segmentation map. ``inputs``: the model's other condition inputs by ``InputField.name``.
+    ``strength``: image-to-image, how much of ``init_image`` to redraw (default 0.75; inpainting 1)."""
+
+    prompt: str | None = None
+    negative_prompt: str = ""
+    class_label: int | str | None = None
+    seed: int = 0
+    sampler: str | None = None
+    karras: bool | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float = 0.0
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    init_image: ImageInput | None = None
+    strength: float | None = None
+    mask: ImageInput | None = None
+    paste_back: bool = False
+    inputs: dict[str, Any] = field(default_factory=dict)
+    clip_skip: int = 1
+    chunked: bool = False
+    vae_tiling: bool = False
+
+    def resolve(self, caps: Capabilities) -> "GenerationRequest":
+        """A copy with every None setting filled from ``caps.recommended``, checked against ``caps``."""
+        rec = caps.recommended
+        r = replace(self, inputs=dict(self.inputs))
+        r.sampler = rec.sampler if r.sampler is None else r.sampler
+        r.karras = rec.karras if r.karras is None else bool(r.karras)
+        r.steps = rec.steps if r.steps is None else r.steps
+        r.guidance_scale = rec.guidance_scale if r.guidance_scale is None else r.guidance_scale
+        if r.init_image is None:
+            r.width = rec.width if r.width is None else r.width
+            r.height = rec.height if r.height is None else r.height
+        _check(r, caps)
+        return r
+
+
+def _check(r: GenerationRequest, caps: Capabilities) -> None:
+    """Every field against what the model takes; the first problem raises a RequestError naming the field."""
+    from openldm.registry import SAMPLERS
+
+    if r.sampler not in caps.samplers:
+        raise RequestError("sampler", f"sampler {r.sampler!r} is not one of {', '.join(caps.samplers)}")
+    if r.karras and not SAMPLERS.get(r.sampler).supports_karras:
+        raise RequestError("karras", f"sampler {r.sampler!r} has no Karras noise levels; use one of "
+                           f"{', '.join(n for n in caps.samplers if SAMPLERS.get(n).supports_karras)}")
+    if isinstance(r.steps, bool) or not isinstance(r.steps, int) or not 1 <= r.steps <= caps.max_steps:
+        raise RequestError("steps", f"steps={r.steps!r} must be an integer in 1..{caps.max_steps}")
+    for name in ("guidance_scale", "guidance_rescale"):
+        value = getattr(r, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise RequestError(name, f"{name}={value!r} must be a finite number >= 0")
+    if r.guidance_rescale > 1:
+        raise RequestError("guidance_rescale", f"guidance_rescale={r.guidance_rescale} must be in [0, 1]")
+    if not isinstance(r.num_images, int) or r.num_images < 1:
+        raise RequestError("num_images", f"num_images={r.num_images!r} must be an integer >= 1")
+    if isinstance(r.seed, bool) or not isinstance(r.seed, int) or not 0 <= r.seed < 2**64:
+        raise RequestError("seed", f"seed={r.seed!r} must be an integer in [0, 2^64)")
+    m = caps.size_multiple
+    for name in ("width", "height"):
+        value = getattr(r, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % m):
+            raise RequestError(name, f"{name}={value!r} must be a positive multiple of {m}")
+    if r.prompt and not caps.prompt:
+        raise RequestError("prompt", f"model {caps.name!r} takes no prompt" + _alternatives(caps))
+    if r.negative_prompt and not caps.negative_prompt:
+        raise RequestError("negative_prompt", f"model {caps.name!r} takes no negative prompt (it guides against its "
+                           "null condition)")
+    if r.class_label is not None:
+        if not caps.num_classes:
+            raise RequestError("class_label", f"model {caps.name!r} is not class-conditional" + _alternatives(caps))
+        label = r.class_label
+        if isinstance(label, str) and label.lstrip("-").isdigit():
+            label = int(label)
+        names = caps.class_names or ()
+        if isinstance(label, str) and label not in names:
+            raise RequestError("class_label", f"class {label!r} is not a class of model {caps.name!r}; classes: "
+                               f"{', '.join(names) or f'0..{caps.num_classes - 1}'}")
+        if isinstance(label, str):
+            label = names.index(label)
+        if isinstance(label, int) and not 0 <= label < caps.num_classes:
+            raise RequestError("class_label", f"class label {label} is out of range; the model has classes "
+                               f"0..{caps.num_classes - 1}" + (f" ({', '.join(names)})" if names else ""))
+        r.class_label = label
+    if r.strength is not None and (not isinstance(r.strength, (int, float)) or not 0 <= r.strength <= 1):
+        raise RequestError("strength", f"strength={r.strength!r} must be in [0, 1]")
+    if r.init_image is not None and not caps.image_to_image:
+        raise RequestError("init_image", f"model {caps.name!r} does not do image-to-image")
+    if r.init_image is None and r.strength is not None and r.strength < 1:
+        raise RequestError("strength", f"strength={r.strength} is for image-to-image; give an init image")
+    if r.mask is not None and r.init_image is not None and not caps.inpainting:
+        raise RequestError("mask", f"model {caps.name!r} does not inpaint")
+    if r.mask is not None and r.init_image is None and not any(f.name == "mask" for f in caps.inputs):
+        raise RequestError("mask", "a mask needs an init image to inpaint (init_image, --init-image)")
+    declared = {f.name for f in caps.inputs}
+    unknown = sorted(set(r.inputs) - declared)
+    if unknown:
+        raise RequestError(unknown[0], f"model {caps.name!r} takes no input {unknown[0]!r}; its inputs: "
+                           f"{', '.join(sorted(declared)) or 'none'}")
+    if caps.kind == "stable-diffusion" and not r.prompt and r.prompt != "":
+        r.prompt = ""
+
+
+def _alternatives(caps: Capabilities) -> str:
+    said = [w for w, ok in (("a prompt", caps.prompt), ("a class label", caps.num_classes)) if ok]
+    said += [f"--{f.name.replace('_', '-')}" for f in caps.inputs]
+    return f"; it takes {', '.join(said)}" if said else "; it is unconditional"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """After sampler step ``step`` (1-based) of ``total``; ``denoised`` is the current estimate of the clean
+    sample (latents or pixels), for :meth:`Generator.preview`."""
+
+    step: int
+    total: int
+    denoised: torch.Tensor
+
+
+@dataclass
+class GenerationResult:
+    """The images (PIL, at the model's channels), their parameters (one each, ``batch_index`` set, for the PNG
+    "parameters" chunk), and whether sampling was cut short by ``should_stop``."""
+
+    images: list[Image.Image]
+    params: list[GenerationParams]
+    interrupted: bool = False
+
+
+def request_from_params(params: GenerationParams) -> GenerationRequest:
+    """The request that regenerates an image from its stored parameters (PNG "parameters", ``--from-png``)."""
+    return GenerationRequest(
+        prompt=params.prompt or None, negative_prompt=params.negative_prompt, class_label=params.class_label,
+        seed=params.seed, sampler=params.sampler, karras=params.karras, steps=params.steps,
+        guidance_scale=params.guidance_scale, guidance_rescale=params.guidance_rescale, width=params.width,
+        height=params.height, num_images=params.num_images, strength=params.strength, paste_back=params.paste_back,
+        clip_skip=params.clip_skip, chunked=params.chunked)
+
+
+OnProgress = Callable[[Progress], None]
+ShouldStop = Callable[[], bool]
+
+
+class Generator(Protocol):
+    """A loaded model behind the one generation interface."""
+
+    capabilities: Capabilities
+
+    def generate(self, request: GenerationRequest, *, on_progress: OnProgress | None = None,
+                 should_stop: ShouldStop | None = None, progress: bool = False) -> GenerationResult: ...
+
+    def preview(self, denoised: torch.Tensor) -> Image.Image: ...
+
+
+class Stopped(Exception):
+    """Raised inside a sampler's step hook when ``should_stop`` says so; carries the current estimate."""
+
+    def __init__(self, denoised: torch.Tensor):
+        super().__init__("stopped")
+        self.denoised = denoised
+
+
+def progress_hook(total: int, on_progress: OnProgress | None, should_stop: ShouldStop | None):
+    """A sampler ``on_step`` hook reporting progress and stopping on request (returns None: x unchanged)."""
+    def hook(i: int, sigma: float, sigma_next: float, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        if on_progress is not None:
+            on_progress(Progress(i + 1, total, denoised))
+        if should_stop is not None and should_stop():
+            raise Stopped(denoised)
+    return hook
+
+
+def params_for(request: GenerationRequest, model: str, count: int, width: int, height: int) -> list[GenerationParams]:
+    """One GenerationParams per image of a resolved request."""
+    base = GenerationParams(
+        prompt=request.prompt or "", negative_prompt=request.negative_prompt,
+        sampler=request.sampler, karras=bool(request.karras), steps=request.steps,
+        guidance_scale=float(request.guidance_scale), guidance_rescale=float(request.guidance_rescale),
+        seed=request.seed, height=height, width=width, num_images=count, clip_skip=request.clip_skip,
+        chunked=request.chunked, strength=request.strength, paste_back=request.paste_back, model=model,
+        class_label=None if request.class_label is None else str(request.class_label))
+    return [replace(base, batch_index=i) for i in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+def load_generator(source: str | Path | None = None, *, device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype = "float32", unsafe_load: bool = False, ema: bool = True,
+                   vae: str | Path | None = None, step: int | None = None) -> Generator:
+    """Load ``source`` (see the module docstring; None = the default bundled model) behind the generation
+    interface. ``dtype`` applies to the network weights. Models trained here: ``ema`` picks the EMA weights,
+    ``vae`` decodes through another autoencoder file with the same encoder, ``step`` an EMA snapshot."""
+    from openldm.io.run_dir import is_run_dir, resolve_source
+
+    from openldm.bundled import DEFAULT
+
+    path = resolve_source(source)
+    label = DEFAULT if source is None else str(source)  # what PNGs record: the source as given
+    if is_run_dir(path):
+        from openldm.pipelines.trained_generator import TrainedGenerator
+
+        return TrainedGenerator.load(path, label, device=device, dtype=dtype, ema=ema, vae=vae, step=step)
+    for flag, value in (("vae", vae), ("step", step)):
+        if value is not None:
+            raise ValueError(f"{flag}= is for models trained here (a run directory), not Stable Diffusion weights")
+    from openldm.pipelines.sd_generator import SDGenerator
+
+    return SDGenerator.load(path, label, device=device, dtype=dtype, unsafe_load=unsafe_load)
+
+
+__all__ = ["Capabilities", "GenerationRequest", "GenerationResult", "Generator", "InputField", "Progress",
+           "Recommended", "RequestError", "load_generator"]
