@@ -137,6 +137,9 @@ def _trained_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, help="decode through this autoencoder file instead of the run's (one with "
                                                "the same encoder, e.g. a decoder fine-tuned with decoder_only)")
     p.add_argument("--grid", action="store_true", help="write all images as one grid PNG instead of one file each")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
+                   help="a value for another condition of the model, by its declared name (e.g. brightness=0.8; "
+                        "`openldm generate --model M --input help=1` lists them); repeatable")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -182,6 +185,16 @@ def _request(args: argparse.Namespace, inputs: dict):
         vae_tiling=getattr(args, "vae_tiling", False))
 
 
+def _input_value(text: str):
+    """A number when it reads as one, else the text (a path for image inputs)."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _generate(args: argparse.Namespace) -> int:
     """`generate` and `sample`: load the model behind the one generation interface, make the images, save them
     as PNGs carrying their parameters (one file each, or a grid)."""
@@ -202,6 +215,15 @@ def _generate(args: argparse.Namespace) -> int:
     caps = generator.capabilities
     inputs = {f.name: getattr(args, f.name) for f in caps.inputs
               if f.name != "mask" and getattr(args, f.name, None) is not None}
+    for item in args.input:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--input {item!r} must be NAME=VALUE")
+        if name == "help":
+            for f in caps.inputs:
+                print(f"{f.name:<14} {f.type:<10} {f.help}")
+            return 0
+        inputs[name] = _input_value(value)
     for flag in ("low_res", "noise_level"):
         if getattr(args, flag, None) is not None and flag not in inputs:
             raise ConfigError(f"--{flag.replace('_', '-')} is not an input of model {caps.name!r}; its inputs: "
@@ -247,6 +269,37 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
          _sample_args)
 def cmd_sample(args: argparse.Namespace) -> int:
     return _generate(args)
+
+
+# --- openldm serve ----------------------------------------------------------------------------------------------
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", nargs="+", default=None, help="model sources to serve (run directories, SD files, "
+                                                           "diffusers folders; a folder serves every model under it; "
+                                                           "default: the bundled Fashion-MNIST model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860, as AUTOMATIC1111)")
+    p.add_argument("--api-auth", default=None, help="USER:PASS[,USER:PASS]: HTTP Basic auth on every route")
+    p.add_argument("--cors-allow-origins", default=None, help="comma-separated origins allowed by CORS")
+    p.add_argument("--max-batch", type=int, default=8, help="most images one request may ask for (default 8)")
+    p.add_argument("--max-pixels", type=int, default=1024 * 1024,
+                   help="most pixels (width x height x images) one request may ask for (default 1048576)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (default float32)")
+
+
+@command("serve", "serve a web page and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1/...) over one job queue",
+         _serve_args)
+def cmd_serve(args: argparse.Namespace) -> int:
+    from openldm.web.app import serve
+
+    origins = [o.strip() for o in args.cors_allow_origins.split(",") if o.strip()] if args.cors_allow_origins else None
+    if args.api_auth is not None and any(":" not in pair for pair in args.api_auth.split(",")):
+        raise ConfigError("--api-auth takes USER:PASS pairs separated by commas")
+    serve(args.model, host=args.host, port=args.port, api_auth=args.api_auth, cors_allow_origins=origins,
+          max_batch=args.max_batch, max_pixels=args.max_pixels, device=args.device, dtype=args.dtype)
+    return 0
 
 
 # --- openldm evaluate -------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Conditioners: each turns one kind of condition into the UNet's named slots (see slots.py).
 
 Importing this package registers every conditioner in ``openldm.registry.CONDITIONERS``: "class_label", "text",
-"segmentation", "low_res", "inpaint". ``compose`` merges several into one ``Slots`` with condition dropout and
+"segmentation", "low_res", "inpaint", "brightness". ``compose`` merges several into one ``Slots`` with condition dropout and
 the null condition classifier-free guidance needs.
 """
-from openldm.conditioning.slots import Slots
+from openldm.conditioning.brightness import BrightnessConditioner, BrightnessConfig
+from openldm.conditioning.class_label import ClassLabelConditioner, ClassLabelConfig
 from openldm.conditioning.compose import (
     ComposedConditioner,
     ConditionConfig,
@@ -14,8 +15,6 @@ from openldm.conditioning.compose import (
     build_conditioning,
     merge_slots,
 )
-from openldm.conditioning.class_label import ClassLabelConditioner, ClassLabelConfig
-from openldm.conditioning.text import PromptEncoder, TextConditioner, TextConfig, wrap_text_encoder
 from openldm.conditioning.spatial import (
     InpaintConditioner,
     InpaintConfig,
@@ -26,8 +25,11 @@ from openldm.conditioning.spatial import (
     SegmentationConditioner,
     SegmentationConfig,
 )
+from openldm.conditioning.text import PromptEncoder, TextConditioner, TextConfig, wrap_text_encoder
+from openldm.nn.slots import Slots
 
 __all__ = [
+    "BrightnessConditioner", "BrightnessConfig",
     "Slots", "Conditioner", "ComposedConditioner", "ConditionConfig", "Resources", "SlotDims", "build_conditioning",
     "merge_slots", "ClassLabelConditioner", "ClassLabelConfig", "TextConditioner", "TextConfig", "PromptEncoder",
     "wrap_text_encoder", "SegmentationConditioner", "SegmentationConfig", "LowResConditioner", "LowResConfig",

@@ -7,12 +7,14 @@ extra row, index ``num_classes``, learned as the null class for condition dropou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from openldm.conditioning.compose import Batch, Conditioner, RequestField, batch_value
-from openldm.conditioning.slots import Slots
+from openldm.conditioning.compose import Batch, Conditioner, RequestContext, RequestField, batch_value
+from openldm.conditioning.inputs import class_indices, repeat
+from openldm.nn.slots import Slots
 from openldm.registry import CONDITIONERS
 
 
@@ -35,6 +37,7 @@ class ClassLabelConditioner(Conditioner):
     Fills ``vector`` (B, dim)."""
 
     config_class = ClassLabelConfig
+    eval_task = "class"
 
     def __init__(self, config: ClassLabelConfig):
         super().__init__()
@@ -58,6 +61,16 @@ class ClassLabelConditioner(Conditioner):
 
     def request_fields(self) -> tuple[RequestField, ...]:
         return (RequestField("class_label", "class", "class index or name", self.config.num_classes),)
+
+    def request_batch(self, values, ctx: RequestContext) -> dict[str, Any] | None:
+        if values.get("class_label") is None:
+            return None
+        labels = class_indices(values["class_label"], ctx.class_names)
+        bad = [v for v in labels if not 0 <= v < self.config.num_classes]
+        if bad:
+            raise ValueError(f"class label {bad[0]} is out of range; the model has classes 0..{self.config.num_classes - 1}"
+                             + (f" ({', '.join(ctx.class_names)})" if ctx.class_names else ""))
+        return {self.config.key: torch.tensor(repeat(labels, ctx.per))}
 
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None,
                 latent_size: tuple[int, int] | None = None) -> Slots:

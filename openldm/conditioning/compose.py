@@ -26,8 +26,8 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from openldm.conditioning.slots import Slots
 from openldm.config import from_dict
+from openldm.nn.slots import Slots
 from openldm.registry import CONDITIONERS
 
 Batch = Mapping[str, Any]
@@ -77,6 +77,18 @@ class RequestField:
 
 
 @dataclass(frozen=True)
+class RequestContext:
+    """What a conditioner needs to know to build its batch entries from a request: ``batch_size`` rows,
+    ``per`` images per class label / prompt (label-major), the image size (H, W) and channels, class names."""
+
+    batch_size: int
+    per: int
+    image_size: tuple[int, int]
+    image_channels: int
+    class_names: Sequence[str] | None = None
+
+
+@dataclass(frozen=True)
 class SlotDims:
     """What the UNet must be configured with; the field names are ``UNetConfig``'s."""
 
@@ -95,6 +107,8 @@ class Conditioner(nn.Module):
     """
 
     config_class: ClassVar[type]
+    eval_task: ClassVar[str | None] = None  # the `openldm evaluate` task that measures this condition
+    reads_pixels: ClassVar[bool] = False  # training keeps the pixel images beside cached latents for it
     vector_dim: int | None = None
     context_dim: int | None = None
     concat_channels: int = 0
@@ -127,6 +141,20 @@ class Conditioner(nn.Module):
     def request_fields(self) -> tuple[RequestField, ...]:
         """What this condition reads from a generation request (the CLI, the server and the page show these)."""
         return ()
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Under DDP: conditioners that draw randomness per row draw for the whole micro-batch on every rank and
+        keep this rank's rows, so N processes equal one. Default: no per-row draws, nothing to do."""
+
+    def derive_input(self, batch: dict[str, Any]) -> str | None:
+        """Training: fill in what this condition reads from the batch's pixel images ("image") when the data has no
+        column for it; returns the key it needs from the pixels (None: it needs none)."""
+        return None
+
+    def request_batch(self, values: Mapping[str, Any], ctx: RequestContext) -> dict[str, Any] | None:
+        """The batch entries this conditioner reads, built from a request's ``values`` (keyed by the request
+        field names); None when the request gives this condition nothing (it then gets its null slots)."""
+        return None
 
 
 # ---------------------------------------------------------------------------------------- shared helpers

@@ -24,16 +24,27 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from openldm.conditioning.compose import Batch, Conditioner, RequestField, Resources, Shared, batch_value, random_on, require_size
-from openldm.conditioning.slots import Slots
+from openldm.conditioning.compose import (
+    Batch,
+    Conditioner,
+    RequestContext,
+    RequestField,
+    Resources,
+    Shared,
+    batch_value,
+    random_on,
+    require_size,
+)
+from openldm.conditioning.inputs import as_images, batched, fill_mask, label_map
 from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod, q_sample
 from openldm.nn.embedding import timestep_embedding
+from openldm.nn.slots import Slots
 from openldm.registry import CONDITIONERS
 
 RESIZE_MODES = ("area", "nearest", "bilinear", "bicubic")
@@ -104,6 +115,7 @@ class SegmentationConditioner(Conditioner):
     """Mask -> one-hot (B, K, H, W) -> resized to ``latent_size`` -> 1x1 conv -> ``concat`` (B, channels, h, w)."""
 
     config_class = SegmentationConfig
+    eval_task = "mask"
 
     def __init__(self, config: SegmentationConfig):
         super().__init__()
@@ -133,6 +145,11 @@ class SegmentationConditioner(Conditioner):
 
     def request_fields(self) -> tuple[RequestField, ...]:
         return (RequestField("mask", "label_map", "segmentation label map (an L/P/I PNG of class ids)"),)
+
+    def request_batch(self, values, ctx: RequestContext) -> dict[str, Any] | None:
+        if values.get("mask") is None or values.get("init_image") is not None:  # with an image: inpainting's mask
+            return None
+        return {self.config.key: batched(label_map(values["mask"]), ctx.batch_size, "mask")}
 
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None,
                 latent_size: tuple[int, int] | None = None) -> Slots:
@@ -191,6 +208,8 @@ class LowResConditioner(Conditioner):
     (B, channels, h, w); the level's sinusoidal embedding -> ``vector`` (B, embed_dim)."""
 
     config_class = LowResConfig
+    eval_task = "super_resolution"
+    reads_pixels = True
 
     def __init__(self, config: LowResConfig):
         super().__init__()
@@ -218,6 +237,27 @@ class LowResConditioner(Conditioner):
         return (RequestField("low_res", "image", "low-resolution image to upscale"),
                 RequestField("noise_level", "int", f"noise augmentation level of the low-res image, "
                              f"0..{self.config.max_noise_level}"))
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        self.shard = RowShard(rank, world_size)
+
+    def derive_input(self, batch: dict[str, Any]) -> str | None:
+        """The low-res image, when the data has none: the image shrunk ``factor`` times (antialiased bicubic)."""
+        if self.config.key not in batch and "image" in batch:
+            image, f = batch["image"].float(), self.config.factor  # (B, C, H, W)
+            size = (max(1, image.shape[-2] // f), max(1, image.shape[-1] // f))
+            batch[self.config.key] = F.interpolate(image, size=size, mode="bicubic", align_corners=False,
+                                                   antialias=True).clamp(-1, 1)  # (B, C, H / f, W / f)
+        return self.config.key
+
+    def request_batch(self, values, ctx: RequestContext) -> dict[str, Any] | None:
+        if values.get("low_res") is None:
+            return None
+        entries = {self.config.key: batched(as_images(values["low_res"], self.config.channels, None, "low_res"),
+                                            ctx.batch_size, "low_res")}
+        if values.get("noise_level") is not None:
+            entries[self.config.noise_level_key] = values["noise_level"]
+        return entries
 
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None,
                 latent_size: tuple[int, int] | None = None) -> Slots:
@@ -347,6 +387,8 @@ class InpaintConditioner(Conditioner):
     SD-inpainting's channel order. ``encode`` runs without gradients (a frozen autoencoder); None = identity."""
 
     config_class = InpaintConfig
+    eval_task = "inpaint"
+    reads_pixels = True
 
     def __init__(self, config: InpaintConfig, encode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
@@ -379,6 +421,21 @@ class InpaintConditioner(Conditioner):
     def request_fields(self) -> tuple[RequestField, ...]:
         return (RequestField("init_image", "image", "image to inpaint"),
                 RequestField("mask", "image", "inpainting mask (white = redraw)"))
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        self.shard = RowShard(rank, world_size)
+
+    def derive_input(self, batch: dict[str, Any]) -> str | None:
+        return self.config.image_key  # the image itself (random masks are drawn in forward)
+
+    def request_batch(self, values, ctx: RequestContext) -> dict[str, Any] | None:
+        if values.get("init_image") is None:
+            return None
+        if values.get("mask") is None:
+            raise ValueError("this model inpaints: give the mask of the region to fill with init_image")
+        image = as_images(values["init_image"], ctx.image_channels, ctx.image_size, "init_image")
+        return {self.config.image_key: batched(image, ctx.batch_size, "init_image"),
+                self.config.mask_key: batched(fill_mask(values["mask"], ctx.image_size), ctx.batch_size, "mask")}
 
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None,
                 latent_size: tuple[int, int] | None = None) -> Slots:

@@ -29,9 +29,18 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from openldm.conditioning.compose import Batch, Conditioner, RequestField, Resources, Shared, batch_value
-from openldm.conditioning.slots import Slots
+from openldm.conditioning.compose import (
+    Batch,
+    Conditioner,
+    RequestContext,
+    RequestField,
+    Resources,
+    Shared,
+    batch_value,
+)
+from openldm.conditioning.inputs import repeat
 from openldm.nn.attention import Attention
+from openldm.nn.slots import Slots
 from openldm.registry import CONDITIONERS
 
 BACKENDS = ("minilm", "transformer", "clip", "external")
@@ -320,6 +329,7 @@ class TextConditioner(Conditioner):
     and ``context_mask`` (B, S), S the encoder's ``max_length``."""
 
     config_class = TextConfig
+    eval_task = "text"
 
     def __init__(self, config: TextConfig, encoder: PromptEncoder | None = None):
         super().__init__()
@@ -418,6 +428,12 @@ class TextConditioner(Conditioner):
 
     def request_fields(self) -> tuple[RequestField, ...]:
         return (RequestField("prompt", "text", "what to draw (a caption)"),)
+
+    def request_batch(self, values, ctx: RequestContext) -> dict[str, Any] | None:
+        prompt = values.get("prompt")
+        if prompt is None:
+            return None
+        return {self.config.key: repeat([prompt] if isinstance(prompt, str) else list(prompt), ctx.per)}
 
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None,
                 latent_size: tuple[int, int] | None = None) -> Slots:

@@ -5,7 +5,7 @@ residual blocks with a time embedding, attention at chosen resolutions), with th
 Rombach et al. 2022 (latent diffusion / Stable Diffusion). One configurable module expresses the exact SD v1
 and SD 2.x topologies and small models for 28-64 px data.
 
-Conditioning enters through three named slots only (see openldm.conditioning.slots):
+Conditioning enters through three named slots only (see openldm.nn.slots):
 ``vector`` (B, vector_dim) is lifted by an MLP and added to the time embedding; ``context`` (B, S, context_dim)
 is attended to by cross-attention, optionally masked by ``context_mask`` (B, S); ``concat`` (B, concat_channels,
 H, W) is concatenated with the noisy input before the first convolution.

@@ -17,15 +17,16 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from openldm.conditioning.slots import Slots
 from openldm.data.image_io import load_image, pil_to_tensor
 from openldm.diffusion.denoiser import DiscreteDenoiser
 from openldm.diffusion.schedules import ScheduleConfig
 from openldm.diffusion.spacing import SamplingPlan, make_plan
+from openldm.models.autoencoder import LatentCodec
 from openldm.models.text_encoder import encode_prompts
+from openldm.nn.slots import Slots
 from openldm.registry import SAMPLERS
 from openldm.samplers.base import OnStep
-from openldm.samplers.guidance import CFGDenoiser
+from openldm.samplers.guidance import with_guidance
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -135,8 +136,7 @@ class _AtNetworkDtype(torch.nn.Module):
 
 def guided_denoiser(parts: ModelParts, plan: SamplingPlan, uncond: Slots, guidance_scale: float,
                     guidance_rescale: float = 0.0) -> torch.nn.Module:
-    """The UNet as ``D(x, sigma, cond)``, wrapped in classifier-free guidance when ``guidance_scale > 1``
-    (diffusers' rule: at or below 1 only the conditional pass runs)."""
+    """The UNet as ``D(x, sigma, cond)``, with classifier-free guidance (``with_guidance``'s rule)."""
     schedule = parts.schedule
     alphas_cumprod = schedule if isinstance(schedule, torch.Tensor) else None
     if alphas_cumprod is None:
@@ -145,10 +145,7 @@ def guided_denoiser(parts: ModelParts, plan: SamplingPlan, uncond: Slots, guidan
     device, _ = module_device_dtype(parts.unet)
     denoiser = DiscreteDenoiser(_AtNetworkDtype(parts.unet), alphas_cumprod, prediction=parts.prediction,
                                 quantize=not plan.timesteps.is_floating_point()).to(device)
-    if guidance_scale <= 1.0:
-        return denoiser
-    return CFGDenoiser(denoiser, uncond, guidance_scale, guidance_rescale,
-                       rescale_space="v" if parts.prediction == "v" else "eps")
+    return with_guidance(denoiser, uncond, guidance_scale, guidance_rescale, parts.prediction)
 
 
 def chain_hooks(*hooks: OnStep | None) -> OnStep | None:
@@ -176,38 +173,21 @@ def run_sampler(sampler: str, denoiser, x: torch.Tensor, plan: SamplingPlan, con
 
 # --------------------------------------------------------------------------------------- latents <-> images
 
-def _tiled(vae: torch.nn.Module, height: int, width: int, tiling: bool, tile_size: int) -> bool:
-    return tiling and max(height, width) > tile_size
+def _codec(vae: torch.nn.Module) -> LatentCodec:
+    return LatentCodec(vae, vae.config.scaling_factor)
 
 
 def encode_images(vae: torch.nn.Module, images: torch.Tensor, generator: torch.Generator, *,
                   tiling: bool = False, tile_size: int = 512) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> diffusion latents ``scaling_factor * (z - shift_factor)`` with z sampled
     from the posterior using noise drawn from ``generator`` (float32, CPU), as diffusers' ``latent_dist.sample``."""
-    device, dtype = module_device_dtype(vae)
-    x = images.to(device, dtype)
-    with torch.no_grad():
-        if _tiled(vae, x.shape[2], x.shape[3], tiling, tile_size):
-            posterior = vae.tiled_encode(x, tile_size=tile_size, overlap=tile_size // 8)
-        else:
-            posterior = vae.encode(x)
-    eps = draw_noise(posterior.mean.shape, generator, device, dtype)
-    z = posterior.mean + posterior.std * eps
-    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+    return _codec(vae).encode(images, generator, tile_size=tile_size if tiling else None)
 
 
 def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, *, tiling: bool = False,
                    tile_size: int = 512) -> torch.Tensor:
     """Diffusion latents -> images (B, 3, H, W) in [0, 1], float32 on the CPU."""
-    device, dtype = module_device_dtype(vae)
-    z = latents.to(device, dtype) / vae.config.scaling_factor + vae.config.shift_factor
-    f = vae.downsampling_factor
-    with torch.no_grad():
-        if _tiled(vae, z.shape[2] * f, z.shape[3] * f, tiling, tile_size):
-            images = vae.tiled_decode(z, tile_size=tile_size, overlap=tile_size // 8)
-        else:
-            images = vae.decode(z)
-    return (images.float().cpu() / 2 + 0.5).clamp(0, 1)
+    return (_codec(vae).decode(latents, tile_size=tile_size if tiling else None) / 2 + 0.5).clamp(0, 1)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -10,8 +10,6 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from openldm.conditioning.class_label import ClassLabelConditioner
-from openldm.conditioning.text import TextConditioner
 from openldm.evaluation.grid import image_grid
 from openldm.pipelines.trained import TrainedModel, export_run, load_run, sample_trained
 
@@ -30,10 +28,11 @@ def demo_grids(model: TrainedModel, *, per_row: int = 8, steps: int = 50, guidan
     grids = {}
     conditioners = list(model.conditioner.conditioners.values())
     plan: list[tuple[str, dict[str, Any], int]] = []
-    classes = next((c.config.num_classes for c in conditioners if isinstance(c, ClassLabelConditioner)), None)
+    fields = [f for c in conditioners for f in c.request_fields()]
+    classes = next((f.num_classes for f in fields if f.type == "class"), None)
     if classes is not None:
         plan.append(("classes", {"class_label": list(range(classes))}, classes))
-    if any(isinstance(c, TextConditioner) for c in conditioners):
+    if any(f.type == "text" for f in fields):
         prompts = prompts or DEMO_PROMPTS
         plan.append(("prompts", {"prompt": prompts}, len(prompts)))
     if not plan:

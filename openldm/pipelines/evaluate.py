@@ -28,9 +28,6 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from openldm.conditioning.class_label import ClassLabelConditioner
-from openldm.conditioning.spatial import InpaintConditioner, LowResConditioner, SegmentationConditioner
-from openldm.conditioning.text import TextConditioner
 from openldm.data import build_dataset
 from openldm.data.captions import SILHOUETTE_LEVEL, image_attributes
 from openldm.data.transforms import crop_center
@@ -132,11 +129,8 @@ def evaluate_model(model: TrainedModel, classifier: ImageClassifier, settings: E
     _, reference = classify(classifier, data.originals[REFERENCE])
     rows: list[dict[str, Any]] = [{"task": "real", "guidance": None,
                                    **_distribution_row(classifier, data.originals[held], reference, data.labels[held])}]
-    kinds = {type(c) for c in model.conditioner.conditioners.values()}
-    wanted = s.tasks or [t for t, ok in (("class", ClassLabelConditioner in kinds), ("text", TextConditioner in kinds),
-                                         ("mask", SegmentationConditioner in kinds),
-                                         ("super_resolution", LowResConditioner in kinds),
-                                         ("inpaint", InpaintConditioner in kinds), ("unconditional", not kinds)) if ok]
+    declared = {c.eval_task for c in model.conditioner.conditioners.values()} - {None}
+    wanted = s.tasks or [t for t in TASKS if t in declared or (t == "unconditional" and not model.conditioner.conditioners)]
 
     def sample(guidance: float, part: slice, **conditions) -> torch.Tensor:
         return sample_trained(model, **conditions, sampler=s.sampler, steps=s.steps, karras=s.karras,
@@ -152,6 +146,14 @@ def evaluate_model(model: TrainedModel, classifier: ImageClassifier, settings: E
     return {"settings": {k: getattr(s, k) for k in s.__dataclass_fields__}, "rows": rows}
 
 
+def _conditioner_for(model: TrainedModel, task: str):
+    """The model's conditioner that the evaluation task ``task`` measures (its declared ``eval_task``)."""
+    found = [c for c in model.conditioner.conditioners.values() if c.eval_task == task]
+    if not found:
+        raise ValueError(f"task {task!r} needs a condition the model does not have")
+    return found[0]
+
+
 def _run_task(task: str, guidance: float, model: TrainedModel, classifier: ImageClassifier, data: HeldOutData,
               reference: torch.Tensor, n: int, s: EvalSettings, sample: Callable[..., torch.Tensor]) -> dict[str, Any]:
     labels = data.labels[:n]
@@ -163,15 +165,14 @@ def _run_task(task: str, guidance: float, model: TrainedModel, classifier: Image
         images = _in_batches(n, s.batch_size, lambda p: sample(guidance, p, num_images=p.stop - p.start))
         return _distribution_row(classifier, images, reference, None)
     if task == "text":
-        key = next(c.config.key for c in model.conditioner.conditioners.values() if isinstance(c, TextConditioner))
+        key = _conditioner_for(model, "text").config.key
         prompts = [data.items[i][key] for i in range(n)]
         images = _in_batches(n, s.batch_size, lambda p: sample(guidance, p, prompt=prompts[p]))
         row = _distribution_row(classifier, images, reference, labels)
         row.update(_tone_gap(images, prompts))
         return row
     if task == "mask":
-        key = next(c.config.key for c in model.conditioner.conditioners.values()
-                   if isinstance(c, SegmentationConditioner))
+        key = _conditioner_for(model, "mask").config.key
         masks = torch.stack([torch.as_tensor(data.items[i][key]) for i in range(n)])  # (n, H, W) label map
         images = _in_batches(n, s.batch_size, lambda p: sample(guidance, p, mask=masks[p]))
         target = crop_center(masks, model.crop_size) if model.crop_size else masks
@@ -181,8 +182,7 @@ def _run_task(task: str, guidance: float, model: TrainedModel, classifier: Image
         return row
     truth = data.originals[:n]
     if task == "super_resolution":
-        factor = next(c.config.factor for c in model.conditioner.conditioners.values()
-                      if isinstance(c, LowResConditioner))
+        factor = _conditioner_for(model, "super_resolution").config.factor
         size = data.images.shape[-2:]
         small = F.interpolate(data.images[:n], size=(size[0] // factor, size[1] // factor), mode="bicubic",
                               align_corners=False, antialias=True).clamp(-1, 1)

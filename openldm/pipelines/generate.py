@@ -292,9 +292,8 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
     """Load ``source`` (see the module docstring; None = the default bundled model) behind the generation
     interface. ``dtype`` applies to the network weights. Models trained here: ``ema`` picks the EMA weights,
     ``vae`` decodes through another autoencoder file with the same encoder, ``step`` an EMA snapshot."""
-    from openldm.io.run_dir import is_run_dir, resolve_source
-
     from openldm.bundled import DEFAULT
+    from openldm.io.run_dir import is_run_dir, resolve_source
 
     path = resolve_source(source)
     label = DEFAULT if source is None else str(source)  # what PNGs record: the source as given

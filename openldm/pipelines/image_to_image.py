@@ -8,9 +8,21 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from openldm.pipelines.common import (ModelParts, decode_latents, denoise_and_decode, draw_noise, encode_images,
-                                      encode_text, image_to_tensor, latent_shape, make_generator,
-                                      module_device_dtype, place, sampling_plan, to_pil)
+from openldm.pipelines.common import (
+    ModelParts,
+    decode_latents,
+    denoise_and_decode,
+    draw_noise,
+    encode_images,
+    encode_text,
+    image_to_tensor,
+    latent_shape,
+    make_generator,
+    module_device_dtype,
+    place,
+    sampling_plan,
+    to_pil,
+)
 from openldm.samplers.base import OnStep
 
 

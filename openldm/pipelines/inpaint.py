@@ -18,9 +18,22 @@ import torch
 from PIL import Image
 
 from openldm.conditioning.spatial import InpaintConditioner, InpaintConfig
-from openldm.pipelines.common import (ModelParts, chain_hooks, denoise_and_decode, draw_noise, encode_images, encode_text,
-                                      image_to_tensor, latent_shape, make_generator, module_device_dtype,
-                                      paste_unmasked, place, sampling_plan, to_pil)
+from openldm.pipelines.common import (
+    ModelParts,
+    chain_hooks,
+    denoise_and_decode,
+    draw_noise,
+    encode_images,
+    encode_text,
+    image_to_tensor,
+    latent_shape,
+    make_generator,
+    module_device_dtype,
+    paste_unmasked,
+    place,
+    sampling_plan,
+    to_pil,
+)
 from openldm.samplers.base import OnStep, blend_known
 
 

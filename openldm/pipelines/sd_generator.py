@@ -7,8 +7,17 @@ import torch
 from PIL import Image
 
 from openldm.pipelines.common import decode_latents, place, sampling_plan, to_pil
-from openldm.pipelines.generate import (Capabilities, GenerationRequest, GenerationResult, OnProgress, Recommended,
-                                        ShouldStop, Stopped, params_for, progress_hook)
+from openldm.pipelines.generate import (
+    Capabilities,
+    GenerationRequest,
+    GenerationResult,
+    OnProgress,
+    Recommended,
+    ShouldStop,
+    Stopped,
+    params_for,
+    progress_hook,
+)
 from openldm.pipelines.image_to_image import image_to_image
 from openldm.pipelines.inpaint import inpaint
 from openldm.pipelines.text_to_image import text_to_image

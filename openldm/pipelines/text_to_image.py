@@ -6,8 +6,18 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from openldm.pipelines.common import (ModelParts, denoise_and_decode, draw_noise, encode_text, latent_shape,
-                                      make_generator, module_device_dtype, place, sampling_plan, to_pil)
+from openldm.pipelines.common import (
+    ModelParts,
+    denoise_and_decode,
+    draw_noise,
+    encode_text,
+    latent_shape,
+    make_generator,
+    module_device_dtype,
+    place,
+    sampling_plan,
+    to_pil,
+)
 from openldm.samplers.base import OnStep
 
 

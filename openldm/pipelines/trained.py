@@ -21,36 +21,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from openldm.conditioning.class_label import ClassLabelConditioner
 from openldm.conditioning.compose import (
     ComposedConditioner,
+    RequestContext,
     Resources,
     build_conditioning,
     latent_resources,
     merge_slots,
 )
-from openldm.conditioning.slots import Slots
-from openldm.conditioning.spatial import (
-    InpaintConditioner,
-    LowResConditioner,
-    SegmentationConditioner,
-)
-from openldm.conditioning.text import TextConditioner
-from openldm.data.image_io import load_image, load_label_map, pil_to_tensor
+from openldm.conditioning.inputs import ImageInput, as_images, batched, fill_mask
 from openldm.data.transforms import crop_center
 from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io import run_dir as runs
 from openldm.io.native import load_model, save_model
 from openldm.io.run_dir import DiffusionTrainConfig, base_resources, load_base_model
 from openldm.models.autoencoder import LatentCodec, latent_channels
+from openldm.nn.slots import Slots
 from openldm.pipelines.common import (
     chain_hooks,
     draw_noise,
@@ -61,8 +53,6 @@ from openldm.pipelines.common import (
     sampling_plan,
 )
 from openldm.samplers.base import OnStep, blend_known
-
-ImageInput = Image.Image | str | Path | torch.Tensor
 
 
 @dataclass
@@ -169,110 +159,29 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
 
 # ---------------------------------------------------------------------------------------------------- inputs
 
-def _batched(x: torch.Tensor, B: int, what: str) -> torch.Tensor:
-    if x.shape[0] == B:
-        return x
-    if x.shape[0] == 1:
-        return x.expand(B, *x.shape[1:])
-    raise ValueError(f"{what} has batch {x.shape[0]}; give 1 (shared) or one per image ({B})")
-
-
-def _image(image: ImageInput, channels: int, size: tuple[int, int] | None, what: str) -> torch.Tensor:
-    """A path, PIL image or tensor ((C, H, W) / (N, C, H, W) in [-1, 1]) -> (N, C, H, W) float in [-1, 1], resized
-    to ``size`` (H, W) when given and different (Lanczos for PIL images, antialiased bicubic for tensors)."""
-    if isinstance(image, torch.Tensor):
-        x = image.float()[None] if image.dim() == 3 else image.float()
-        if x.dim() != 4 or x.shape[1] != channels:
-            raise ValueError(f"{what} tensor must be (C, H, W) or (N, C, H, W) with C = {channels}; got {tuple(image.shape)}")
-        if size is not None and tuple(x.shape[-2:]) != tuple(size):
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-        return x
-    img = load_image(image, channels) if isinstance(image, (str, Path)) else image.convert("RGB" if channels == 3 else "L")
-    if size is not None and img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
-    return pil_to_tensor(img)[None] * 2 - 1
-
-
-def _fill_mask(mask: ImageInput, size: tuple[int, int]) -> torch.Tensor:
-    """An inpainting mask (white / > 0.5 = fill) -> (N, 1, H, W) float in {0, 1} at the image size."""
-    if isinstance(mask, torch.Tensor):
-        m = mask.float()
-        m = m[None, None] if m.dim() == 2 else m[:, None] if m.dim() == 3 else m
-        return (F.interpolate(m, size=size, mode="nearest") > 0.5).float()
-    return (_image(mask, 1, size, "mask") > 0).float()  # [-1, 1]: > 0 is >= half grey
-
-
-def _label_map(mask: ImageInput) -> torch.Tensor:
-    """A segmentation label map (path to an L/P/I PNG of ids, PIL image, or (H, W) / (N, H, W) integer tensor) ->
-    (N, H, W) long."""
-    if isinstance(mask, torch.Tensor):
-        m = mask if mask.is_floating_point() else mask.long()
-    elif isinstance(mask, (str, Path)):
-        m = load_label_map(mask)
-    else:
-        m = torch.from_numpy(np.asarray(mask).astype(np.int64))
-    return m[None] if m.dim() == 2 else m
-
-
-def _repeat(values: Sequence[Any], n: int) -> list[Any]:
-    return [v for v in values for _ in range(n)]  # value-major, as num_images per prompt
-
-
-def _class_indices(model: TrainedModel, class_label: int | str | Sequence[int | str]) -> list[int]:
-    labels = [class_label] if isinstance(class_label, (int, str)) else list(class_label)
-    out = []
-    for v in labels:
-        if isinstance(v, str):
-            if not model.class_names or v not in model.class_names:
-                raise ValueError(f"class {v!r} is not a class name of this model; names: {model.class_names}")
-            v = model.class_names.index(v)
-        out.append(int(v))
-    return out
-
-
 def _conditions_batch(model: TrainedModel, B: int, image_size: tuple[int, int], *, per: int,
-                      class_label, prompt, mask, low_res, noise_level, init_image) -> tuple[dict, set[str]]:
-    """The batch dict the model's conditioners read, and the names of the conditions it fills."""
+                      values: dict[str, Any]) -> tuple[dict, set[str]]:
+    """The batch dict the model's conditioners read, and the names of the conditions it fills: each conditioner
+    builds its own entries from the request's values (``Conditioner.request_batch``)."""
+    ctx = RequestContext(batch_size=B, per=per, image_size=image_size, image_channels=model.channels,
+                         class_names=model.class_names)
     batch: dict[str, Any] = {}
     given: set[str] = set()
     used: set[str] = set()
     for name, c in model.conditioner.conditioners.items():
-        if isinstance(c, ClassLabelConditioner) and class_label is not None:
-            labels = _class_indices(model, class_label)
-            bad = [v for v in labels if not 0 <= v < c.config.num_classes]
-            if bad:
-                raise ValueError(f"class label {bad[0]} is out of range; the model has classes 0..{c.config.num_classes - 1}"
-                                 + (f" ({', '.join(model.class_names)})" if model.class_names else ""))
-            batch[c.config.key] = torch.tensor(_repeat(labels, per))
-            used.add("class_label")
-        elif isinstance(c, TextConditioner) and prompt is not None:
-            batch[c.config.key] = _repeat([prompt] if isinstance(prompt, str) else list(prompt), per)
-            used.add("prompt")
-        elif isinstance(c, SegmentationConditioner) and mask is not None and init_image is None:
-            batch[c.config.key] = _batched(_label_map(mask), B, "mask")
-            used.add("mask")
-        elif isinstance(c, LowResConditioner) and low_res is not None:
-            batch[c.config.key] = _batched(_image(low_res, c.config.channels, None, "low_res"), B, "low_res")
-            if noise_level is not None:
-                batch[c.config.noise_level_key] = noise_level
-            used.add("low_res")
-        elif isinstance(c, InpaintConditioner) and init_image is not None:
-            if mask is None:
-                raise ValueError("this model inpaints: give the mask of the region to fill with init_image")
-            batch[c.config.image_key] = _batched(_image(init_image, model.channels, image_size, "init_image"), B,
-                                                "init_image")
-            batch[c.config.mask_key] = _batched(_fill_mask(mask, image_size), B, "mask")
-            used |= {"init_image", "mask"}
-        else:
+        entries = c.request_batch(values, ctx)
+        if entries is None:
             continue
+        batch.update(entries)
+        used |= {f.name for f in c.request_fields()}
         given.add(name)
-    for value, what in ((class_label, "class_label"), (prompt, "prompt"), (low_res, "low_res")):
-        if value is not None and what not in used:
+    for what in ("class_label", "prompt", "low_res"):
+        if values.get(what) is not None and what not in used:
             raise ValueError(f"{what} was given but the model has no condition that reads it; its conditions are "
                              f"{_describe(model)}")
-    if noise_level is not None and low_res is None:
+    if values.get("noise_level") is not None and values.get("low_res") is None:
         raise ValueError("noise_level is the augmentation level of a low_res image; give low_res too")
-    if mask is not None and init_image is None and "mask" not in used:
+    if values.get("mask") is not None and values.get("init_image") is None and "mask" not in used:
         raise ValueError(f"mask was given without init_image, but the model has no segmentation condition; its "
                          f"conditions are {_describe(model)} (give init_image too to inpaint)")
     for key, value in batch.items():
@@ -341,7 +250,7 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
                    sampler: str = "ddim", karras: bool = False, steps: int = 50, guidance_scale: float = 3.0,
                    guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None,
                    width: int | None = None, crop: bool = True, progress: bool = False,
-                   on_step: OnStep | None = None) -> torch.Tensor:
+                   on_step: OnStep | None = None, inputs: dict[str, Any] | None = None) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] from a trained model; B = ``num_images`` per class label / prompt (a list of
     labels or prompts gives ``num_images`` each, label-major). Samples at the training size come back cropped to
     the dataset's own size when its images were padded (Fashion-MNIST 28 px padded to 32), unless ``crop=False``.
@@ -350,7 +259,8 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
     upscale (``noise_level``: its augmentation level; default the conditioner's). ``strength`` < 1 with
     ``init_image``: start from the image noised to that fraction of the schedule. Classifier-free guidance pairs the
     conditions with the conditioner's null (Ho & Salimans 2022); at ``guidance_scale <= 1`` only the conditional pass
-    runs. ``height``/``width`` default to the training images' size."""
+    runs. ``height``/``width`` default to the training images' size. ``inputs``: values for other conditions'
+    request fields by name (``Conditioner.request_fields``, e.g. ``{"brightness": 0.8}``)."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if not 0.0 < strength <= 1.0:
@@ -371,22 +281,24 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
 
     generator = make_generator(seed)
     noise = draw_noise((B, channels, *latent_size), generator, device, torch.float32)
-    batch, given = _conditions_batch(model, B, (height, width), per=num_images, class_label=class_label,
-                                     prompt=prompt, mask=mask, low_res=low_res, noise_level=noise_level,
-                                     init_image=init_image)
+    values = {**(inputs or {}), "class_label": class_label, "prompt": prompt, "mask": mask, "low_res": low_res,
+              "noise_level": noise_level, "init_image": init_image}
+    batch, given = _conditions_batch(model, B, (height, width), per=num_images, values=values)
     cond = condition(model.conditioner, batch, given, B, latent_size, generator).to(device=device)
     uncond = model.conditioner.null(B, latent_size=latent_size).to(device=device) if given else cond
 
     plan = sampling_plan(model, sampler, steps, karras)
     hooks = [on_step]
-    if init_image is not None and not any(isinstance(c, InpaintConditioner) for c in model.conditioner.conditioners.values()):
-        known = encode(model, _batched(_image(init_image, model.channels, (height, width), "init_image"), B,
+    reads_init_image = any(f.name == "init_image" for c in model.conditioner.conditioners.values()
+                           for f in c.request_fields())
+    if init_image is not None and not reads_init_image:
+        known = encode(model, batched(as_images(init_image, model.channels, (height, width), "init_image"), B,
                                         "init_image"))
         if strength < 1.0:
             plan = plan.from_strength(strength)
         x = plan.noised_input(known, noise) if strength < 1.0 else plan.initial_sample(noise)
         if mask is not None:  # inpainting by blending: the known region is put back after every step
-            small = F.interpolate(_batched(_fill_mask(mask, (height, width)), B, "mask"), size=latent_size,
+            small = F.interpolate(batched(fill_mask(mask, (height, width)), B, "mask"), size=latent_size,
                                   mode="nearest").to(device)
             hooks.insert(0, blend_known(known, small, noise))
     else:

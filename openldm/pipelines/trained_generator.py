@@ -10,8 +10,17 @@ from PIL import Image
 from openldm.data.image_io import tensor_to_pil
 from openldm.io import run_dir as runs
 from openldm.pipelines.common import resolve_dtype, sampling_plan
-from openldm.pipelines.generate import (Capabilities, GenerationRequest, GenerationResult, OnProgress, Recommended,
-                                        ShouldStop, Stopped, params_for, progress_hook)
+from openldm.pipelines.generate import (
+    Capabilities,
+    GenerationRequest,
+    GenerationResult,
+    OnProgress,
+    Recommended,
+    ShouldStop,
+    Stopped,
+    params_for,
+    progress_hook,
+)
 from openldm.pipelines.trained import TrainedModel, crop_output, decode, load_run, sample_trained
 
 _REQUEST_KEYS = ("prompt", "class_label", "init_image")  # request fields of their own, not ``inputs``
@@ -55,8 +64,8 @@ class TrainedGenerator:
         total = plan.from_strength(strength).num_steps if strength < 1 else plan.num_steps
         try:
             images = sample_trained(
-                self.model, class_label=r.class_label, prompt=r.prompt, mask=r.mask, low_res=r.inputs.get("low_res"),
-                noise_level=r.inputs.get("noise_level"), init_image=r.init_image, strength=strength,
+                self.model, class_label=r.class_label, prompt=r.prompt, mask=r.mask, inputs=r.inputs,
+                init_image=r.init_image, strength=strength,
                 num_images=r.num_images, sampler=r.sampler, karras=r.karras, steps=r.steps,
                 guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, seed=r.seed, height=r.height,
                 width=r.width, progress=progress, on_step=progress_hook(total, on_progress, should_stop))

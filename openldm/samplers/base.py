@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
-from openldm.conditioning.slots import Slots
+from openldm.nn.slots import Slots
 
 OnStep = Callable[[int, float, float, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from openldm.conditioning.slots import Slots
+from openldm.nn.slots import Slots
 from openldm.samplers.base import OnStep, after_step, ancestral_sigmas, check_sigmas, denoise, randn_like, steps
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from openldm.conditioning.slots import Slots
+from openldm.nn.slots import Slots
 from openldm.samplers.base import OnStep, after_step, check_sigmas, denoise, randn_like, steps
 
 # diffusers drops to first order on the last step of schedules shorter than this (``lower_order_final``).

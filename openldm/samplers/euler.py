@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from openldm.conditioning.slots import Slots
+from openldm.nn.slots import Slots
 from openldm.samplers.base import (OnStep, after_step, ancestral_sigmas, check_sigmas, churn, denoise, randn_like,
                                    steps)
 

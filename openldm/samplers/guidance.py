@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from openldm.conditioning.slots import Slots
+from openldm.nn.slots import Slots
 
 RESCALE_SPACES = ("eps", "v")
 
@@ -67,3 +67,14 @@ class CFGDenoiser(nn.Module):
         v = rescale_guidance(((x - guided) / s - s * guided) / c, ((x - d_cond) / s - s * d_cond) / c,
                              self.guidance_rescale)
         return x / c**2 - s / c * v
+
+
+def with_guidance(denoiser: nn.Module, uncond, guidance_scale: float, guidance_rescale: float = 0.0,
+                  prediction: str = "eps") -> nn.Module:
+    """``denoiser`` wrapped in classifier-free guidance towards its condition and away from ``uncond``: the one
+    place of the "guidance off" rule (diffusers'): at ``guidance_scale <= 1`` only the conditional pass runs and the
+    denoiser comes back unwrapped. Guidance rescale works in v space for v-predicting networks, else in eps."""
+    if guidance_scale <= 1.0:
+        return denoiser
+    return CFGDenoiser(denoiser, uncond, guidance_scale, guidance_rescale,
+                       rescale_space="v" if prediction == "v" else "eps")

@@ -16,6 +16,7 @@ from openldm.config import PRECISIONS, DataSpec, to_dict  # noqa: F401  (re-expo
 from openldm.io.run_dir import write_config  # noqa: F401  (re-exported: every loop writes config.yaml through it)
 from openldm.training.distributed import DistInfo, ShardedSampler
 
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is left as it was."""
 

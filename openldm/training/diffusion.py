@@ -50,7 +50,6 @@ from openldm.conditioning.compose import (
     build_conditioning,
     latent_resources,
 )
-from openldm.conditioning.spatial import InpaintConditioner, LowResConditioner, RowShard
 from openldm.config import from_dict, to_dict
 from openldm.data import build_dataset
 from openldm.diffusion.objectives import (
@@ -75,7 +74,7 @@ from openldm.io.run_dir import (  # noqa: F401  (DiffusionTrainConfig, upgrade_c
     write_json,
 )
 from openldm.models.autoencoder import LatentCodec
-from openldm.registry import PRESETS
+from openldm.registry import CONDITIONERS, PRESETS
 from openldm.training.checkpoint import load_state, save_state
 from openldm.training.common import (
     BatchStream,
@@ -153,8 +152,8 @@ def build_unet(cfg: DiffusionTrainConfig, data_channels: int, conditioner: Compo
 
 
 def _reads_pixels(conditions: list[ConditionConfig]) -> bool:
-    """Whether a condition may need the training images: inpainting (the masked image) or low-res (derived)."""
-    return any(c.kind in ("inpaint", "low_res") for c in conditions)
+    """Whether a condition needs the training images beside cached latents (its class declares ``reads_pixels``)."""
+    return any(CONDITIONERS.get(c.kind).reads_pixels for c in conditions)
 
 
 class _WithPixels(torch.utils.data.Dataset):
@@ -234,30 +233,19 @@ def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path, autoencoder: nn.Modul
 
 
 def condition_inputs(batch: dict, conditioner: ComposedConditioner) -> dict:
-    """The batch with the inputs conditions derive from the images: "image" from a latent cache's "pixels", and
-    each low-res conditioner's image (when the data has none) as the image shrunk its ``factor`` times."""
+    """The batch with the inputs conditions derive from the images: "image" from a latent cache's "pixels", then
+    each conditioner's own derived input (``Conditioner.derive_input``: a low-res image shrunk from the image, a
+    brightness measured on it, ...)."""
     batch = dict(batch)
     if "pixels" in batch and "image" not in batch:
         batch["image"] = batch.pop("pixels").float()
     for name, c in conditioner.conditioners.items():
-        if isinstance(c, LowResConditioner):
-            needs = c.config.key
-        elif isinstance(c, InpaintConditioner):
-            needs = c.config.image_key
-        else:
-            continue
-        if needs in batch:
-            continue
-        if "image" not in batch:
+        needs = c.derive_input(batch)
+        if needs is not None and needs not in batch:
             raise ValueError(
                 f"condition {name!r} ({type(c).__name__}) reads batch[{needs!r}], but the data has neither it nor "
                 f"pixel images (keys: {sorted(batch)}); cached latents carry no pixels: set `autoencoder:` and train "
                 f"from the image dataset, so the cache built here keeps them, or give the data a {needs!r} column")
-        if isinstance(c, LowResConditioner):
-            image, f = batch["image"].float(), c.config.factor  # (B, C, H, W)
-            size = (max(1, image.shape[-2] // f), max(1, image.shape[-1] // f))
-            batch[needs] = F.interpolate(image, size=size, mode="bicubic", align_corners=False,
-                                         antialias=True).clamp(-1, 1)  # (B, C, H / f, W / f)
     return batch
 
 
@@ -271,7 +259,7 @@ def sample_grid(model: DiffusionModel, batch: dict, x0: torch.Tensor, alphas_cum
     from openldm.diffusion.denoiser import DiscreteDenoiser
     from openldm.diffusion.spacing import make_plan
     from openldm.samplers.ddim import sample_ddim
-    from openldm.samplers.guidance import CFGDenoiser
+    from openldm.samplers.guidance import with_guidance
 
     B, size = x0.shape[0], tuple(x0.shape[-2:])
     generator = torch.Generator().manual_seed(seed)
@@ -289,8 +277,7 @@ def sample_grid(model: DiffusionModel, batch: dict, x0: torch.Tensor, alphas_cum
         model.conditioner.eval()
         cond = model.conditioner(batch, generator=generator, latent_size=size).to(x0.device)
         model.conditioner.train(was)
-        guided = denoiser if guidance_scale <= 1 else CFGDenoiser(denoiser, null, guidance_scale,
-                                                                  rescale_space="v" if prediction == "v" else "eps")
+        guided = with_guidance(denoiser, null, guidance_scale, prediction=prediction)
         rows.append(run(guided, cond))
     return [r.float().cpu().clamp(-1, 1) for r in rows]
 
@@ -364,8 +351,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, decay=cfg.ema_decay) if info.is_main else None  # weights are equal on every rank: keep one
     for c in model.conditioner.conditioners.values():  # (after the EMA copy: sampling draws for its own batch)
-        if isinstance(c, (LowResConditioner, InpaintConditioner)):
-            c.shard = RowShard(info.rank, info.world_size)  # draws for the whole micro batch, this rank's rows kept
+        c.set_shard(info.rank, info.world_size)  # per-row draws: the whole micro batch, this rank's rows kept
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg.optim, cfg.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")

@@ -9,7 +9,6 @@ from torch import nn
 from openldm.config import LR_SCHEDULES, OptimConfig  # noqa: F401  (the config lives with the run configs)
 
 
-
 def lr_factor(step: int, config: OptimConfig, total_steps: int) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based)."""
     if config.warmup_steps and step < config.warmup_steps:

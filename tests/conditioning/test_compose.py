@@ -40,8 +40,8 @@ def batch(n: int, seed: int = 0) -> dict:
     return {"caption": [captions[i % 4] for i in range(n)], "mask": torch.randint(0, 3, (n, 16, 16), generator=g)}
 
 
-def test_all_five_conditioners_are_registered():
-    assert CONDITIONERS.names() == ["class_label", "inpaint", "low_res", "segmentation", "text"]
+def test_every_conditioner_is_registered():
+    assert CONDITIONERS.names() == ["brightness", "class_label", "inpaint", "low_res", "segmentation", "text"]
 
 
 def test_text_plus_mask_fills_both_slots_and_reports_the_unet_dims():

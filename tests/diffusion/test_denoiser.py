@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from openldm.conditioning.slots import Slots
+from openldm.nn.slots import Slots
 from openldm.diffusion.analytic import GaussianMixtureDenoiser
 from openldm.diffusion.denoiser import DiscreteDenoiser
 from openldm.diffusion.schedules import (

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sampler_oracles import SD, diffusers
 
-from openldm.conditioning.slots import Slots
+from openldm.nn.slots import Slots
 from openldm.diffusion.denoiser import DiscreteDenoiser
 from openldm.diffusion.schedules import make_alphas_cumprod, t_to_sigma
 from openldm.diffusion.spacing import make_plan

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sampler_oracles import SD, mixture
 
-from openldm.conditioning.slots import Slots
+from openldm.nn.slots import Slots
 from openldm.diffusion.analytic import GaussianDenoiser, compare
 from openldm.diffusion.spacing import make_plan
 from openldm.registry import SAMPLERS
