@@ -185,6 +185,33 @@ def _request(args: argparse.Namespace, inputs: dict):
         vae_tiling=getattr(args, "vae_tiling", False))
 
 
+def _check_output(out: str) -> None:
+    """Before any work: the output must be a PNG path in an existing folder (PNGs carry the parameters)."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {out!r} is a directory; give a file name such as {str(path / 'out.png')!r}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--out {out!r}: the folder {str(path.parent)!r} does not exist; create it first")
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out!r} must end in .png (the images carry their parameters in a PNG text chunk)")
+
+
+def _check_image_file(value: str, flag: str) -> None:
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(value).is_file():
+        raise ConfigError(f"{flag} {value!r} does not exist")
+    try:
+        with Image.open(value) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ConfigError(f"{flag} {value!r} is not a readable image ({e.__class__.__name__}); give a PNG or JPEG")
+
+
 def _input_value(text: str):
     """A number when it reads as one, else the text (a path for image inputs)."""
     for convert in (int, float):
@@ -207,6 +234,13 @@ def _generate(args: argparse.Namespace) -> int:
     from openldm.pipelines import read_png_params, save_images
     from openldm.pipelines.generate import load_generator, request_from_params
 
+    _check_output(args.out)
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
+    for flag in ("from_png", "init_image", "mask", "low_res"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            _check_image_file(value, "--" + flag.replace("_", "-"))
     stored = read_png_params(args.from_png) if getattr(args, "from_png", None) else None
     model = args.model or (stored.model if stored is not None else None)
     generator = load_generator(model, device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"),

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import pytest
 
 from openldm.cli import build_parser, main
 
@@ -29,3 +30,60 @@ def test_user_error_is_one_line_exit_2(capsys):
     assert main(["models", "--kind", "no_such_kind"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_kind" in err[0]
+
+
+BAD_GENERATE = [  # (argv after "generate", a word the one-line error must name)
+    (["--out", "{tmp}"], "is a directory"),
+    (["--out", "{tmp}/missing/x.png"], "does not exist"),
+    (["--out", "{tmp}/x.gif"], ".png"),
+    (["--model", "{tmp}/nothing_here"], "nothing_here"),
+    (["--from-png", "{tmp}/notes.txt"], "not a readable image"),
+    (["--init-image", "{tmp}/notes.txt", "--prompt", "a bag"], "not a readable image"),
+    (["--steps", "0"], "steps=0"),
+    (["--steps", "5000"], "steps=5000"),
+    (["--guidance-scale", "nan"], "guidance_scale=nan"),
+    (["--guidance-scale", "-2"], "guidance_scale=-2"),
+    (["--height", "0"], "height=0"),
+    (["--width", "30"], "width=30"),
+    (["--seed", "-5"], "seed=-5"),
+    (["--seed", str(2**70)], "seed="),
+    (["--sampler", "nope"], "nope"),
+    (["--sampler", "ddim", "--karras"], "Karras"),
+    (["--class-label", "42"], "42"),
+    (["--class-label", "hat"], "hat"),
+    (["--negative-prompt", "blurry"], "negative prompt"),
+    (["--num-images", "0"], "num_images=0"),
+    (["--strength", "0.5"], "strength=0.5"),
+    (["--low-res", "{tmp}/img.png"], "low-res"),
+    (["--input", "brightness=0.5"], "brightness"),
+    (["--input", "nonsense"], "NAME=VALUE"),
+    (["--mask", "{tmp}/img.png"], "init image"),
+    (["--device", "cuda"], "cuda"),
+]
+
+
+@pytest.mark.parametrize("argv, named", BAD_GENERATE, ids=[" ".join(a) for a, _ in BAD_GENERATE])
+def test_bad_generate_command_lines_are_one_line_and_exit_2(argv, named, tmp_path, capsys):
+    if "--device" in argv:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA: --device cuda is valid here")
+    (tmp_path / "notes.txt").write_text("not an image")
+    from PIL import Image
+
+    Image.new("L", (32, 32)).save(tmp_path / "img.png")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out.png")]
+    assert main(["generate", *argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0] and named in err[0], err
+
+
+def test_config_errors_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1, 2\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not valid YAML" in err[0] and "is a directory" in err[1]
