@@ -58,7 +58,8 @@ def test_user_errors_are_one_line(single_file, tmp_path, capsys):
     assert main(["generate", "--model", str(single_file), "--prompt", "x", "--height", "31", "--out",
                  str(tmp_path / "a.png"), "--quiet"]) == 2
     assert main(["generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x"]) == 2
-    assert main(["generate", "--model", str(single_file), "--prompt", "x", "--mask", "m.png"]) == 2
+    Image.new("L", (8, 8), 255).save(tmp_path / "m.png")
+    assert main(["generate", "--model", str(single_file), "--prompt", "x", "--mask", str(tmp_path / "m.png")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and "31" in errors[0] and "missing" in errors[1] and "--init-image" in errors[2]
 
