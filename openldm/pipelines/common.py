@@ -217,10 +217,6 @@ def paste_unmasked(generated: torch.Tensor, original: torch.Tensor, mask: torch.
 
 # ------------------------------------------------------------------------------------- generation parameters
 
-A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun",
-                  "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE"}
-
-
 @dataclass
 class GenerationParams:
     """Everything that determines an image besides the model and input images; serialises to (and parses from)
@@ -256,7 +252,7 @@ class GenerationParams:
 
     def to_text(self) -> str:
         """AUTOMATIC1111's format: prompt, "Negative prompt: ..." line, then "Key: value, ..." pairs."""
-        items = [("Steps", self.steps), ("Sampler", A1111_SAMPLERS.get(self.sampler, self.sampler)),
+        items = [("Steps", self.steps), ("Sampler", _a1111_sampler(self.sampler)),
                  ("Schedule type", "Karras" if self.karras else "Automatic"), ("CFG scale", _num(self.guidance_scale)),
                  ("Seed", self.seed), ("Size", f"{self.width}x{self.height}")]
         if self.model:
@@ -294,13 +290,12 @@ class GenerationParams:
                 line = line[len("Negative prompt:"):].strip()
             (negative if into_negative else prompt).append(line)
         p = cls(prompt="\n".join(prompt), negative_prompt="\n".join(negative))
-        names = {v: k for k, v in A1111_SAMPLERS.items()}
-        sampler = settings.get("Sampler", A1111_SAMPLERS[p.sampler])
-        if sampler.endswith(" Karras"):
-            sampler, p.karras = sampler[: -len(" Karras")], True
-        if sampler not in names and sampler not in A1111_SAMPLERS:
-            raise ValueError(f"sampler {sampler!r} in the parameters is not one of {sorted(names)}")
-        p.sampler = names.get(sampler, sampler)
+        from openldm.samplers import from_a1111_name
+
+        try:
+            p.sampler, p.karras = from_a1111_name(settings.get("Sampler", _a1111_sampler(p.sampler)))
+        except KeyError as e:
+            raise ValueError(f"in the parameters: {e.args[0]}") from None
         p.karras = p.karras or settings.get("Schedule type") == "Karras"
         if "Size" in settings:
             p.width, p.height = (int(v) for v in settings["Size"].split("x"))
@@ -314,6 +309,12 @@ class GenerationParams:
             if key in settings:
                 setattr(p, name, convert(settings[key]))
         return p
+
+
+def _a1111_sampler(name: str) -> str:
+    from openldm.samplers import a1111_name
+
+    return a1111_name(name)
 
 
 def _num(x: float) -> str:

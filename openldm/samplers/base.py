@@ -34,13 +34,15 @@ class SamplerSpec:
 
     ``convention`` names the diffusers scheduler whose timestep/sigma construction the sampler's plan follows
     (``reference`` is that class, for the record); ``supports_karras`` says whether Karras sigmas may replace the
-    spaced ones; ``stochastic`` whether it draws noise at every step (with default options)."""
+    spaced ones; ``stochastic`` whether it draws noise at every step (with default options); ``a1111_name`` is
+    the name AUTOMATIC1111 gives it (its API's ``sampler_name``, the "Sampler" of a PNG's parameters)."""
 
     fn: Callable[..., torch.Tensor]
     convention: str
     reference: str
     supports_karras: bool
     stochastic: bool
+    a1111_name: str
 
     def __post_init__(self) -> None:
         if self.convention not in CONVENTIONS:
