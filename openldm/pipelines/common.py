@@ -8,10 +8,11 @@ to the device and dtype, so a seed gives the same image on every machine.
 """
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, BinaryIO, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -280,16 +281,8 @@ class GenerationParams:
     @classmethod
     def from_text(cls, text: str) -> "GenerationParams":
         """Parse :meth:`to_text`'s format (and AUTOMATIC1111's, e.g. "Sampler: DPM++ 2M Karras")."""
-        lines = text.strip().split("\n")
-        settings = _parse_settings(lines[-1]) if lines and "Steps:" in lines[-1] else {}
-        body = lines[:-1] if settings else lines
-        prompt, negative, into_negative = [], [], False
-        for line in body:
-            if line.startswith("Negative prompt:"):
-                into_negative = True
-                line = line[len("Negative prompt:"):].strip()
-            (negative if into_negative else prompt).append(line)
-        p = cls(prompt="\n".join(prompt), negative_prompt="\n".join(negative))
+        settings = parameters_items(text)
+        p = cls(prompt=settings.pop("Prompt"), negative_prompt=settings.pop("Negative prompt"))
         from openldm.samplers import from_a1111_name
 
         try:
@@ -335,11 +328,32 @@ def _parse_settings(line: str) -> dict[str, str]:
     return out
 
 
-def save_png(image: Image.Image, path: str | Path, params: GenerationParams) -> None:
-    """Write ``image`` as PNG with ``params.to_text()`` in a "parameters" tEXt chunk."""
+def save_png(image: Image.Image, path: str | Path | BinaryIO, params: GenerationParams) -> None:
+    """Write ``image`` as PNG (to a path or a binary file) with ``params.to_text()`` in a "parameters" tEXt chunk."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", params.to_text())
     image.save(path, format="PNG", pnginfo=info)
+
+
+def png_bytes(image: Image.Image, params: GenerationParams) -> bytes:
+    """:func:`save_png`'s file as bytes (what the server sends)."""
+    buffer = io.BytesIO()
+    save_png(image, buffer, params)
+    return buffer.getvalue()
+
+
+def parameters_items(text: str) -> dict[str, str]:
+    """A "parameters" text as AUTOMATIC1111's png-info lists it: "Prompt", "Negative prompt", then every
+    "Key: value" setting ("Size" also as "Size-1" / "Size-2")."""
+    lines = text.strip().split("\n")
+    settings = _parse_settings(lines[-1]) if lines and "Steps:" in lines[-1] else {}
+    body = lines[:-1] if settings else lines
+    split = next((i for i, line in enumerate(body) if line.startswith("Negative prompt:")), len(body))
+    negative = "\n".join(body[split:])[len("Negative prompt:"):].strip() if split < len(body) else ""
+    items = {"Prompt": "\n".join(body[:split]), "Negative prompt": negative, **settings}
+    if "x" in settings.get("Size", ""):
+        items["Size-1"], items["Size-2"] = settings["Size"].split("x", 1)
+    return items
 
 
 def read_png_params(path: str | Path) -> GenerationParams:

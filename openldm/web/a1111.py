@@ -1,0 +1,224 @@
+"""AUTOMATIC1111's HTTP API (``/sdapi/v1/...``): its request bodies with its field names and defaults, and their
+translation to and from the generation interface.
+
+Fields A1111 clients send that decide the image are honoured (prompt, negative_prompt, seed, sampler_name /
+sampler_index, scheduler, batch_size, n_iter, steps, cfg_scale, width, height, init_images, denoising_strength,
+mask, mask_blur, inpainting_mask_invert, override_settings' sd_model_checkpoint and CLIP_stop_at_last_layers);
+settings a model recommends (steps, cfg_scale, sampler, size) start from the model's own values when a request
+leaves them out. Requests for features openldm does not have (hires fix, restore faces, tiling, scripts, subseeds)
+are refused with a 4xx naming the field rather than silently ignored; every other unknown field is ignored, as
+A1111 ignores it.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import secrets
+from typing import Any
+
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict
+
+from openldm.pipelines.common import GenerationParams, png_bytes
+from openldm.pipelines.generate import GenerationRequest, RequestError
+
+VERSION = "openldm 0.1.0"
+
+
+class Txt2ImgRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # older clients' name for sampler_name
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    enable_hr: bool = False
+    override_settings: dict[str, Any] | None = None
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] | None = None
+    send_images: bool = True
+    save_images: bool = False
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float = 0.75
+    mask: str | None = None
+    mask_blur: int | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    include_init_images: bool = False
+
+
+SCHEDULERS = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+               "need_inner_model": False},
+              {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+
+
+def decode_image(data: str, field: str) -> Image.Image:
+    """A base64 image (raw, or a ``data:image/...;base64,`` URL) as a PIL image; a RequestError naming ``field``
+    when it is not one."""
+    text = data.split(",", 1)[1] if data.startswith("data:") else data
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+        image.load()
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+        raise RequestError(field, f"{field} is not a base64-encoded image (PNG, JPEG, WebP; raw base64 or a data "
+                           "URL)") from None
+    return image
+
+
+def encode_png(image: Image.Image, params: GenerationParams) -> str:
+    """Raw base64 of the PNG carrying ``params`` in its "parameters" chunk (A1111's ``images`` entries)."""
+    return base64.b64encode(png_bytes(image, params)).decode()
+
+
+def random_seed(seed: int) -> int:
+    """A1111's seed: -1 (or any negative) draws one."""
+    return secrets.randbelow(2**32) if seed < 0 else seed
+
+
+def _sampler(body: Txt2ImgRequest) -> tuple[str | None, bool | None]:
+    from openldm.samplers import from_a1111_name
+
+    name = body.sampler_name or body.sampler_index
+    karras: bool | None = None
+    if body.scheduler is not None:
+        scheduler = body.scheduler.lower()
+        if scheduler not in ("automatic", "karras"):
+            raise RequestError("scheduler", f"scheduler {body.scheduler!r} is not one of Automatic, Karras")
+        karras = scheduler == "karras"
+    if name is None:
+        return None, karras
+    try:
+        sampler, legacy_karras = from_a1111_name(name)
+    except KeyError as e:
+        raise RequestError("sampler_name", str(e.args[0])) from None
+    return sampler, True if legacy_karras else karras
+
+
+def _refuse_unsupported(body: Txt2ImgRequest) -> None:
+    for name, asked in (("enable_hr", body.enable_hr), ("restore_faces", body.restore_faces),
+                        ("tiling", body.tiling), ("script_name", body.script_name),
+                        ("alwayson_scripts", bool(body.alwayson_scripts)), ("styles", bool(body.styles)),
+                        ("subseed_strength", body.subseed_strength > 0)):
+        if asked:
+            raise RequestError(name, f"{name} is not supported by openldm (leave it out, false or empty)")
+
+
+def model_override(body: Txt2ImgRequest) -> str | None:
+    """The checkpoint a request asks for in ``override_settings`` (None: the current model)."""
+    return (body.override_settings or {}).get("sd_model_checkpoint")
+
+
+def to_request(body: Txt2ImgRequest) -> GenerationRequest:
+    """The generation request for an A1111 txt2img / img2img body (the seed still A1111's: -1 = random)."""
+    _refuse_unsupported(body)
+    sampler, karras = _sampler(body)
+    overrides = body.override_settings or {}
+    request = GenerationRequest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, seed=random_seed(body.seed), sampler=sampler,
+        karras=karras, steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
+        num_images=body.batch_size, clip_skip=int(overrides.get("CLIP_stop_at_last_layers", 1)))
+    if isinstance(body, Img2ImgRequest):
+        if not body.init_images:
+            raise RequestError("init_images", "img2img needs init_images: a list of one base64 image")
+        request.init_image = decode_image(body.init_images[0], "init_images").convert("RGB")
+        request.strength = body.denoising_strength
+        if body.resize_mode != 0:
+            raise RequestError("resize_mode", "resize_mode: only 0 (just resize) is supported")
+        if body.mask is not None:
+            request.mask = inpaint_mask(body, request.init_image)
+            request.paste_back = True  # A1111 lays the result over the original outside the mask
+    return request
+
+
+def inpaint_mask(body: Img2ImgRequest, image: Image.Image) -> Image.Image:
+    """The mask A1111 would use: decoded, the same size as the image, inverted if asked, blurred by mask_blur."""
+    mask = decode_image(body.mask, "mask").convert("L")
+    check_mask_size(mask, image)
+    if body.inpainting_fill not in (0, 1, 2, 3):
+        raise RequestError("inpainting_fill", "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or "
+                           "3 (latent nothing)")
+    if body.inpainting_mask_invert not in (0, 1):
+        raise RequestError("inpainting_mask_invert", "inpainting_mask_invert must be 0 (inpaint masked) or 1 "
+                           "(inpaint not masked)")
+    if body.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
+    if blur < 0:
+        raise RequestError("mask_blur", f"mask_blur={blur} must be >= 0")
+    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask
+
+
+def check_mask_size(mask: Image.Image, image: Image.Image) -> None:
+    if mask.size != image.size:
+        raise RequestError("mask", f"the mask is {mask.width}x{mask.height} but the image is "
+                           f"{image.width}x{image.height}; they must be the same size")
+
+
+def response(body: Txt2ImgRequest, images: list[Image.Image], params: list[GenerationParams], model: str,
+             seeds: list[int]) -> dict[str, Any]:
+    """A1111's response: ``images`` (base64 PNGs with their parameters), ``parameters`` (the request echoed) and
+    ``info`` (a JSON string)."""
+    first = params[0] if params else None
+    infotexts = [p.to_text() for p in params]
+    info = {
+        "prompt": body.prompt, "all_prompts": [p.prompt for p in params], "negative_prompt": body.negative_prompt,
+        "all_negative_prompts": [p.negative_prompt for p in params], "seed": seeds[0] if seeds else body.seed,
+        "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "width": first.width if first else body.width, "height": first.height if first else body.height,
+        "sampler_name": _a1111(first.sampler) if first else body.sampler_name, "scheduler":
+            ("Karras" if first.karras else "Automatic") if first else body.scheduler,
+        "cfg_scale": first.guidance_scale if first else body.cfg_scale, "steps": first.steps if first else body.steps,
+        "batch_size": body.batch_size, "n_iter": body.n_iter, "restore_faces": False,
+        "face_restoration_model": None, "sd_model_name": model, "sd_model_hash": None, "sd_vae_name": None,
+        "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": first.strength if first else None, "extra_generation_params": {},
+        "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": "",
+        "clip_skip": first.clip_skip if first else 1, "is_using_inpainting_conditioning": False, "version": VERSION}
+    return {"images": [encode_png(im, p) for im, p in zip(images, params)] if body.send_images else [],
+            "parameters": body.model_dump(), "info": json.dumps(info)}
+
+
+def _a1111(sampler: str) -> str:
+    from openldm.samplers import a1111_name
+
+    return a1111_name(sampler)
+
+
+def samplers() -> list[dict[str, Any]]:
+    """``/sdapi/v1/samplers``: A1111's names, our registry names as aliases."""
+    from openldm.registry import SAMPLERS
+
+    return [{"name": spec.a1111_name, "aliases": [name], "options": {"scheduler": "karras"}
+             if spec.supports_karras else {}} for name, spec in SAMPLERS.items()]
+
+
+def png_info(image: Image.Image) -> dict[str, Any]:
+    """``/sdapi/v1/png-info``: the "parameters" text, the PNG's text items, and the parameters parsed as A1111 does."""
+    from openldm.pipelines.common import parameters_items
+
+    text = image.info.get("parameters", "")
+    items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+    return {"info": text, "items": items, "parameters": parameters_items(text) if text else {}}

@@ -1,0 +1,245 @@
+"""The server's API on the bundled model and on a tiny random-weight SD model: every route, the 4xx errors, auth,
+parity with `openldm generate`, PNG parameters, a bounded load test and interrupts."""
+import base64
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from sd_testing import tiny_pipeline
+
+from openldm.cli import main
+from openldm.pipelines.generate import GenerationRequest
+from openldm.web.app import create_app
+
+
+def b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def unb64(text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(text.split(",", 1)[-1])))
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    app = create_app()
+    with TestClient(app) as client:
+        yield client
+    app.state.queue.close()
+
+
+@pytest.fixture(scope="module")
+def sd_file(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sd")
+    folder, _ = tiny_pipeline(tmp)
+    out = tmp / "tiny.safetensors"
+    assert main(["convert", str(folder), str(out), "--to", "original"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd(sd_file):
+    app = create_app([str(sd_file)], max_batch=4, max_pixels=64 * 64 * 4)
+    with TestClient(app) as client:
+        yield client
+    app.state.queue.close()
+
+
+def test_models_and_capabilities(bundled):
+    listed = bundled.get("/openldm/models").json()
+    assert listed["current"] == "fashion_mnist" and listed["models"][0]["name"] == "fashion_mnist"
+    caps = bundled.get("/openldm/models/fashion_mnist").json()
+    assert caps["class_names"][1] == "trouser" and caps["recommended"]["guidance_scale"] == 2.0
+    assert caps["sampler_labels"]["euler_ancestral"] == "Euler a"
+    assert bundled.get("/openldm/models/nope").status_code == 404
+
+
+def test_txt2img_response_and_png_info_round_trip(bundled):
+    r = bundled.post("/sdapi/v1/txt2img", json={"prompt": "a trouser", "seed": 5, "steps": 8, "batch_size": 2,
+                                                  "sampler_name": "DPM++ 2M Karras", "unknown_field": 1})
+    assert r.status_code == 200
+    body = r.json()
+    info = json.loads(body["info"])
+    assert len(body["images"]) == 2 and info["all_seeds"] == [5, 5] and info["sampler_name"] == "DPM++ 2M"
+    assert info["scheduler"] == "Karras" and body["parameters"]["prompt"] == "a trouser"
+    image = unb64(body["images"][1])
+    assert image.size == (28, 28) and "Batch pos: 1" in image.info["parameters"]
+    parsed = bundled.post("/sdapi/v1/png-info", json={"image": body["images"][1]}).json()
+    assert parsed["parameters"]["Prompt"] == "a trouser" and parsed["parameters"]["Seed"] == "5"
+    native = bundled.post("/openldm/png-info", json={"image": "data:image/png;base64," + body["images"][1]}).json()
+    assert native["params"]["sampler"] == "dpmpp_2m" and native["params"]["karras"] is True
+
+
+def test_random_seed_is_reported(bundled):
+    info = json.loads(bundled.post("/sdapi/v1/txt2img", json={"steps": 2}).json()["info"])
+    assert info["seed"] >= 0 and info["all_seeds"] == [info["seed"]]
+
+
+def test_native_job_with_a_class_label_and_progress(bundled):
+    job = bundled.post("/openldm/jobs", json={"class_label": "trouser", "steps": 40, "sampler": "ddpm",
+                                              "seed": 3}).json()
+    seen = []
+    while True:
+        state = bundled.get(f"/openldm/jobs/{job['id']}").json()
+        seen.append(state["progress"])
+        if state["state"] in ("done", "failed", "interrupted"):
+            break
+        if state["step"] > 0:
+            assert bundled.get(f"/openldm/jobs/{job['id']}/preview").headers["content-type"] == "image/png"
+        time.sleep(0.02)
+    assert state["state"] == "done" and "Class label: 1" in state["infotexts"][0]
+    assert any(0 < p < 1 for p in seen), seen
+    assert bundled.get("/openldm/queue").json() == {"running": None, "queued": []}
+
+
+def test_a1111_bookkeeping_routes(bundled):
+    names = [s["name"] for s in bundled.get("/sdapi/v1/samplers").json()]
+    assert {"Euler", "Euler a", "Heun", "DDIM", "DPM++ 2M", "DPM++ 2M SDE", "DDPM"} <= set(names)
+    assert [s["label"] for s in bundled.get("/sdapi/v1/schedulers").json()] == ["Automatic", "Karras"]
+    assert bundled.get("/sdapi/v1/sd-models").json()[0]["title"] == "fashion_mnist"
+    assert bundled.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "fashion_mnist"
+    assert bundled.post("/sdapi/v1/options", json={"sd_model_checkpoint": "fashion_mnist"}).status_code == 200
+    assert bundled.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 422
+    assert bundled.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    idle = bundled.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+    assert bundled.post("/sdapi/v1/interrupt").status_code == 200 and bundled.post("/sdapi/v1/skip").status_code == 200
+
+
+RED = b64(Image.new("RGB", (32, 32), (200, 30, 30)))
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("txt2img", {"sampler_name": "UniPC"}, "sampler_name"),
+    ("txt2img", {"scheduler": "exponential"}, "scheduler"),
+    ("txt2img", {"override_settings": {"sd_model_checkpoint": "nope"}}, "override_settings.sd_model_checkpoint"),
+    ("txt2img", {"width": 33, "height": 32}, "width"),
+    ("txt2img", {"width": 128, "height": 96, "batch_size": 2}, "width"),  # over --max-pixels
+    ("txt2img", {"batch_size": 5}, "batch_size"),  # over --max-batch
+    ("txt2img", {"steps": 0}, "steps"),
+    ("txt2img", {"steps": 5000}, "steps"),
+    ("txt2img", {"steps": "many"}, "steps"),
+    ("txt2img", {"cfg_scale": -1}, "guidance_scale"),
+    ("txt2img", {"cfg_scale": "NaN"}, "guidance_scale"),
+    ("txt2img", {"enable_hr": True}, "enable_hr"),
+    ("img2img", {"init_images": ["not an image"]}, "init_images"),
+    ("img2img", {}, "init_images"),
+    ("img2img", {"init_images": [RED], "mask": b64(Image.new("L", (16, 16), 255))}, "mask"),
+    ("img2img", {"init_images": [RED], "denoising_strength": 2}, "strength"),
+])
+def test_bad_requests_are_4xx_naming_the_field(sd, route, body, field):
+    r = sd.post(f"/sdapi/v1/{route}", json={"prompt": "x", "steps": 2, "width": 32, "height": 32, **body})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field and r.json()["error"]
+
+
+def test_txt2img_equals_openldm_generate(sd, sd_file, tmp_path):
+    r = sd.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "negative_prompt": "blue", "seed": 11,
+                                           "steps": 3, "cfg_scale": 6, "width": 32, "height": 48,
+                                           "sampler_name": "Euler a"})
+    served = unb64(r.json()["images"][0])
+    out = tmp_path / "cli.png"
+    assert main(["generate", "--model", str(sd_file), "--prompt", "a red circle", "--negative-prompt", "blue",
+                 "--seed", "11", "--steps", "3", "--guidance-scale", "6", "--width", "32", "--height", "48",
+                 "--sampler", "euler_ancestral", "--out", str(out), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(served), np.asarray(Image.open(out)))
+    served_file = tmp_path / "served.png"
+    served.save(served_file, pnginfo=_text(served))
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(served_file), "--model", str(sd_file), "--out", str(again),
+                 "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(served))
+
+
+def _text(image):
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", image.info["parameters"])
+    return info
+
+
+def test_img2img_and_inpaint_keep_the_unmasked_pixels(sd):
+    r = sd.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 4, "init_images": [RED], "seed": 2,
+                                           "denoising_strength": 0.5})
+    assert r.status_code == 200 and unb64(r.json()["images"][0]).size == (32, 32)
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    r = sd.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 4, "init_images": ["data:image/png;base64," + RED],
+                                           "mask": b64(mask), "mask_blur": 0, "inpainting_fill": 1,
+                                           "inpaint_full_res": False, "seed": 2})
+    out = np.asarray(unb64(r.json()["images"][0]).convert("RGB"))
+    assert np.array_equal(out[np.asarray(mask) == 0], np.asarray(Image.open(io.BytesIO(base64.b64decode(RED))))[
+        np.asarray(mask) == 0])
+    assert not np.array_equal(out[12:20, 12:20], np.full((8, 8, 3), (200, 30, 30)))
+    inverted = sd.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 4, "init_images": [RED], "mask": b64(mask),
+                                                  "mask_blur": 0, "inpainting_mask_invert": 1, "seed": 2})
+    inv = np.asarray(unb64(inverted.json()["images"][0]).convert("RGB"))
+    assert np.array_equal(inv[12:20, 12:20], np.full((8, 8, 3), (200, 30, 30), dtype=np.uint8))
+
+
+def test_basic_auth_on_every_route_and_no_echo(sd_file):
+    app = create_app([str(sd_file)], api_auth="alice:s3cret")
+    with TestClient(app) as client:
+        for path in ("/", "/sdapi/v1/samplers", "/openldm/models", "/sdapi/v1/options"):
+            r = client.get(path)
+            assert r.status_code == 401 and "s3cret" not in r.text and "alice" not in r.text
+        assert client.get("/sdapi/v1/samplers", auth=("alice", "wrong")).status_code == 401
+        assert client.get("/sdapi/v1/samplers", auth=("alice", "s3cret")).status_code == 200
+    app.state.queue.close()
+
+
+def test_load_16_requests_from_8_threads_and_interrupt():
+    """16 requests with distinct seeds from 8 client threads all complete, each equal to its one-at-a-time
+    result; then an interrupt mid-job returns promptly and the next job runs."""
+    import resource
+
+    app = create_app()
+    with TestClient(app) as client:
+        generator = app.state.pool.get()
+        expected = {s: np.asarray(generator.generate(GenerationRequest(class_label=s % 10, seed=s, steps=10))
+                                  .images[0]) for s in range(16)}
+        results, errors = {}, []
+
+        def worker(seeds):
+            for s in seeds:
+                try:
+                    job = client.post("/openldm/jobs", json={"class_label": s % 10, "seed": s, "steps": 10}).json()
+                    while (state := client.get(f"/openldm/jobs/{job['id']}").json())["state"] in ("queued", "running"):
+                        time.sleep(0.01)
+                    results[s] = np.asarray(unb64(state["images"][0]))
+                except Exception as e:  # reported below
+                    errors.append(repr(e))
+
+        threads = [threading.Thread(target=worker, args=([2 * i, 2 * i + 1],)) for i in range(8)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        elapsed = time.perf_counter() - start
+        assert not errors and sorted(results) == list(range(16))
+        assert all(np.array_equal(results[s], expected[s]) for s in range(16))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"\nload: 16 requests / 8 threads in {elapsed:.1f} s, peak RSS {peak:.0f} MiB")
+
+        long = client.post("/openldm/jobs", json={"class_label": 0, "steps": 1000, "sampler": "ddpm"}).json()
+        while client.get(f"/openldm/jobs/{long['id']}").json()["step"] < 2:
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        assert client.post(f"/openldm/jobs/{long['id']}/interrupt").json() == {"ok": True}
+        while (state := client.get(f"/openldm/jobs/{long['id']}").json())["state"] == "running":
+            time.sleep(0.01)
+        stopped = time.perf_counter() - t0
+        assert state["state"] == "interrupted" and state["step"] < 1000 and len(state["images"]) == 1
+        print(f"interrupt: stopped at step {state['step']} / 1000, {stopped * 1000:.0f} ms after the request")
+        after = client.post("/sdapi/v1/txt2img", json={"steps": 3, "seed": 1})
+        assert after.status_code == 200 and len(after.json()["images"]) == 1
+    app.state.queue.close()
