@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv data demo test clean
+.PHONY: venv data browser demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ data:
 	@[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
 
+# Debian's Chromium for the page's browser test (playwright drives it; no browser download); needs root on a fresh machine.
+browser:
+	@[ -x /usr/bin/chromium ] || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
 # LPIPS calibration heads as the `lpips` wheel ships them (data only; the package itself is never installed).
 LPIPS_HEADS := .cache/lpips/vgg.pth
 $(LPIPS_HEADS): | venv
@@ -33,7 +38,7 @@ $(LPIPS_HEADS): | venv
 demo: venv $(if $(RETRAIN),data)
 	$(VENV)/bin/openldm demo $(if $(RETRAIN),--retrain)
 
-test: venv data $(LPIPS_HEADS)
+test: venv data browser $(LPIPS_HEADS)
 	OPENLDM_LPIPS_HEADS=$(LPIPS_HEADS) $(PY) -m pytest -q
 
 clean:
