@@ -13,8 +13,8 @@ The diffusers schedulers differ in the details, and each sampler follows its own
 - DDPM/DDIM: integer timesteps; ``linspace`` rounded; the final level is alpha_bar = 1 (DDIM's
   ``set_alpha_to_one``; ``final_sigma="sigma_min"`` is its ``False``). DDIM steps to ``t - T // N`` whatever its list
   says (see ``sample_ddim``'s ``prev_sigmas``).
-- Euler, Euler ancestral, Heun: float timesteps (``linspace`` not rounded); sigmas interpolated linearly in sigma over
-  the training table; Karras sigmas span the spaced sigmas' range, their timesteps interpolated in log sigma.
+- Euler, Euler ancestral, Heun, LMS: float timesteps (``linspace`` not rounded); sigmas interpolated linearly in sigma
+  over the training table; Karras sigmas span the spaced sigmas' range, their timesteps interpolated in log sigma.
 - DPM-Solver multistep: N + 1 points with the last dropped for ``linspace`` and ``leading`` (``T // (N + 1)``);
   Karras sigmas span the whole training range and their timesteps are rounded (except for the cosine schedule).
 
@@ -52,6 +52,7 @@ _CONVENTIONS = {
     "euler": _Convention("euler", False, ("zero", "sigma_min")),
     "euler_ancestral": _Convention("euler", False, ("zero",)),
     "heun": _Convention("euler", False, ("zero",)),
+    "lms": _Convention("euler", False, ("zero",)),  # Euler's construction; LMSDiscreteScheduler ends at 0 only
     "dpm": _Convention("dpm", True, ("zero", "sigma_min")),
 }
 

@@ -9,6 +9,7 @@ ddim               ddim.sample_ddim                DDIMScheduler
 euler              euler.sample_euler              EulerDiscreteScheduler
 euler_ancestral    euler.sample_euler_ancestral    EulerAncestralDiscreteScheduler
 heun               euler.sample_heun               HeunDiscreteScheduler
+lms                lms.sample_lms                  LMSDiscreteScheduler
 dpmpp_2m           dpm_solver.sample_dpmpp_2m      DPMSolverMultistepScheduler (dpmsolver++)
 dpmpp_2m_sde       dpm_solver.sample_dpmpp_2m_sde  DPMSolverMultistepScheduler (sde-dpmsolver++)
 =================  ==============================  ===========================================
@@ -22,6 +23,7 @@ from openldm.samplers.ddpm import sample_ddpm
 from openldm.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from openldm.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from openldm.samplers.guidance import CFGDenoiser, rescale_guidance
+from openldm.samplers.lms import sample_lms
 
 SAMPLERS.register("ddpm", SamplerSpec(sample_ddpm, "ddpm", "DDPMScheduler", supports_karras=False, stochastic=True,
                                       a1111_name="DDPM"))
@@ -34,6 +36,8 @@ SAMPLERS.register("euler_ancestral", SamplerSpec(sample_euler_ancestral, "euler_
                                                  stochastic=True, a1111_name="Euler a"))
 SAMPLERS.register("heun", SamplerSpec(sample_heun, "heun", "HeunDiscreteScheduler", supports_karras=True,
                                       stochastic=False, a1111_name="Heun"))
+SAMPLERS.register("lms", SamplerSpec(sample_lms, "lms", "LMSDiscreteScheduler", supports_karras=True, stochastic=False,
+                                     a1111_name="LMS"))
 SAMPLERS.register("dpmpp_2m", SamplerSpec(sample_dpmpp_2m, "dpm", "DPMSolverMultistepScheduler",
                                           supports_karras=True, stochastic=False, a1111_name="DPM++ 2M"))
 SAMPLERS.register("dpmpp_2m_sde", SamplerSpec(sample_dpmpp_2m_sde, "dpm", "DPMSolverMultistepScheduler",
@@ -61,5 +65,6 @@ def from_a1111_name(text: str) -> tuple[str, bool]:
                    f"{', '.join(SAMPLERS.names())}); add ' Karras' for Karras noise levels")
 
 
-__all__ = ["a1111_name", "from_a1111_name", "SamplerSpec", "CFGDenoiser", "rescale_guidance", "blend_known", "sample_ddpm", "sample_ddim",
-           "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde"]
+__all__ = ["a1111_name", "from_a1111_name", "SamplerSpec", "CFGDenoiser", "rescale_guidance", "blend_known",
+           "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_lms",
+           "sample_dpmpp_2m", "sample_dpmpp_2m_sde"]

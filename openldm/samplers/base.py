@@ -25,7 +25,7 @@ from openldm.nn.slots import Slots
 OnStep = Callable[[int, float, float, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
 # Which diffusers scheduler's set_timesteps a sampler's schedule follows (see openldm.diffusion.spacing).
-CONVENTIONS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpm")
+CONVENTIONS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "lms", "dpm")
 
 
 @dataclass(frozen=True)

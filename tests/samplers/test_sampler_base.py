@@ -15,7 +15,7 @@ from openldm.diffusion.spacing import make_plan
 from openldm.registry import SAMPLERS
 from openldm.samplers import SamplerSpec, blend_known
 
-EXPECTED = {"ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"}
+EXPECTED = {"ddpm", "ddim", "euler", "euler_ancestral", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde"}
 NAMES = sorted(EXPECTED)
 
 
