@@ -9,6 +9,7 @@ import sys
 from typing import Callable
 
 from openldm.config import ConfigError
+from openldm.training.common import TrainingDiverged
 
 Command = Callable[[argparse.Namespace], int | None]
 _COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
@@ -282,6 +283,8 @@ def _train_args_for(config: str, example: str) -> Callable[[argparse.ArgumentPar
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", default=None, help=f"YAML file of a {config} (e.g. {example})")
         p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds a run "
+                       "(its checkpoints and metrics are deleted)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=2000 optim.lr=3e-4 batch_size=64")
     return add
@@ -398,7 +401,7 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
     from openldm.training.autoencoder import AutoencoderTrainConfig, train_autoencoder
 
     cfg = load(AutoencoderTrainConfig, args.config, args.overrides)
-    out = train_autoencoder(cfg, resume=args.resume, progress=not args.quiet)
+    out = train_autoencoder(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(f"step {out['step']}; latent scale factor {out['scaling_factor']:.5f}; autoencoder saved as {out['autoencoder']}")
     return 0
 
@@ -412,7 +415,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     from openldm.training.clip import CLIPTrainConfig, summary, train_clip
 
     cfg = load(CLIPTrainConfig, args.config, args.overrides)
-    out = train_clip(cfg, resume=args.resume, progress=not args.quiet)
+    out = train_clip(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if out["retrieval"] is None:
         print(f"stopped at step {out['step']}; CLIP saved as {out['clip']}; continue with --resume")
         return 0
@@ -455,7 +458,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
 
     cfg = load(DiffusionTrainConfig, args.config, args.overrides)
-    out = train_diffusion(cfg, resume=args.resume, progress=not args.quiet)
+    out = train_diffusion(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     last = out["history"][-1] if out["history"] else {}
     print(f"step {out['step']}" + (f", loss {last['loss']:.4f}" if last else "") + f"; run saved in {cfg.out_dir}")
     return 0
@@ -481,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._fn(args) or 0)
-    except (ConfigError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, ValueError, KeyError, FileNotFoundError, FileExistsError, TrainingDiverged) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"openldm {args.command}: error: {msg}", file=sys.stderr)
         return 2

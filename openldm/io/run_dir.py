@@ -12,6 +12,9 @@ A run directory (``out_dir`` of ``openldm train``, an exported run, a bundled mo
 - ``sampling.json``               the model's recommended sampling settings (sampler, steps, guidance_scale,
                                   karras, width, height), optional; the CLI, the API and the page start from them
 - ``training_state.safetensors``  optimiser, LR schedule, step, RNG and data position (training/ only)
+- ``checkpoints/step_XXXXXX/``    whole checkpoints (the weight files above + training state + ``manifest.json``),
+                                  each written in full before ``checkpoints/latest`` names it; the files above are
+                                  links to the latest one (``openldm.training.checkpoint`` writes them)
 - ``snapshots/step_XXXXXX/``      EMA weights of chosen steps
 - ``metrics.jsonl``, ``samples/``, ``latents/``, ``tensorboard/``: training's logs and caches
 
@@ -45,6 +48,8 @@ DATA_FILE = "data.json"
 SAMPLING_FILE = "sampling.json"
 STATE_FILE = "training_state.safetensors"
 SNAPSHOTS = "snapshots"
+CHECKPOINTS = "checkpoints"  # whole checkpoints, one folder per step; CHECKPOINTS/LATEST names the newest complete one
+LATEST = "latest"
 LATENT_SCALE_KEY = "openldm.latent_scale"  # the run's latent scale, in the UNet files' metadata
 TRAINED_SAMPLING = {"sampler": "ddim", "steps": 50, "guidance_scale": 3.0}  # a run without sampling.json
 
@@ -75,6 +80,7 @@ class DiffusionTrainConfig:
     out_dir: str = "runs/diffusion"
     log_every: int = 25
     save_every: int = 500
+    keep_checkpoints: int = 2  # whole checkpoints kept under checkpoints/ (the newest; the others are deleted)
     snapshot_every: int = 0  # keep the EMA weights of every N-th step under snapshots/ (0 = never)
     num_workers: int = 0
     sample_every: int = 0  # write a sample grid every N steps (0 = never)
@@ -177,11 +183,30 @@ def read_sampling(run_dir: Path) -> dict[str, Any]:
     return {**TRAINED_SAMPLING, **saved}
 
 
+def step_name(step: int) -> str:
+    """The folder name of a step's checkpoint or snapshot."""
+    return f"step_{step:06d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The folder ``checkpoints/latest`` names (the newest complete checkpoint), or None."""
+    pointer = Path(run_dir) / CHECKPOINTS / LATEST
+    try:
+        name = pointer.read_text().strip()
+    except OSError:
+        return None
+    path = pointer.parent / name
+    return path if name.startswith("step_") and path.is_dir() else None
+
+
 def weights_dir(run_dir: Path, step: int | None, ema: bool) -> Path:
-    """Where the weights to load live: the run directory, or the EMA snapshot of ``step``."""
+    """Where the weights to load live: the latest whole checkpoint of a training run (so a run killed while its
+    top-level links were being replaced still reads one step), the run directory, or the EMA snapshot of
+    ``step``."""
     if step is None:
-        return run_dir
-    path = run_dir / SNAPSHOTS / f"step_{step:06d}"
+        latest = latest_checkpoint(run_dir)
+        return latest if latest is not None and (latest / UNET_EMA_FILE).is_file() else run_dir
+    path = run_dir / SNAPSHOTS / step_name(step)
     if not ema or not path.is_dir():
         found = sorted(p.name for p in (run_dir / SNAPSHOTS).glob("step_*")) if ema else []
         raise FileNotFoundError(f"no EMA snapshot of step {step} in {str(run_dir)!r} (snapshots: {found or 'none'}; "

@@ -84,15 +84,15 @@ def retrain(work_dir: str | Path = "runs/demo", *, progress: bool = True,
     t0 = time.perf_counter()
     ae_cfg = load(AutoencoderTrainConfig, autoencoder_recipe, [f"out_dir={work / 'autoencoder'}", *(autoencoder_overrides or [])])
     log(f"training the autoencoder ({ae_cfg.steps} steps) into {ae_cfg.out_dir}")
-    first = train_autoencoder(ae_cfg, resume=True, progress=progress)["autoencoder"]
+    first = train_autoencoder(ae_cfg, resume="auto", progress=progress)["autoencoder"]
     dec_cfg = load(AutoencoderTrainConfig, decoder_recipe,
                    [f"init_from={first}", f"out_dir={work / 'decoder'}", *(autoencoder_overrides or [])])
     log(f"fine-tuning its decoder ({dec_cfg.steps} steps, encoder fixed) into {dec_cfg.out_dir}")
-    ae_file = train_autoencoder(dec_cfg, resume=True, progress=progress)["autoencoder"]
+    ae_file = train_autoencoder(dec_cfg, resume="auto", progress=progress)["autoencoder"]
     cfg = load(DiffusionTrainConfig, diffusion_recipe,
                [f"autoencoder={ae_file}", f"out_dir={work / 'diffusion'}", *(overrides or [])])
     log(f"training the latent diffusion model ({cfg.steps} steps) into {cfg.out_dir}")
-    train_diffusion(cfg, resume=True, progress=progress)
+    train_diffusion(cfg, resume="auto", progress=progress)
     out = export_run(cfg.out_dir, work / "model")
     log(f"retrained in {(time.perf_counter() - t0) / 60:.1f} min; exported to {out}")
     return out

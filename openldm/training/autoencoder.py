@@ -59,7 +59,7 @@ from openldm.models.discriminator import (
 )
 from openldm.models.lpips import LPIPS
 from openldm.registry import MODELS, PRESETS
-from openldm.training.checkpoint import load_state, rng_state, save_state, set_rng_state
+from openldm.training.checkpoint import LoopState, begin_run, check_finite, check_grad_norm, load_weights
 from openldm.training.common import (
     PRECISIONS,
     BatchStream,
@@ -111,6 +111,7 @@ class AutoencoderTrainConfig:
     out_dir: str = "runs/autoencoder"
     log_every: int = 25
     save_every: int = 1000
+    keep_checkpoints: int = 2  # whole checkpoints kept under checkpoints/ (the newest; the others are deleted)
     sample_every: int = 500  # reconstruction grid PNG; 0 disables
     num_sample_images: int = 8
     scale_samples: int = 512  # images encoded to measure the latent scale factor
@@ -261,20 +262,22 @@ def save_reconstructions(model: nn.Module, images: torch.Tensor, path: Path) -> 
         image_grid([images, recon.clamp(-1, 1)]).save(tmp, format="PNG")
 
 
-def _save_run(out_dir: Path, model: nn.Module, disc: nn.Module, state: dict, scale: float) -> None:
+def _save_weights(folder: Path, model: nn.Module, disc: nn.Module, scale: float) -> None:
     model.config = dataclasses.replace(model.config, scaling_factor=scale)
-    save_model(model, out_dir / "autoencoder.safetensors")
-    save_model(disc, out_dir / "discriminator.safetensors")
-    save_state(state, out_dir / "training_state.safetensors")  # last: its presence marks a complete checkpoint
+    save_model(model, folder / "autoencoder.safetensors")
+    save_model(disc, folder / "discriminator.safetensors")
 
 
-def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool = False, progress: bool = True,
-                      on_log: Callable[[dict], None] | None = None, fail_at_step: int | None = None) -> dict[str, Any]:
+def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool | str = False, progress: bool = True,
+                      on_log: Callable[[dict], None] | None = None, fail_at_step: int | None = None,
+                      overwrite: bool = False) -> dict[str, Any]:
     """Train (or, with ``resume``, continue the run in ``cfg.out_dir``) and return
     {"step", "history" (the logged records), "stopped" (by a signal), "scaling_factor", "autoencoder" (path)}.
-    ``fail_at_step`` injects a NaN loss (tests)."""
+    ``resume`` and ``overwrite``: see :func:`~openldm.training.checkpoint.begin_run`. ``fail_at_step`` injects a
+    NaN loss (tests)."""
     out_dir = Path(cfg.out_dir)
     device = torch.device(cfg.device)
+    start = begin_run(out_dir, to_dict(cfg), resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints)
     write_config(cfg, out_dir)
     dataset = build_dataset(cfg.data.name, cfg.data.options)
     channels = dataset[0]["image"].shape[0]
@@ -295,31 +298,19 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool = False, prog
     micro = cfg.batch_size // cfg.grad_accum
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {cfg.batch_size}")
-    step, epoch, position = 0, 0, 0
-    if resume and (out_dir / "training_state.safetensors").is_file():
-        state = load_state(out_dir / "training_state.safetensors")
-        model.load_state_dict(load_model(out_dir / "autoencoder.safetensors").state_dict())
-        disc.load_state_dict(load_model(out_dir / "discriminator.safetensors").state_dict())
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        sched_g.load_state_dict(state["sched_g"])
-        sched_d.load_state_dict(state["sched_d"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        gen.set_state(state["generator"])
-        set_rng_state(state["rng"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-    stream = BatchStream(dataset, micro, cfg.seed, cfg.num_workers, epoch=epoch, position=position)
+    stream = BatchStream(dataset, micro, cfg.seed, cfg.num_workers)
+    loop = LoopState(stream, {"g": opt_g, "d": opt_d}, {"g": sched_g, "d": sched_d}, {"gen": gen}, scaler)
+    if start.folder is not None:
+        for module, name in ((model, "autoencoder.safetensors"), (disc, "discriminator.safetensors")):
+            load_weights(module, load_model(start.folder / name).state_dict(), start.folder / name)
+        loop.load_state_dict(start.state, lrs={"g": cfg.optim.lr, "d": cfg.disc_optim.lr})
+    step = loop.step
     fixed = torch.stack([dataset[i]["image"] for i in range(min(cfg.num_sample_images, len(dataset)))]).to(device)
 
     def checkpoint() -> float:
         scale = measure_latent_scale(model, dataset, cfg.scale_samples, micro, device, cfg.seed)
-        state = {"step": step, "epoch": stream.epoch, "position": stream.position, "opt_g": opt_g.state_dict(),
-                 "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
-                 "generator": gen.get_state(), "rng": rng_state()}
-        if scaler.is_enabled():
-            state["scaler"] = scaler.state_dict()
-        _save_run(out_dir, model, disc, state, scale)
+        loop.step = step
+        start.checkpoints.save(step, loop.state_dict(), lambda d: _save_weights(d, model, disc, scale), to_dict(cfg))
         return scale
 
     history: list[dict] = []
@@ -349,7 +340,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool = False, prog
                 if fail_at_step is not None and step == fail_at_step:
                     loss = loss * float("nan")
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"autoencoder loss is {loss.item()} at step {step}; training stopped, the "
+                    raise TrainingDiverged(f"autoencoder loss is {loss.item()} at step {step + 1}; training stopped, the "
                                            f"last good checkpoint in {str(out_dir)!r} is untouched")
                 scaler.scale(loss / cfg.grad_accum).backward()
                 terms["loss"] = loss
@@ -360,7 +351,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool = False, prog
                         logits_real, logits_fake = disc(x).float(), disc(recon.detach()).float()
                         terms["d_loss"] = d_loss_fn(logits_real, logits_fake)
                     if not torch.isfinite(terms["d_loss"]):
-                        raise TrainingDiverged(f"discriminator loss is {terms['d_loss'].item()} at step {step}; "
+                        raise TrainingDiverged(f"discriminator loss is {terms['d_loss'].item()} at step {step + 1}; "
                                                f"training stopped, the last good checkpoint in {str(out_dir)!r} is untouched")
                     scaler.scale(terms["d_loss"] / cfg.grad_accum).backward()
                     terms.update(logits_real=logits_real.mean().detach(), logits_fake=logits_fake.mean().detach())
@@ -369,12 +360,15 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool = False, prog
                 seen += x.shape[0]
             scaler.unscale_(opt_g)
             sums["grad_norm"] = float(nn.utils.clip_grad_norm_(g_params, cfg.optim.grad_clip or math.inf))
+            check_grad_norm(sums["grad_norm"], step + 1, out_dir, scaler)
             scaler.step(opt_g)
             if gan_on:
                 scaler.unscale_(opt_d)
                 sums["d_grad_norm"] = float(nn.utils.clip_grad_norm_(d_params, cfg.disc_optim.grad_clip or math.inf))
+                check_grad_norm(sums["d_grad_norm"], step + 1, out_dir, scaler, "discriminator's gradient norm")
                 scaler.step(opt_d)
             scaler.update()
+            check_finite(g_params + d_params, step + 1, out_dir)
             opt_g.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
             sched_g.step()

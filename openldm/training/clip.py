@@ -40,7 +40,8 @@ from openldm.data.captions import GARMENTS, all_captions, garment_phrase, image_
 from openldm.io.files import atomic_path
 from openldm.io.native import load_model, save_model
 from openldm.models.contrastive import ContrastiveConfig, SmallCLIP, prompt_vocabulary
-from openldm.training.checkpoint import load_state, rng_state, save_state, set_rng_state
+from openldm.config import to_dict
+from openldm.training.checkpoint import LoopState, begin_run, check_finite, check_grad_norm, load_weights
 from openldm.training.common import (
     BatchStream,
     DataSpec,
@@ -84,6 +85,7 @@ class CLIPTrainConfig:
     out_dir: str = "runs/clip"
     log_every: int = 25
     save_every: int = 500
+    keep_checkpoints: int = 2  # whole checkpoints kept under checkpoints/ (the newest; the others are deleted)
     eval_every: int = 0
     eval_pairs: int = 1000
     num_workers: int = 0
@@ -247,23 +249,26 @@ def build_clip(cfg: CLIPTrainConfig, image_shape: tuple[int, int, int]) -> Small
     return SmallCLIP(dataclasses.replace(cfg.model, image_shape=tuple(image_shape), vocabulary=vocabulary))
 
 
-def train_clip(cfg: CLIPTrainConfig, resume: bool = False, progress: bool = True,
-               fail_at_step: int | None = None) -> dict[str, Any]:
+def train_clip(cfg: CLIPTrainConfig, resume: bool | str = False, progress: bool = True,
+               fail_at_step: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train (or, with ``resume``, continue the run in ``cfg.out_dir``) and return {"step", "history" (the logged
     records), "stopped" (by a signal), "clip" (path), "retrieval" (the final report; None when a signal stopped
-    the run: the checkpoint is saved, resume to finish)}. ``fail_at_step`` injects a NaN loss (tests)."""
+    the run: the checkpoint is saved, resume to finish)}. ``resume`` and ``overwrite``: see
+    :func:`~openldm.training.checkpoint.begin_run`. ``fail_at_step`` injects a NaN loss into the update after that many steps (tests; the error names the logged step, one more)."""
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, resume, progress, fail_at_step)
+        return _train(cfg, resume, overwrite, progress, fail_at_step)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: CLIPTrainConfig, resume: bool, progress: bool, fail_at_step: int | None) -> dict[str, Any]:
+def _train(cfg: CLIPTrainConfig, resume: bool | str, overwrite: bool, progress: bool,
+           fail_at_step: int | None) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     device = torch.device(cfg.device)
+    start = begin_run(out_dir, to_dict(cfg), resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints)
     write_config(cfg, out_dir)
     dataset = build_dataset(cfg.data.name, cfg.data.options)
     first = dataset[0]
@@ -277,21 +282,18 @@ def _train(cfg: CLIPTrainConfig, resume: bool, progress: bool, fail_at_step: int
     model = build_clip(cfg, tuple(first["image"].shape)).to(device)
     params = list(model.parameters())
     opt, sched = make_optimizer(_param_groups(model, cfg.optim.weight_decay), cfg.optim, cfg.steps)
-    step, epoch, position = 0, 0, 0
-    if resume and (out_dir / "training_state.safetensors").is_file():
-        state = load_state(out_dir / "training_state.safetensors")
-        model.load_state_dict(load_model(out_dir / "clip.safetensors").state_dict())
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        set_rng_state(state["rng"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-    stream = BatchStream(dataset, cfg.batch_size, cfg.seed, cfg.num_workers, epoch=epoch, position=position)
+    stream = BatchStream(dataset, cfg.batch_size, cfg.seed, cfg.num_workers)
+    loop = LoopState(stream, {"opt": opt}, {"sched": sched})
+    if start.folder is not None:
+        path = start.folder / "clip.safetensors"
+        load_weights(model, load_model(path).state_dict(), path)
+        loop.load_state_dict(start.state, lrs={"sched": cfg.optim.lr})
+    step = loop.step
 
     def checkpoint() -> None:
-        save_model(model, out_dir / "clip.safetensors")
-        save_state({"step": step, "epoch": stream.epoch, "position": stream.position, "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "rng": rng_state()},
-                   out_dir / "training_state.safetensors")  # last: its presence marks a complete checkpoint
+        loop.step = step
+        start.checkpoints.save(step, loop.state_dict(), lambda d: save_model(model, d / "clip.safetensors"),
+                               to_dict(cfg))
 
     def evaluate() -> dict[str, Any]:
         return retrieval_report(model, eval_set, num_pairs=cfg.eval_pairs, seed=cfg.seed)
@@ -315,11 +317,13 @@ def _train(cfg: CLIPTrainConfig, resume: bool, progress: bool, fail_at_step: int
             if fail_at_step is not None and step == fail_at_step:
                 loss = loss * float("nan")
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"contrastive loss is {loss.item()} at step {step}; training stopped, the last "
+                raise TrainingDiverged(f"contrastive loss is {loss.item()} at step {step + 1}; training stopped, the last "
                                        f"good checkpoint in {str(out_dir)!r} is untouched")
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)
+            check_grad_norm(grad_norm, step + 1, out_dir, None)
             opt.step()
+            check_finite(params, step + 1, out_dir)
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1

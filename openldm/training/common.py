@@ -18,7 +18,7 @@ from openldm.training.distributed import DistInfo, ShardedSampler
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is left as it was."""
+    """A loss, gradient norm or weight became NaN or Inf; the last good checkpoint is left as it was."""
 
 
 class StopFlag:

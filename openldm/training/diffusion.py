@@ -63,19 +63,23 @@ from openldm.evaluation.grid import image_grid
 from openldm.io.files import atomic_path
 from openldm.io.native import load_model
 from openldm.io.run_dir import (  # noqa: F401  (DiffusionTrainConfig, upgrade_config, data_facts: re-exported)
+    CONDITIONER_FILE,
     DATA_FILE,
-    STATE_FILE,
+    SNAPSHOTS,
+    UNET_EMA_FILE,
+    UNET_FILE,
     DiffusionTrainConfig,
     base_resources,
     data_facts,
     load_base_model,
     save_weights,
+    step_name,
     upgrade_config,
     write_json,
 )
 from openldm.models.autoencoder import LatentCodec
 from openldm.registry import CONDITIONERS, PRESETS
-from openldm.training.checkpoint import load_state, save_state
+from openldm.training.checkpoint import LoopState, begin_run, check_finite, check_grad_norm, load_weights
 from openldm.training.common import (
     BatchStream,
     StopFlag,
@@ -298,15 +302,23 @@ def _save_weights(out_dir: Path, model: DiffusionModel | None, ema: EMA, scale: 
                  conditioner=None if model is None else model.conditioner.state_dict())
 
 
-def _save_run(out_dir: Path, model: DiffusionModel, ema: EMA, state: dict, scale: float) -> None:
-    _save_weights(out_dir, model, ema, scale)
-    save_state(state, out_dir / STATE_FILE)  # last: its presence marks a complete checkpoint
+def _load_weights(folder: Path, model: DiffusionModel, ema: EMA | None) -> None:
+    """A checkpoint's weight files into the model (and its EMA copy)."""
+    load_weights(model.unet, load_model(folder / UNET_FILE).state_dict(), folder / UNET_FILE)
+    cond = load_file(str(folder / CONDITIONER_FILE))
+    load_weights(model.conditioner, {k: v for k, v in cond.items() if not k.startswith("ema.")},
+                 folder / CONDITIONER_FILE)
+    if ema is not None:
+        load_weights(ema.shadow.unet, load_model(folder / UNET_EMA_FILE).state_dict(), folder / UNET_EMA_FILE)
+        load_weights(ema.shadow.conditioner, {k[4:]: v for k, v in cond.items() if k.startswith("ema.")},
+                     folder / CONDITIONER_FILE)
 
 
-def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress: bool = True,
+def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool | str = False, progress: bool = True,
                     on_log: Callable[[dict], None] | None = None, resources: Resources | None = None,
-                    fail_at_step: int | None = None) -> dict[str, Any]:
-    """Train (or resume) and return the final metrics. ``fail_at_step`` injects a NaN loss (tests).
+                    fail_at_step: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train (or resume) and return the final metrics. ``resume`` and ``overwrite``: see
+    :func:`~openldm.training.checkpoint.begin_run`. ``fail_at_step`` injects a NaN loss into the update after that many steps (tests; the error names the logged step, one more).
 
     Under ``torchrun`` (WORLD_SIZE > 1) every process runs this with the same config: each takes its share of the
     global batch (``batch_size`` is global), gradients are averaged by DistributedDataParallel, the logged loss is
@@ -315,18 +327,20 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool = False, progress
     joined = not dist.is_initialized()
     info = init_distributed(cfg.device)
     try:
-        return _train(cfg, info, resume=resume, progress=progress, on_log=on_log, resources=resources,
-                      fail_at_step=fail_at_step)
+        return _train(cfg, info, resume=resume, overwrite=overwrite, progress=progress, on_log=on_log,
+                      resources=resources, fail_at_step=fail_at_step)
     finally:
         if joined:
             shutdown()
 
 
-def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress: bool,
+def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool | str, overwrite: bool, progress: bool,
            on_log: Callable[[dict], None] | None, resources: Resources | None,
            fail_at_step: int | None) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     device = torch.device(cfg.device if not cfg.device.startswith("cuda") or not info.enabled else f"cuda:{info.local_rank}")
+    start = begin_run(out_dir, to_dict(cfg), resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints,
+                      main=info.is_main)
     if info.is_main:
         write_config(cfg, out_dir)
     torch.manual_seed(cfg.seed)  # parameter initialisation
@@ -357,20 +371,16 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     alphas_cumprod = make_alphas_cumprod(cfg.schedule).to(device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # noise, timesteps, dropout: the same stream on every rank
-    step, epoch, position = 0, 0, 0
-    if resume and (out_dir / STATE_FILE).is_file():
-        state = load_state(out_dir / STATE_FILE)
-        model.unet.load_state_dict(load_model(out_dir / "unet.safetensors").state_dict())
-        cond = load_file(str(out_dir / "conditioner.safetensors"))
-        model.conditioner.load_state_dict({k: v for k, v in cond.items() if not k.startswith("ema.")})
-        if ema is not None:
-            ema.shadow.unet.load_state_dict(load_model(out_dir / "unet_ema.safetensors").state_dict())
-            ema.shadow.conditioner.load_state_dict({k[4:]: v for k, v in cond.items() if k.startswith("ema.")})
-            ema.num_updates = state["ema_updates"]
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
+    global_batch = cfg.batch_size
+    micro = global_batch // cfg.grad_accum  # samples per accumulation step over all ranks
+    if micro % info.world_size:
+        raise ValueError(f"batch_size / grad_accum = {micro} must divide evenly over {info.world_size} processes")
+    stream = BatchStream(dataset, micro // info.world_size, cfg.seed, cfg.num_workers, info)
+    loop = LoopState(stream, {"optimizer": opt}, {"scheduler": sched}, {"gen": gen}, scaler, ema)
+    if start.folder is not None:
+        _load_weights(start.folder, model, ema)
+        loop.load_state_dict(start.state, lrs={"scheduler": cfg.optim.lr})
+    step = loop.step
     net: nn.Module = model
     if info.enabled:
         # The forward goes through the wrapper (DiffusionModel.forward conditions and denoises), so the backward
@@ -381,16 +391,11 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                                                   find_unused_parameters=True)
     forward = torch.compile(net) if cfg.compile else net
 
-    global_batch = cfg.batch_size
-    micro = global_batch // cfg.grad_accum  # samples per accumulation step over all ranks
-    if micro % info.world_size:
-        raise ValueError(f"batch_size / grad_accum = {micro} must divide evenly over {info.world_size} processes")
     steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch < 1:
         raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {global_batch}")
     amp_dtype = autocast_dtype(cfg.precision)
 
-    stream = BatchStream(dataset, micro // info.world_size, cfg.seed, cfg.num_workers, info, epoch, position)
     history: list[dict] = []
     board = _tensorboard(out_dir) if info.is_main else None
     if info.is_main and cfg.sample_every:
@@ -438,7 +443,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                 # alone would leave the others waiting in the backward's all-reduce)
                 global_loss = all_reduce_mean(loss.detach(), info).item()
                 if not math.isfinite(global_loss):
-                    raise TrainingDiverged(f"loss is {global_loss} at step {step}; training stopped, the last good "
+                    raise TrainingDiverged(f"loss is {global_loss} at step {step + 1}; training stopped, the last good "
                                            f"checkpoint in {str(out_dir)!r} is untouched")
                 with sync():
                     scaler.scale(loss).backward()
@@ -446,8 +451,10 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                 seen += n * info.world_size
             scaler.unscale_(opt)
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip else math.inf)
+            check_grad_norm(grad_norm, step + 1, out_dir, scaler)
             scaler.step(opt)
             scaler.update()
+            check_finite(params, step + 1, out_dir)
             opt.zero_grad(set_to_none=True)
             sched.step()
             if ema is not None:
@@ -475,18 +482,17 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool, progress:
                                    guidance_scale=cfg.sample_guidance, seed=cfg.seed + 2, decode=decode)
                 grid = image_grid(rows)
                 (out_dir / "samples").mkdir(exist_ok=True)
-                with atomic_path(out_dir / "samples" / f"step_{step:06d}.png") as tmp:
+                with atomic_path(out_dir / "samples" / f"{step_name(step)}.png") as tmp:
                     grid.save(tmp, format="PNG")
                 if board is not None:
                     board.add_image("samples", np.array(grid.convert("RGB")), step, dataformats="HWC")
             if info.is_main and cfg.snapshot_every and step % cfg.snapshot_every == 0:
-                _save_weights(out_dir / "snapshots" / f"step_{step:06d}", None, ema, scale)
+                _save_weights(out_dir / SNAPSHOTS / step_name(step), None, ema, scale)
             stopped = any_process(stopper.stop, info, device)  # a signal to any rank stops every rank at this step
             if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stopped):
-                state = {"step": step, "epoch": stream.epoch, "position": stream.position,
-                         "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "generator": gen.get_state(), "ema_updates": ema.num_updates}
-                _save_run(out_dir, model, ema, state, scale)
+                loop.step = step
+                start.checkpoints.save(step, loop.state_dict(), lambda d: _save_weights(d, model, ema, scale),
+                                       to_dict(cfg))
     bar.close()
     if board is not None:
         board.close()

@@ -215,7 +215,7 @@ def test_lpips_term_with_weight_files(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    with pytest.raises(TrainingDiverged, match="step 3"):
+    with pytest.raises(TrainingDiverged, match="step 4"):
         train_autoencoder(tiny(tmp_path / "run", save_every=2), progress=False, fail_at_step=3)
     assert load_state(tmp_path / "run" / "training_state.safetensors")["step"] == 2
     assert load_model(tmp_path / "run" / "autoencoder.safetensors") is not None

@@ -107,5 +107,5 @@ def test_errors(tmp_path):
     no_captions = {"name": "fashion_mnist", "options": {"split": "train", "size": 32, "limit": 64}}
     with pytest.raises(ValueError, match="caption"):
         train_clip(tiny(tmp_path / "x", data=no_captions), progress=False)
-    with pytest.raises(TrainingDiverged, match="step 1"):
+    with pytest.raises(TrainingDiverged, match="step 2"):
         train_clip(tiny(tmp_path / "nan"), progress=False, fail_at_step=1)

@@ -38,7 +38,7 @@ def test_resume_follows_the_uninterrupted_loss_curve(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny(tmp_path / "run", steps=10, save_every=2)
-    with pytest.raises(TrainingDiverged, match="step 5"):
+    with pytest.raises(TrainingDiverged, match="step 6"):
         train_diffusion(cfg, progress=False, fail_at_step=5)
     state = load_state(tmp_path / "run" / "training_state.safetensors")
     assert state["step"] == 4
