@@ -76,9 +76,15 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
          _demo_args)
 def cmd_demo(args: argparse.Namespace) -> int:
     from openldm.bundled import bundled_dir
-    from openldm.pipelines.demo import retrain, run_demo
+    from openldm.pipelines.demo import run_demo
 
-    model_dir = bundled_dir() if not args.retrain else retrain(args.work_dir, progress=not args.quiet)
+    model_dir = bundled_dir()
+    if args.retrain:
+        from openldm.pipelines.trained import export_run
+        from openldm.training.recipes import retrain
+
+        model_dir = export_run(retrain(args.work_dir, progress=not args.quiet), f"{args.work_dir}/model")
+        print(f"exported to {model_dir}")
     if args.retrain and args.update_bundle:
         import shutil
 

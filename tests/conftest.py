@@ -23,3 +23,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The bundled model's recipe chain on a few steps, exported: shared by the recipe test (training/) and the demo
+# test (pipelines/), trained once per session.
+TINY_AE = ["data.options={size: 32, limit: 64}", "steps=2", "batch_size=8", "sample_every=0", "scale_samples=16",
+           "disc_start=1"]
+TINY_LDM = ["data.options={size: 32, limit: 64, captions: true}", "steps=2", "batch_size=8", "sample_every=0",
+            "unet.model_channels=16", "unet.head_dim=8", "unet.norm_groups=4"]
+
+
+@pytest.fixture(scope="session")
+def retrained(tmp_path_factory):
+    from openldm.pipelines.trained import export_run
+    from openldm.training.recipes import retrain
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("demo")
+    run = retrain(work, progress=False, overrides=TINY_LDM, autoencoder_overrides=TINY_AE, log=lambda m: None)
+    out = export_run(run, work / "model")
+    torch.set_num_threads(threads)
+    return out

@@ -1,5 +1,5 @@
-"""The README's demo: sample grids from the bundled Fashion-MNIST model (one row per class, one row per prompt),
-and the recipe that retrains that model from scratch (autoencoder, then class + text latent diffusion).
+"""The README's demo: sample grids from the bundled Fashion-MNIST model (one row per class, one row per prompt).
+Retraining that model is training's (``openldm.training.recipes``); ``openldm demo --retrain`` chains the two.
 """
 from __future__ import annotations
 
@@ -11,13 +11,10 @@ import torch
 from PIL import Image
 
 from openldm.evaluation.grid import image_grid
-from openldm.pipelines.trained import TrainedModel, export_run, load_run, sample_trained
+from openldm.pipelines.trained import TrainedModel, load_run, sample_trained
 
 DEMO_PROMPTS = ["a pair of trousers", "a dark ankle boot", "a light, wide pullover", "a photo of a sneaker",
                 "a narrow dress", "an image of a bag"]
-AUTOENCODER_RECIPE = "configs/fmnist_autoencoder_kl.yaml"
-DECODER_RECIPE = "configs/fmnist_autoencoder_kl_decoder.yaml"
-DIFFUSION_RECIPE = "configs/fmnist_class_text.yaml"
 
 
 def demo_grids(model: TrainedModel, *, per_row: int = 8, steps: int = 50, guidance_scale: float = 3.0,
@@ -62,37 +59,3 @@ def run_demo(model_dir: str | Path, out: str | Path = "demo.png", *, log: Callab
         paths.append(path)
     log(f"{len(paths)} grid(s) from {model_dir} in {time.perf_counter() - t0:.1f} s")
     return paths
-
-
-def retrain(work_dir: str | Path = "runs/demo", *, progress: bool = True,
-            autoencoder_recipe: str = AUTOENCODER_RECIPE, decoder_recipe: str = DECODER_RECIPE,
-            diffusion_recipe: str = DIFFUSION_RECIPE,
-            overrides: list[str] | None = None, autoencoder_overrides: list[str] | None = None,
-            log: Callable[[str], None] = print) -> Path:
-    """Train the bundled model from scratch with the recipes (the autoencoder, then its decoder fine-tuned with the
-    encoder fixed, then the class + text latent diffusion model on its latents), export it to ``work_dir/model``
-    and return that folder. ``overrides`` apply to the diffusion recipe, ``autoencoder_overrides`` (dotted, e.g.
-    ``steps=100``) to both autoencoder stages. Resumes where a previous call stopped."""
-    from openldm.config import load
-    from openldm.training.autoencoder import AutoencoderTrainConfig, train_autoencoder
-    from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
-
-    for recipe in (autoencoder_recipe, decoder_recipe, diffusion_recipe):
-        if not Path(recipe).is_file():
-            raise FileNotFoundError(f"recipe {recipe!r} not found; run from the repository root (it holds configs/)")
-    work = Path(work_dir)
-    t0 = time.perf_counter()
-    ae_cfg = load(AutoencoderTrainConfig, autoencoder_recipe, [f"out_dir={work / 'autoencoder'}", *(autoencoder_overrides or [])])
-    log(f"training the autoencoder ({ae_cfg.steps} steps) into {ae_cfg.out_dir}")
-    first = train_autoencoder(ae_cfg, resume="auto", progress=progress)["autoencoder"]
-    dec_cfg = load(AutoencoderTrainConfig, decoder_recipe,
-                   [f"init_from={first}", f"out_dir={work / 'decoder'}", *(autoencoder_overrides or [])])
-    log(f"fine-tuning its decoder ({dec_cfg.steps} steps, encoder fixed) into {dec_cfg.out_dir}")
-    ae_file = train_autoencoder(dec_cfg, resume="auto", progress=progress)["autoencoder"]
-    cfg = load(DiffusionTrainConfig, diffusion_recipe,
-               [f"autoencoder={ae_file}", f"out_dir={work / 'diffusion'}", *(overrides or [])])
-    log(f"training the latent diffusion model ({cfg.steps} steps) into {cfg.out_dir}")
-    train_diffusion(cfg, resume="auto", progress=progress)
-    out = export_run(cfg.out_dir, work / "model")
-    log(f"retrained in {(time.perf_counter() - t0) / 60:.1f} min; exported to {out}")
-    return out
