@@ -35,12 +35,12 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from openldm.config import to_dict
 from openldm.data import build_dataset
 from openldm.data.captions import GARMENTS, all_captions, garment_phrase, image_attributes
 from openldm.io.files import atomic_path
 from openldm.io.native import load_model, save_model
 from openldm.models.contrastive import ContrastiveConfig, SmallCLIP, prompt_vocabulary
-from openldm.config import to_dict
 from openldm.training.checkpoint import LoopState, begin_run, check_finite, check_grad_norm, load_weights
 from openldm.training.common import (
     BatchStream,

@@ -358,7 +358,6 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
         if body.sd_model_checkpoint is not None:
             pool.select(model_name(body.sd_model_checkpoint, "sd_model_checkpoint"))
         app.state.options.update({k: v for k, v in (body.model_extra or {}).items() if k in app.state.options})
-        return None
 
     @app.post("/sdapi/v1/png-info")
     def png_info(body: PngInfoRequest):

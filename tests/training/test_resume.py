@@ -9,7 +9,6 @@ from openldm.io.native import load_model
 from openldm.training import checkpoint as ckpt
 from openldm.training.checkpoint import load_state
 from openldm.training.diffusion import TrainingDiverged, train_diffusion
-
 from tests.training.test_diffusion_training import tiny
 
 

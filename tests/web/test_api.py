@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from sd_testing import tiny_pipeline
