@@ -274,7 +274,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool | str = False
     """Train (or, with ``resume``, continue the run in ``cfg.out_dir``) and return
     {"step", "history" (the logged records), "stopped" (by a signal), "scaling_factor", "autoencoder" (path)}.
     ``resume`` and ``overwrite``: see :func:`~openldm.training.checkpoint.begin_run`. ``fail_at_step`` injects a
-    NaN loss (tests)."""
+    NaN loss into the update after that many steps (tests; the error names the logged step, one more)."""
     out_dir = Path(cfg.out_dir)
     device = torch.device(cfg.device)
     start = begin_run(out_dir, to_dict(cfg), resume=resume, overwrite=overwrite, keep=cfg.keep_checkpoints)
@@ -300,17 +300,16 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool | str = False
         raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {cfg.batch_size}")
     stream = BatchStream(dataset, micro, cfg.seed, cfg.num_workers)
     loop = LoopState(stream, {"g": opt_g, "d": opt_d}, {"g": sched_g, "d": sched_d}, {"gen": gen}, scaler)
+    step = 0
     if start.folder is not None:
         for module, name in ((model, "autoencoder.safetensors"), (disc, "discriminator.safetensors")):
             load_weights(module, load_model(start.folder / name).state_dict(), start.folder / name)
-        loop.load_state_dict(start.state, lrs={"g": cfg.optim.lr, "d": cfg.disc_optim.lr})
-    step = loop.step
+        step = loop.load_state_dict(start.state, lrs={"g": cfg.optim.lr, "d": cfg.disc_optim.lr})
     fixed = torch.stack([dataset[i]["image"] for i in range(min(cfg.num_sample_images, len(dataset)))]).to(device)
 
     def checkpoint() -> float:
         scale = measure_latent_scale(model, dataset, cfg.scale_samples, micro, device, cfg.seed)
-        loop.step = step
-        start.checkpoints.save(step, loop.state_dict(), lambda d: _save_weights(d, model, disc, scale), to_dict(cfg))
+        start.checkpoints.save(step, loop.state_dict(step), lambda d: _save_weights(d, model, disc, scale))
         return scale
 
     history: list[dict] = []

@@ -136,10 +136,10 @@ class LoopState:
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     scaler: torch.amp.GradScaler | None = None
     ema: Any = None  # an EMA: its update count (its weights are among the weight files)
-    step: int = 0
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.stream.epoch, "position": self.stream.position,
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """The state after ``step`` steps."""
+        return {"step": step, "epoch": self.stream.epoch, "position": self.stream.position,
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "generators": {k: g.get_state() for k, g in self.generators.items()},
@@ -147,9 +147,9 @@ class LoopState:
                 "ema_updates": None if self.ema is None else self.ema.num_updates,
                 "rng": rng_state()}
 
-    def load_state_dict(self, state: dict[str, Any], lrs: dict[str, float] | None = None) -> None:
-        """Restore ``state``; ``lrs`` (scheduler name -> the config's learning rate, which may have changed since)
-        replace the saved base learning rates from this step on."""
+    def load_state_dict(self, state: dict[str, Any], lrs: dict[str, float] | None = None) -> int:
+        """Restore ``state`` and return its step; ``lrs`` (scheduler name -> the config's learning rate, which may
+        have changed since) replace the saved base learning rates from this step on."""
         for name, parts in (("optimizers", self.optimizers), ("schedulers", self.schedulers),
                             ("generators", self.generators)):
             if set(state[name]) != set(parts):
@@ -172,8 +172,8 @@ class LoopState:
         if self.ema is not None:
             self.ema.num_updates = int(state["ema_updates"])
         set_rng_state(state["rng"])
-        self.step = int(state["step"])
         self.stream.epoch, self.stream.position = int(state["epoch"]), int(state["position"])
+        return int(state["step"])
 
 
 def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
@@ -232,13 +232,13 @@ def _step_of(path: Path) -> int | None:
 
 
 class Checkpoints:
-    """The whole checkpoints of the run in ``out_dir`` (``checkpoints/step_N/``, ``checkpoints/latest``); the newest
-    ``keep`` are kept."""
+    """The whole checkpoints of the run in ``out_dir`` (``checkpoints/step_N/``, ``checkpoints/latest``) trained
+    with ``config`` (plain data, stored in each); the newest ``keep`` are kept."""
 
-    def __init__(self, out_dir: str | Path, keep: int = 2):
+    def __init__(self, out_dir: str | Path, config: dict[str, Any], keep: int = 2):
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be at least 1, got {keep}")
-        self.out_dir, self.keep = Path(out_dir), keep
+        self.out_dir, self.config, self.keep = Path(out_dir), config, keep
         self.root = self.out_dir / CHECKPOINTS
 
     def steps(self) -> list[Path]:
@@ -255,17 +255,16 @@ class Checkpoints:
                 for p in folder.glob(".*.tmp"):
                     shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
-    def save(self, step: int, state: dict[str, Any], write_weights: Callable[[Path], None],
-             config: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any], write_weights: Callable[[Path], None]) -> Path:
         """Write one checkpoint as a whole: ``write_weights(folder)`` writes the loop's weight files, then the
-        training state (with ``config``) and the manifest; fsynced, renamed into place, then named ``latest``."""
+        training state (with the config) and the manifest; fsynced, renamed into place, then named ``latest``."""
         name = step_name(step)
         tmp = self.root / f".{name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         write_weights(tmp)
-        save_state({**state, "config": config}, tmp / STATE_FILE)
+        save_state({**state, "config": self.config}, tmp / STATE_FILE)
         files = sorted(p for p in tmp.iterdir() if p.is_file() and not p.name.startswith("."))
         manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -370,12 +369,12 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
-def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(applied, refused): the dotted keys whose values differ between a checkpoint's config and this one."""
+def refused_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between a checkpoint's config and this one where a resume cannot
+    change them (every key outside :data:`RESUMABLE`)."""
     a, b = _flat(saved), _flat(now)
     changed = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
-    allowed = [k for k in changed if any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
-    return allowed, [k for k in changed if k not in allowed]
+    return [k for k in changed if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
 
 
 @dataclass
@@ -396,7 +395,7 @@ def begin_run(out_dir: str | Path, config: dict[str, Any], *, resume: bool | str
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     out_dir = Path(out_dir)
-    ckpts = Checkpoints(out_dir, keep)
+    ckpts = Checkpoints(out_dir, config, keep)
     if main:
         ckpts.clean()
     if not resume:
@@ -420,7 +419,7 @@ def begin_run(out_dir: str | Path, config: dict[str, Any], *, resume: bool | str
                 f"its {STATE_FILE} predates whole checkpoints (checkpoints/) and cannot be verified; train again "
                 "with --overwrite" if legacy else "no checkpoint has been saved there; start without --resume"))
     state = load_state(folder / STATE_FILE)
-    _, refused = config_changes(state.get("config", {}), config)
+    refused = refused_changes(state.get("config", {}), config)
     if refused:
         saved, now = _flat(state.get("config", {})), _flat(config)
         what = ", ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in refused[:6])

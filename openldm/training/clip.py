@@ -254,7 +254,8 @@ def train_clip(cfg: CLIPTrainConfig, resume: bool | str = False, progress: bool 
     """Train (or, with ``resume``, continue the run in ``cfg.out_dir``) and return {"step", "history" (the logged
     records), "stopped" (by a signal), "clip" (path), "retrieval" (the final report; None when a signal stopped
     the run: the checkpoint is saved, resume to finish)}. ``resume`` and ``overwrite``: see
-    :func:`~openldm.training.checkpoint.begin_run`. ``fail_at_step`` injects a NaN loss into the update after that many steps (tests; the error names the logged step, one more)."""
+    :func:`~openldm.training.checkpoint.begin_run`. ``fail_at_step`` injects a NaN loss into
+    the update after that many steps (tests; the error names the logged step, one more)."""
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -284,16 +285,14 @@ def _train(cfg: CLIPTrainConfig, resume: bool | str, overwrite: bool, progress: 
     opt, sched = make_optimizer(_param_groups(model, cfg.optim.weight_decay), cfg.optim, cfg.steps)
     stream = BatchStream(dataset, cfg.batch_size, cfg.seed, cfg.num_workers)
     loop = LoopState(stream, {"opt": opt}, {"sched": sched})
+    step = 0
     if start.folder is not None:
         path = start.folder / "clip.safetensors"
         load_weights(model, load_model(path).state_dict(), path)
-        loop.load_state_dict(start.state, lrs={"sched": cfg.optim.lr})
-    step = loop.step
+        step = loop.load_state_dict(start.state, lrs={"sched": cfg.optim.lr})
 
     def checkpoint() -> None:
-        loop.step = step
-        start.checkpoints.save(step, loop.state_dict(), lambda d: save_model(model, d / "clip.safetensors"),
-                               to_dict(cfg))
+        start.checkpoints.save(step, loop.state_dict(step), lambda d: save_model(model, d / "clip.safetensors"))
 
     def evaluate() -> dict[str, Any]:
         return retrieval_report(model, eval_set, num_pairs=cfg.eval_pairs, seed=cfg.seed)

@@ -318,7 +318,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool | str = False, pr
                     on_log: Callable[[dict], None] | None = None, resources: Resources | None = None,
                     fail_at_step: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train (or resume) and return the final metrics. ``resume`` and ``overwrite``: see
-    :func:`~openldm.training.checkpoint.begin_run`. ``fail_at_step`` injects a NaN loss into the update after that many steps (tests; the error names the logged step, one more).
+    :func:`~openldm.training.checkpoint.begin_run`. ``fail_at_step`` injects a NaN loss into
+    the update after that many steps (tests; the error names the logged step, one more).
 
     Under ``torchrun`` (WORLD_SIZE > 1) every process runs this with the same config: each takes its share of the
     global batch (``batch_size`` is global), gradients are averaged by DistributedDataParallel, the logged loss is
@@ -377,10 +378,10 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool | str, ove
         raise ValueError(f"batch_size / grad_accum = {micro} must divide evenly over {info.world_size} processes")
     stream = BatchStream(dataset, micro // info.world_size, cfg.seed, cfg.num_workers, info)
     loop = LoopState(stream, {"optimizer": opt}, {"scheduler": sched}, {"gen": gen}, scaler, ema)
+    step = 0
     if start.folder is not None:
         _load_weights(start.folder, model, ema)
-        loop.load_state_dict(start.state, lrs={"scheduler": cfg.optim.lr})
-    step = loop.step
+        step = loop.load_state_dict(start.state, lrs={"scheduler": cfg.optim.lr})
     net: nn.Module = model
     if info.enabled:
         # The forward goes through the wrapper (DiffusionModel.forward conditions and denoises), so the backward
@@ -490,9 +491,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool | str, ove
                 _save_weights(out_dir / SNAPSHOTS / step_name(step), None, ema, scale)
             stopped = any_process(stopper.stop, info, device)  # a signal to any rank stops every rank at this step
             if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stopped):
-                loop.step = step
-                start.checkpoints.save(step, loop.state_dict(), lambda d: _save_weights(d, model, ema, scale),
-                                       to_dict(cfg))
+                start.checkpoints.save(step, loop.state_dict(step), lambda d: _save_weights(d, model, ema, scale))
     bar.close()
     if board is not None:
         board.close()
