@@ -50,7 +50,7 @@ class Resources:
     latent_channels: int | None = None
 
 
-def latent_resources(resources: Resources | None, autoencoder: nn.Module | None, latent_scale: float) -> Resources:
+def latent_resources(resources: Resources | None, autoencoder: nn.Module | None, scaling_factor: float) -> Resources:
     """``resources`` with ``encode`` (and its ``latent_channels``) filled in from the autoencoder (a latent run)
     when it has none: the run's :class:`~openldm.models.autoencoder.LatentCodec`."""
     from dataclasses import replace
@@ -60,7 +60,7 @@ def latent_resources(resources: Resources | None, autoencoder: nn.Module | None,
     resources = resources or Resources()
     if resources.encode is not None or autoencoder is None:
         return resources
-    return replace(resources, encode=LatentCodec(autoencoder, latent_scale),
+    return replace(resources, encode=LatentCodec(autoencoder, scaling_factor),
                    latent_channels=latent_channels(autoencoder))
 
 

@@ -18,7 +18,7 @@ from openldm.data.latent_cache import (
     LatentCacheDataset,
     autoencoder_encoder,
     build_latent_cache,
-    measure_scale_factor,
+    measure_scaling_factor,
 )
 from openldm.data.shapes import ShapesConfig, ShapesDataset, caption_matches, detect_objects, dominant_color
 from openldm.registry import DATASETS
@@ -35,5 +35,5 @@ __all__ = [
     "build_dataset", "IDXConfig", "IDXDataset", "read_idx", "write_idx", "FASHION_MNIST_CLASSES", "MNIST_CLASSES",
     "ImageFolderConfig", "ImageFolderDataset", "UnreadableImageWarning", "ShapesConfig", "ShapesDataset",
     "detect_objects", "dominant_color", "caption_matches", "LatentCacheConfig", "LatentCacheDataset",
-    "build_latent_cache", "autoencoder_encoder", "measure_scale_factor",
+    "build_latent_cache", "autoencoder_encoder", "measure_scaling_factor",
 ]

@@ -44,7 +44,7 @@ from openldm.models.autoencoder import latent_mode
 from openldm.registry import DATASETS
 
 FORMAT = "openldm-latent-cache"
-VERSION = 1
+VERSION = 2  # 2: the measured scale is stored as "scaling_factor"
 DTYPES = ("float16", "float32")
 FLIP_MODES = ("random", "both", "none")
 PROBE_ITEMS = 4
@@ -125,7 +125,7 @@ def _sample_rows(latents: torch.Tensor | np.ndarray, max_items: int | None,
     return x.detach().double().flatten()
 
 
-def measure_scale_factor(latents: torch.Tensor | np.ndarray, max_items: int | None = 10000,
+def measure_scaling_factor(latents: torch.Tensor | np.ndarray, max_items: int | None = 10000,
                          generator: torch.Generator | None = None) -> float:
     """1 / std of all elements of (a sample of) ``latents`` (N, ...): the SD convention for the factor that brings
     latents to unit variance (Rombach et al. 2022, sec. 4.3.2 / appendix G: 0.18215 for SD v1's autoencoder).
@@ -133,7 +133,7 @@ def measure_scale_factor(latents: torch.Tensor | np.ndarray, max_items: int | No
     std is the unbiased estimate in float64. Accepts a tensor, an array or a memory map."""
     x = _sample_rows(latents, max_items, generator)
     if x.numel() < 2:
-        raise ValueError(f"measure_scale_factor needs at least 2 elements, got {x.numel()}")
+        raise ValueError(f"measure_scaling_factor needs at least 2 elements, got {x.numel()}")
     std = float(x.std())
     if not math.isfinite(std) or std == 0.0:
         raise ValueError(f"latents have std {std}; cannot take 1/std (are they constant or non-finite?)")
@@ -272,10 +272,10 @@ def build_latent_cache(dataset: Dataset, encode: Encoder, path: str | Path, *, f
             bar.update(b)
         for array in [latents, *arrays.values()]:
             array.flush()
-        sample = _sample_rows(latents[:n], 10000, None)  # the originals, as measure_scale_factor samples them
+        sample = _sample_rows(latents[:n], 10000, None)  # the originals, as measure_scaling_factor samples them
         std = float(sample.std()) if sample.numel() > 1 else 0.0
         stats = {"mean": float(sample.mean()), "std": std,
-                 "scale_factor": 1.0 / std if std > 0 and math.isfinite(std) else None}
+                 "scaling_factor": 1.0 / std if std > 0 and math.isfinite(std) else None}
         del latents, arrays  # close the memory maps before the files are renamed
     # every array is in place; strings, then the commit marker
     with atomic_path(path / "strings.json") as tmp:
@@ -292,12 +292,12 @@ def build_latent_cache(dataset: Dataset, encode: Encoder, path: str | Path, *, f
 class LatentCacheConfig:
     """A cache folder written by :func:`build_latent_cache`. ``flip`` (used when the cache holds flipped copies):
     "random" (each access picks the original or the flipped copy, per seed, epoch and index), "both" (twice as many
-    items: the flipped copies follow), or "none". ``scale_factor``: multiply latents by it on reading (null: raw;
-    the stored 1/std is ``dataset.meta["scale_factor"]``)."""
+    items: the flipped copies follow), or "none". ``scaling_factor``: multiply latents by it on reading (null: raw;
+    the stored 1/std is ``dataset.meta["scaling_factor"]``)."""
 
     path: str
     flip: str = "random"
-    scale_factor: float | None = None
+    scaling_factor: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -359,8 +359,8 @@ class LatentCacheDataset(Dataset):
             flipped = bool(torch.rand((), generator=item_generator(self.config.seed, self.epoch, index)) < 0.5)
         row = source + self.count if flipped else source
         latent = torch.from_numpy(np.array(arrays["latents"][row], dtype=np.float32))
-        if self.config.scale_factor is not None:
-            latent = latent * self.config.scale_factor
+        if self.config.scaling_factor is not None:
+            latent = latent * self.config.scaling_factor
         sample: Sample = {"latent": latent}
         for key, kind in self.meta["columns"].items():
             if kind == "str":

@@ -6,7 +6,7 @@ A run directory (``out_dir`` of ``openldm train``, an exported run, a bundled mo
                                   older keys upgraded by :func:`upgrade_config`)
 - ``unet.safetensors``            raw UNet weights + UNet config (an openldm model file)
 - ``unet_ema.safetensors``        the EMA UNet (what sampling uses by default); both UNet files carry the latent
-                                  scale in their metadata (``LATENT_SCALE_KEY``)
+                                  scale in their metadata (``SCALING_FACTOR_KEY``)
 - ``conditioner.safetensors``     trainable conditioner weights (raw and ``ema.`` prefixed)
 - ``data.json``                   what sampling needs to know of the data without it (:func:`data_facts`)
 - ``sampling.json``               the model's recommended sampling settings (sampler, steps, guidance_scale,
@@ -50,7 +50,8 @@ STATE_FILE = "training_state.safetensors"
 SNAPSHOTS = "snapshots"
 CHECKPOINTS = "checkpoints"  # whole checkpoints, one folder per step; CHECKPOINTS/LATEST names the newest complete one
 LATEST = "latest"
-LATENT_SCALE_KEY = "openldm.latent_scale"  # the run's latent scale, in the UNet files' metadata
+SCALING_FACTOR_KEY = "openldm.scaling_factor"  # the run's latent scale, in the UNet files' metadata
+_LEGACY_SCALING_FACTOR_KEY = "openldm.latent_scale"  # the same number as files written before 2026-12 name it
 TRAINED_SAMPLING = {"sampler": "ddim", "steps": 50, "guidance_scale": 3.0}  # a run without sampling.json
 
 
@@ -214,17 +215,19 @@ def weights_dir(run_dir: Path, step: int | None, ema: bool) -> Path:
     return path
 
 
-def read_latent_scale(unet_path: Path) -> float:
-    """The latent scale a run trained with (1 for pixel-space runs), from its UNet file's metadata."""
-    return float(read_metadata(unet_path).get(LATENT_SCALE_KEY, "1.0"))
+def read_scaling_factor(unet_path: Path) -> float:
+    """The autoencoder ``scaling_factor`` a run trained with (1 for pixel-space runs), from its UNet file's
+    metadata."""
+    meta = read_metadata(unet_path)
+    return float(meta.get(SCALING_FACTOR_KEY, meta.get(_LEGACY_SCALING_FACTOR_KEY, "1.0")))
 
 
 def save_weights(out_dir: Path, *, ema_unet: nn.Module, ema_conditioner: dict[str, torch.Tensor],
-                 latent_scale: float, unet: nn.Module | None = None,
+                 scaling_factor: float, unet: nn.Module | None = None,
                  conditioner: dict[str, torch.Tensor] | None = None) -> None:
     """``unet_ema.safetensors``, ``conditioner.safetensors`` (``ema.``-prefixed, plus the raw weights when given)
     and, with ``unet``, ``unet.safetensors``: the files :func:`is_run_dir` and inference read."""
-    extra = {LATENT_SCALE_KEY: repr(float(latent_scale))}
+    extra = {SCALING_FACTOR_KEY: repr(float(scaling_factor))}
     out_dir.mkdir(parents=True, exist_ok=True)
     if unet is not None:
         save_model(unet, out_dir / UNET_FILE, extra)

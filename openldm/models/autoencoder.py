@@ -145,9 +145,9 @@ def latent_channels(autoencoder: nn.Module) -> int:
 
 
 class LatentCodec:
-    """The one owner of "images <-> diffusion latents": ``latents = latent_scale * (z - shift)`` with ``z`` the
-    autoencoder's latents of the image, and back. ``latent_scale`` is SD's ``scaling_factor`` (0.18215 for SD v1)
-    or the scale a run trained here measured (1 / std of its latents); ``shift`` is the autoencoder config's
+    """The one owner of "images <-> diffusion latents": ``latents = scaling_factor * (z - shift)`` with ``z`` the
+    autoencoder's latents of the image, and back. ``scaling_factor`` is the autoencoder config's (0.18215 for SD v1)
+    or the one a run trained here measured (1 / std of its latents); ``shift`` is the autoencoder config's
     ``shift_factor`` (0 unless the checkpoint says otherwise).
 
     ``encode(images)`` takes the posterior's mode (what training caches); ``encode(images, generator)`` samples
@@ -155,8 +155,8 @@ class LatentCodec:
     Calling the codec is ``encode`` (mode): it is what conditioners that encode images take
     (``Resources.encode``)."""
 
-    def __init__(self, autoencoder: nn.Module, latent_scale: float):
-        self.autoencoder, self.latent_scale = autoencoder, float(latent_scale)
+    def __init__(self, autoencoder: nn.Module, scaling_factor: float):
+        self.autoencoder, self.scaling_factor = autoencoder, float(scaling_factor)
         self.shift = float(getattr(autoencoder.config, "shift_factor", 0.0) or 0.0)
 
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
@@ -179,7 +179,7 @@ class LatentCodec:
         else:
             eps = torch.randn(tuple(encoded.mean.shape), generator=generator, dtype=torch.float32)
             z = encoded.mean + encoded.std * eps.to(device, encoded.mean.dtype)
-        return (z.float() - self.shift) * self.latent_scale
+        return (z.float() - self.shift) * self.scaling_factor
 
     __call__ = encode
 
@@ -187,7 +187,7 @@ class LatentCodec:
     def decode(self, latents: torch.Tensor, *, tile_size: int | None = None) -> torch.Tensor:
         """Latents -> images (B, C, H, W) in [-1, 1] (not clamped), float32 on the CPU."""
         device, dtype = self._device_dtype()
-        z = (latents.to(device, torch.float32) / self.latent_scale + self.shift).to(dtype)
+        z = (latents.to(device, torch.float32) / self.scaling_factor + self.shift).to(dtype)
         f = int(self.autoencoder.downsampling_factor)
         if tile_size is not None and max(z.shape[-2:]) * f > tile_size:
             images = self.autoencoder.tiled_decode(z, tile_size=tile_size, overlap=tile_size // 8)

@@ -67,7 +67,7 @@ class TrainedModel:
     schedule: ScheduleConfig
     prediction: str
     autoencoder: nn.Module | None
-    latent_scale: float
+    scaling_factor: float
     data_shape: tuple[int, int, int] | None
     config: DiffusionTrainConfig
     class_names: list[str] | None = None
@@ -121,7 +121,7 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     if not unet_path.is_file():
         raise FileNotFoundError(f"{str(unet_path)!r} does not exist; the run has not saved a checkpoint yet")
     unet = load_model(unet_path, device=device, dtype=dtype).eval()
-    scale = runs.read_latent_scale(unet_path)
+    scale = runs.read_scaling_factor(unet_path)
 
     ae, spacing = None, {}
     if cfg.base_model is not None:
@@ -151,7 +151,7 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
                          f"the run was trained on {shape[0]}-channel latents; give an autoencoder with the run's "
                          "encoder (e.g. its decoder fine-tuned with decoder_only)")
     return TrainedModel(unet=unet, conditioner=conditioner, schedule=cfg.schedule, prediction=cfg.prediction,
-                        autoencoder=ae, latent_scale=scale, data_shape=tuple(shape) if shape else None, config=cfg,
+                        autoencoder=ae, scaling_factor=scale, data_shape=tuple(shape) if shape else None, config=cfg,
                         class_names=facts.get("class_names"), run_dir=run_dir, ema=ema,
                         image_channels=facts.get("image_channels"), crop_size=tuple(crop) if crop else None,
                         **spacing)
@@ -232,14 +232,14 @@ def encode(model: TrainedModel, images: torch.Tensor) -> torch.Tensor:
     device, _ = module_device_dtype(model.unet)
     if model.autoencoder is None:
         return images.to(device, torch.float32)
-    return LatentCodec(model.autoencoder, model.latent_scale).encode(images).to(device)
+    return LatentCodec(model.autoencoder, model.scaling_factor).encode(images).to(device)
 
 
 def decode(model: TrainedModel, x: torch.Tensor) -> torch.Tensor:
     """What the model denoises -> images (B, C, H, W) in [-1, 1], float32 on the CPU. Latents are divided by the
     run's scale (training multiplied the posterior mode by it) and decoded."""
     if model.autoencoder is not None:
-        x = LatentCodec(model.autoencoder, model.latent_scale).decode(x)
+        x = LatentCodec(model.autoencoder, model.scaling_factor).decode(x)
     return x.float().cpu().clamp(-1, 1)
 
 
@@ -343,7 +343,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype =
         cfg["autoencoder"] = "autoencoder.safetensors"
         save_model(model.autoencoder.to(dtype), out_dir / "autoencoder.safetensors", {"openldm.source": "exported"})
     cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.conditioner.state_dict().items()}
-    runs.save_weights(out_dir, ema_unet=model.unet.to(dtype), ema_conditioner=cast, latent_scale=model.latent_scale)
+    runs.save_weights(out_dir, ema_unet=model.unet.to(dtype), ema_conditioner=cast, scaling_factor=model.scaling_factor)
     runs.write_config(cfg, out_dir)
     runs.write_json(out_dir / runs.DATA_FILE, runs.data_facts(model.data_shape, model.image_size, model.channels,
                                                                model.class_names, model.crop_size))

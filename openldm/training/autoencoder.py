@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from openldm.config import from_dict, to_dict
 from openldm.data import build_dataset
-from openldm.data.latent_cache import measure_scale_factor
+from openldm.data.latent_cache import measure_scaling_factor
 from openldm.evaluation.grid import image_grid
 from openldm.io.files import atomic_path
 from openldm.io.native import load_model, save_model
@@ -232,8 +232,8 @@ def generator_terms(cfg: AutoencoderTrainConfig, model: nn.Module, x: torch.Tens
 
 
 @torch.no_grad()
-def measure_latent_scale(model: nn.Module, dataset, num_images: int, batch_size: int, device: torch.device,
-                         seed: int = 0) -> float:
+def autoencoder_scaling_factor(model: nn.Module, dataset, num_images: int, batch_size: int, device: torch.device,
+                               seed: int = 0) -> float:
     """1 / std of the latents (posterior mode, or pre-quantisation VQ latents: what ``encode`` gives a latent
     cache) of ``num_images`` images drawn without replacement from ``dataset`` with ``seed``."""
     was_training = model.training
@@ -246,7 +246,7 @@ def measure_latent_scale(model: nn.Module, dataset, num_images: int, batch_size:
         z = model.encode(x)
         latents.append(latent_mode(z).float().cpu())
     model.train(was_training)
-    return measure_scale_factor(torch.cat(latents), max_items=None)
+    return measure_scaling_factor(torch.cat(latents), max_items=None)
 
 
 @torch.no_grad()
@@ -308,7 +308,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool | str = False
     fixed = torch.stack([dataset[i]["image"] for i in range(min(cfg.num_sample_images, len(dataset)))]).to(device)
 
     def checkpoint() -> float:
-        scale = measure_latent_scale(model, dataset, cfg.scale_samples, micro, device, cfg.seed)
+        scale = autoencoder_scaling_factor(model, dataset, cfg.scale_samples, micro, device, cfg.seed)
         start.checkpoints.save(step, loop.state_dict(step), lambda d: _save_weights(d, model, disc, scale))
         return scale
 

@@ -31,9 +31,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,13 +44,11 @@ from tqdm import tqdm
 
 from openldm.conditioning.compose import (
     ComposedConditioner,
-    ConditionConfig,
     Resources,
     build_conditioning,
     latent_resources,
 )
 from openldm.config import from_dict, to_dict
-from openldm.data import build_dataset
 from openldm.diffusion.objectives import (
     min_snr_weight,
     offset_noise,
@@ -77,8 +74,7 @@ from openldm.io.run_dir import (  # noqa: F401  (DiffusionTrainConfig, upgrade_c
     upgrade_config,
     write_json,
 )
-from openldm.models.autoencoder import LatentCodec
-from openldm.registry import CONDITIONERS, PRESETS
+from openldm.registry import PRESETS
 from openldm.training.checkpoint import LoopState, begin_run, check_finite, check_grad_norm, load_weights
 from openldm.training.common import (
     BatchStream,
@@ -88,6 +84,7 @@ from openldm.training.common import (
     autocast_dtype,
     write_config,
 )
+from openldm.training.diffusion_data import condition_inputs, prepare_data
 from openldm.training.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -155,104 +152,6 @@ def build_unet(cfg: DiffusionTrainConfig, data_channels: int, conditioner: Compo
     return unet
 
 
-def _reads_pixels(conditions: list[ConditionConfig]) -> bool:
-    """Whether a condition needs the training images beside cached latents (its class declares ``reads_pixels``)."""
-    return any(CONDITIONERS.get(c.kind).reads_pixels for c in conditions)
-
-
-class _WithPixels(torch.utils.data.Dataset):
-    """A dataset's items plus a copy of "image" as "pixels": a latent cache built from it keeps the pixels."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        item = dict(self.dataset[index])
-        item["pixels"] = item["image"]
-        return item
-
-    def fingerprint(self) -> str:
-        from openldm.data.latent_cache import fingerprint_dataset
-
-        return fingerprint_dataset(self.dataset) + ":pixels"
-
-
-def describe_data(dataset, data_shape: Sequence[int]) -> dict[str, Any]:
-    """The facts about a source dataset that sampling needs (the run's ``data.json``)."""
-    C, H, W = dataset[0]["image"].shape
-    return data_facts(data_shape, (H, W), C, getattr(dataset, "class_names", None),
-                      getattr(dataset, "crop_size", None))
-
-
-@dataclass
-class TrainingData:
-    """What the loop draws batches from, and how a batch becomes x0 (what is denoised): ``batch[x0_key]`` times
-    ``scale`` (pixels with scale 1, or cached latents), or, with ``encode`` (on-the-fly latents), ``encode`` of
-    the batch's images (it applies the scale)."""
-
-    dataset: Any
-    x0_key: str
-    scale: float
-    encode: LatentCodec | None = None
-
-    def x0(self, batch: dict, device: torch.device) -> torch.Tensor:
-        if self.encode is not None:
-            return self.encode(batch["image"]).to(device)  # (B, C, h, w)
-        return batch[self.x0_key].to(device).float() * self.scale
-
-
-def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path, autoencoder: nn.Module | None = None) -> TrainingData:
-    """The training data: pixels (no ``autoencoder``), latents cached once with the autoencoder (the pixels kept
-    too when a condition reads them), or with ``cache_latents: false`` the images, encoded batch by batch. The scale
-    factor is the autoencoder's ``scaling_factor``, else measured (1 / std). Rank 0 writes ``data.json``
-    (:func:`describe_data`)."""
-    dataset = build_dataset(cfg.data.name, cfg.data.options)
-    main = not dist.is_initialized() or dist.get_rank() == 0
-    if autoencoder is None:
-        data, shape = TrainingData(dataset, "image", 1.0), dataset[0]["image"].shape
-    elif cfg.cache_latents:
-        from openldm.data.latent_cache import autoencoder_encoder, build_latent_cache
-
-        source = _WithPixels(dataset) if _reads_pixels(cfg.conditions) else dataset
-        cache = build_latent_cache(source, autoencoder_encoder(autoencoder), out_dir / "latents", progress=False,
-                                   device=next(autoencoder.parameters()).device)
-        scale = float(getattr(autoencoder.config, "scaling_factor", None) or cache.meta["scale_factor"])
-        data, shape = TrainingData(cache, "latent", scale), cache[0]["latent"].shape
-    else:
-        scale = getattr(autoencoder.config, "scaling_factor", None)
-        if not scale:
-            from openldm.data.latent_cache import measure_scale_factor
-
-            probe = torch.stack([dataset[i]["image"] for i in range(min(64, len(dataset)))])
-            scale = measure_scale_factor(LatentCodec(autoencoder, 1.0)(probe))
-        encode = LatentCodec(autoencoder, float(scale))
-        data = TrainingData(dataset, "image", float(scale), encode)
-        shape = encode(dataset[0]["image"][None]).shape[1:]
-    if main:
-        write_json(out_dir / DATA_FILE, describe_data(dataset, shape))
-    return data
-
-
-def condition_inputs(batch: dict, conditioner: ComposedConditioner) -> dict:
-    """The batch with the inputs conditions derive from the images: "image" from a latent cache's "pixels", then
-    each conditioner's own derived input (``Conditioner.derive_input``: a low-res image shrunk from the image, a
-    brightness measured on it, ...)."""
-    batch = dict(batch)
-    if "pixels" in batch and "image" not in batch:
-        batch["image"] = batch.pop("pixels").float()
-    for name, c in conditioner.conditioners.items():
-        needs = c.derive_input(batch)
-        if needs is not None and needs not in batch:
-            raise ValueError(
-                f"condition {name!r} ({type(c).__name__}) reads batch[{needs!r}], but the data has neither it nor "
-                f"pixel images (keys: {sorted(batch)}); cached latents carry no pixels: set `autoencoder:` and train "
-                f"from the image dataset, so the cache built here keeps them, or give the data a {needs!r} column")
-    return batch
-
-
 @torch.no_grad()
 def sample_grid(model: DiffusionModel, batch: dict, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
                 schedule: ScheduleConfig, prediction: str, *, steps: int, guidance_scale: float, seed: int,
@@ -298,7 +197,7 @@ def _tensorboard(out_dir: Path):
 def _save_weights(out_dir: Path, model: DiffusionModel | None, ema: EMA, scale: float) -> None:
     """The run's weight files (EMA only when ``model`` is None, as in snapshots), through the run directory's owner."""
     save_weights(out_dir, ema_unet=ema.shadow.unet, ema_conditioner=ema.shadow.conditioner.state_dict(),
-                 latent_scale=scale, unet=None if model is None else model.unet,
+                 scaling_factor=scale, unet=None if model is None else model.unet,
                  conditioner=None if model is None else model.conditioner.state_dict())
 
 

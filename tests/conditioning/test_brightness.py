@@ -12,7 +12,8 @@ from openldm.pipelines.generate import GenerationRequest, RequestError
 from openldm.pipelines.trained import load_run
 from openldm.pipelines.trained_generator import TrainedGenerator
 from openldm.registry import CONDITIONERS
-from openldm.training.diffusion import DiffusionTrainConfig, condition_inputs, train_diffusion
+from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
+from openldm.training.diffusion_data import condition_inputs
 
 
 def test_registered_with_its_declarations():

@@ -18,7 +18,7 @@ from openldm.data.latent_cache import (
     autoencoder_encoder,
     build_latent_cache,
     fingerprint_encoder,
-    measure_scale_factor,
+    measure_scaling_factor,
 )
 from openldm.data.shapes import ShapesConfig, ShapesDataset
 from openldm.registry import DATASETS
@@ -77,8 +77,8 @@ def test_round_trip_with_labels_captions_and_masks(tmp_path: Path, shapes: Shape
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["count"] == N and meta["latent_shape"] == [3, 8, 8] and meta["columns"]["caption"] == "str"
     assert np.load(tmp_path / "cache" / "mask.npy").dtype == np.int16
-    # registered and buildable from a plain dict; scale_factor multiplies on reading
-    again = build_dataset("latent_cache", {"path": str(tmp_path / "cache"), "scale_factor": 2.0})
+    # registered and buildable from a plain dict; scaling_factor multiplies on reading
+    again = build_dataset("latent_cache", {"path": str(tmp_path / "cache"), "scaling_factor": 2.0})
     assert DATASETS.get("latent_cache") is LatentCacheDataset
     assert torch.equal(again[3]["latent"], 2 * cache[3]["latent"])
     loader = torch.utils.data.DataLoader(cache, batch_size=4)
@@ -217,26 +217,26 @@ def test_float16_storage_and_pickling_for_workers(tmp_path: Path, shapes: Shapes
     assert torch.equal(pickle.loads(blob)[4]["latent"], cache[4]["latent"])
 
 
-def test_scale_factor_is_one_over_std():
+def test_scaling_factor_is_one_over_std():
     g = torch.Generator().manual_seed(0)
     latents = 0.5 * torch.randn(4000, 4, 8, 8, generator=g) + 0.3  # std 0.5 -> factor 2
-    assert measure_scale_factor(latents) == pytest.approx(2.0, rel=0.01)
+    assert measure_scaling_factor(latents) == pytest.approx(2.0, rel=0.01)
     small = torch.randn(50, 4, 4, 4, generator=g)
-    assert measure_scale_factor(small) == pytest.approx(1.0 / small.double().std().item(), rel=1e-12)
+    assert measure_scaling_factor(small) == pytest.approx(1.0 / small.double().std().item(), rel=1e-12)
     # a sample of rows when there are more than max_items; deterministic, and near the full value
-    sampled = measure_scale_factor(latents, max_items=500)
-    assert sampled == measure_scale_factor(latents, max_items=500) and sampled == pytest.approx(2.0, rel=0.03)
-    assert measure_scale_factor(latents.numpy()) == pytest.approx(measure_scale_factor(latents), rel=1e-9)
+    sampled = measure_scaling_factor(latents, max_items=500)
+    assert sampled == measure_scaling_factor(latents, max_items=500) and sampled == pytest.approx(2.0, rel=0.03)
+    assert measure_scaling_factor(latents.numpy()) == pytest.approx(measure_scaling_factor(latents), rel=1e-9)
     with pytest.raises(ValueError, match="std 0"):
-        measure_scale_factor(torch.ones(10, 4))
+        measure_scaling_factor(torch.ones(10, 4))
     with pytest.raises(ValueError, match="empty"):
-        measure_scale_factor(torch.ones(0, 4))
+        measure_scaling_factor(torch.ones(0, 4))
 
 
-def test_cache_stores_the_scale_factor_of_its_latents(tmp_path: Path, shapes: ShapesDataset):
+def test_cache_stores_the_scaling_factor_of_its_latents(tmp_path: Path, shapes: ShapesDataset):
     cache = build_latent_cache(shapes, pool, tmp_path / "c", flip=True, progress=False)
     originals = np.array(cache.latents[:N])
-    assert cache.meta["scale_factor"] == pytest.approx(measure_scale_factor(originals), rel=1e-9)
+    assert cache.meta["scaling_factor"] == pytest.approx(measure_scaling_factor(originals), rel=1e-9)
     assert cache.meta["std"] == pytest.approx(float(originals.astype(np.float64).std(ddof=1)), rel=1e-9)
 
 

@@ -62,7 +62,7 @@ def model(class_run):
 # ------------------------------------------------------------------------------------------------- loading
 
 def test_load_run_rebuilds_a_pixel_model_from_the_directory(class_run, model):
-    assert model.autoencoder is None and model.downsampling_factor == 1 and model.latent_scale == 1.0
+    assert model.autoencoder is None and model.downsampling_factor == 1 and model.scaling_factor == 1.0
     assert model.data_shape == (3, SIZE, SIZE) and model.image_size == (SIZE, SIZE)
     assert model.class_names == list(COLORS)
     assert model.prediction == "eps" and model.schedule.kind == "linear"
@@ -189,7 +189,7 @@ def write_untrained_run(out, cfg: DiffusionTrainConfig) -> None:
     conditioner = build_conditioning(cfg.conditions)
     unet = UNet(build_unet_config(cfg, 3, conditioner))
     for name in ("unet.safetensors", "unet_ema.safetensors"):
-        save_model(unet, out / name, {"openldm.latent_scale": "1.0"})
+        save_model(unet, out / name, {"openldm.scaling_factor": "1.0"})
     state = {k: v.contiguous() for k, v in conditioner.state_dict().items()}
     save_file({**state, **{f"ema.{k}": v.clone() for k, v in state.items()}}, str(out / "conditioner.safetensors"))
 
@@ -241,7 +241,7 @@ def test_latent_space_run_decodes_with_its_autoencoder(tmp_path):
     model = load_run(tmp_path / "latent")
     assert model.autoencoder is not None and model.downsampling_factor == 4
     assert model.data_shape == (4, SIZE // 4, SIZE // 4) and model.image_size == (SIZE, SIZE)
-    assert model.latent_scale == 1.0  # tiny-vae's scaling_factor
+    assert model.scaling_factor == 1.0  # tiny-vae's scaling_factor
     x = sample_trained(model, class_label=0, num_images=2, steps=3, guidance_scale=2.0)
     assert x.shape == (2, 3, SIZE, SIZE) and torch.isfinite(x).all()
     fill = torch.zeros(SIZE, SIZE)

@@ -27,14 +27,10 @@ from openldm.data.shapes import (
     dominant_color,
 )
 from openldm.io.native import save_model
-from openldm.models.autoencoder import AutoencoderKL, tiny_autoencoder_kl
+from openldm.models.autoencoder import AutoencoderKL, LatentCodec, tiny_autoencoder_kl
 from openldm.pipelines.trained import load_run, sample_trained
-from openldm.training.diffusion import (
-    DiffusionTrainConfig,
-    LatentCodec,
-    condition_inputs,
-    train_diffusion,
-)
+from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
+from openldm.training.diffusion_data import condition_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

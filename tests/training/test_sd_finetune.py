@@ -114,7 +114,7 @@ def test_fine_tuning_trains_the_unet_only_and_the_run_samples(tiny_sd, tmp_path,
     assert len(changed) == len(trained)  # every UNet tensor moved
 
     model = load_run(tmp_path / "run")
-    assert model.latent_scale == pytest.approx(0.18215) and model.spacing == fresh.spacing
+    assert model.scaling_factor == pytest.approx(0.18215) and model.spacing == fresh.spacing
     assert model.data_shape == (4, 8, 8) and model.image_size == (16, 16)
     assert all(torch.equal(a, b) for a, b in zip(model.autoencoder.state_dict().values(),
                                                    fresh.vae.state_dict().values()))
