@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv data browser demo test clean
+.PHONY: venv data data-emoji browser demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ venv: $(VENV)/.installed
 data:
 	@[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
+
+# The emoji data set (openly licensed artwork, ~150 MB from the npm registry; needs npm) into ~/.cache/openldm/emoji.
+data-emoji: venv
+	$(VENV)/bin/openldm data emoji
 
 # Debian's Chromium for the page's browser test (playwright drives it; no browser download); needs root on a fresh machine.
 browser:

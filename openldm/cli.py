@@ -470,6 +470,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- openldm data -----------------------------------------------------------------------------------------------
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=["emoji"], help="the data set to fetch and build")
+    p.add_argument("--root", default=None, help="where to build it (default: $OPENLDM_DATA/emoji, "
+                                                 "~/.cache/openldm/emoji)")
+    p.add_argument("--packages", default=None, help="folder of the npm tarballs (default: ROOT/packages; "
+                                                     "missing ones are fetched with `npm pack`)")
+    p.add_argument("--rebuild", action="store_true", help="build again even if the data set is built")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@command("data", "fetch and build a data set: emoji (openly licensed artwork from npm, captions from its metadata)",
+         _data_args)
+def cmd_data(args: argparse.Namespace) -> int:
+    from openldm.data.emoji import build_emoji
+
+    root = build_emoji(args.root, packages=args.packages, rebuild=args.rebuild, progress=not args.quiet)
+    print(root)
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
 """Datasets, transforms and the latent cache. Importing this package registers every dataset in
-``openldm.registry.DATASETS``: "idx" / "fashion_mnist", "image_folder", "shapes", "latent_cache".
+``openldm.registry.DATASETS``: "idx" / "fashion_mnist", "image_folder", "shapes", "emoji", "latent_cache".
 
 Every dataset item is a dict: "image" float (C, H, W) in [-1, 1] (or "latent" for the latent cache) and, where the
 dataset has them, "label" int, "caption" str, "mask" (H, W) long label ids or float silhouette.
@@ -11,6 +11,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from openldm.config import from_dict
+from openldm.data.emoji import EmojiConfig, EmojiDataset, build_emoji
 from openldm.data.folder import ImageFolderConfig, ImageFolderDataset, UnreadableImageWarning
 from openldm.data.idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, IDXConfig, IDXDataset, read_idx, write_idx
 from openldm.data.latent_cache import (
@@ -35,5 +36,5 @@ __all__ = [
     "build_dataset", "IDXConfig", "IDXDataset", "read_idx", "write_idx", "FASHION_MNIST_CLASSES", "MNIST_CLASSES",
     "ImageFolderConfig", "ImageFolderDataset", "UnreadableImageWarning", "ShapesConfig", "ShapesDataset",
     "detect_objects", "dominant_color", "caption_matches", "LatentCacheConfig", "LatentCacheDataset",
-    "build_latent_cache", "autoencoder_encoder", "measure_scaling_factor",
+    "build_latent_cache", "autoencoder_encoder", "measure_scaling_factor", "EmojiConfig", "EmojiDataset", "build_emoji",
 ]
