@@ -169,6 +169,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
     p.add_argument("--unsafe-load", action="store_true", help="allow .ckpt files that need full unpickling "
                                                               "(only for files you trust)")
+    p.add_argument("--prediction-type", default=None, choices=["eps", "v"],
+                   help="what the SD network predicts (default: the sidecar .yaml of a single file, a folder's "
+                        "scheduler config, else eps; SD 2.x single files without a .yaml need it: v for 768 px, "
+                        "eps for 512 px -base models)")
     p.add_argument("--from-png", default=None, help="regenerate with the parameters stored in this PNG")
 
 
@@ -252,7 +256,7 @@ def _generate(args: argparse.Namespace) -> int:
     model = args.model or (stored.model if stored is not None else None)
     generator = load_generator(model, device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"),
                                unsafe_load=getattr(args, "unsafe_load", False), ema=not args.raw_weights,
-                               vae=args.vae)
+                               vae=args.vae, prediction=getattr(args, "prediction_type", None))
     caps = generator.capabilities
     inputs = {f.name: getattr(args, f.name) for f in caps.inputs
               if f.name != "mask" and getattr(args, f.name, None) is not None}
