@@ -110,8 +110,8 @@ def sidecar_settings(path: str | Path) -> dict:
     model = data.get("model") if isinstance(data, Mapping) else None
     params = model.get("params") if isinstance(model, Mapping) else None
     if not isinstance(params, Mapping):
-        raise ValueError(f"{yaml_path}: no model.params mapping; a CompVis inference YAML (such as SD 2's "  # noqa: TRY004
-                         "v2-inference-v.yaml) has one")
+        problem = "no model.params mapping; a CompVis inference YAML (such as SD 2's v2-inference-v.yaml) has one"
+        raise ValueError(f"{yaml_path}: {problem}")  # noqa: TRY004 (bad file content, not a bad argument type)
     parameterization = params.get("parameterization", "eps")
     if parameterization not in _PARAMETERIZATIONS:
         raise ValueError(f"{yaml_path}: model.params.parameterization={parameterization!r}; accepted: "

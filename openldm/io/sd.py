@@ -58,7 +58,8 @@ def detect_format(path: str | Path) -> str:
 
 
 def load_sd(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-            unsafe_load: bool = False, use_ema: bool = False, prediction: str | None = None) -> StableDiffusionComponents:
+            unsafe_load: bool = False, use_ema: bool = False,
+            prediction: str | None = None) -> StableDiffusionComponents:
     """Load a Stable Diffusion v1 or 2.x model from a single file, a diffusers folder or an openldm folder.
 
     ``dtype`` casts floating weights (``None``: as stored). ``unsafe_load`` allows ``.ckpt``/``.bin`` files that

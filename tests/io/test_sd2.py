@@ -19,7 +19,11 @@ from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io import original
 from openldm.io import sd as sdio
 from openldm.io.keymaps import autoencoder as vae_keys
+from openldm.io.keymaps import clip as clip_keys
 from openldm.io.keymaps import unet as unet_keys
+from openldm.models.presets import sd2_unet
+from openldm.models.text_encoder import sd2_text_config
+from openldm.models.unet import UNet
 from openldm.pipelines import text_to_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,15 +69,16 @@ def _plain(state: dict) -> dict:
     return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
 
 
-def open_clip_state(tower) -> dict[str, torch.Tensor]:
+def open_clip_state(tower, projection: bool = True) -> dict[str, torch.Tensor]:
     """A transformers CLIPTextModel's weights under OpenCLIP's names in an SD 2 file (``cond_stage_model.model.*``):
     q, k, v stacked into ``in_proj``, ``ln_1``/``ln_2``, ``mlp.c_fc``/``c_proj``, plus the unused projection."""
     s, p = _plain(tower.state_dict()), "cond_stage_model.model."
     out = {p + "token_embedding.weight": s["embeddings.token_embedding.weight"],
            p + "positional_embedding": s["embeddings.position_embedding.weight"],
-           p + "ln_final.weight": s["final_layer_norm.weight"], p + "ln_final.bias": s["final_layer_norm.bias"],
-           p + "text_projection": torch.randn(WIDTH, 64, generator=torch.Generator().manual_seed(5)),
-           p + "logit_scale": torch.tensor(4.6052)}
+           p + "ln_final.weight": s["final_layer_norm.weight"], p + "ln_final.bias": s["final_layer_norm.bias"]}
+    if projection:
+        out[p + "text_projection"] = torch.randn(WIDTH, 64, generator=torch.Generator().manual_seed(5))
+        out[p + "logit_scale"] = torch.tensor(4.6052)
     for i in range(tower.config.num_hidden_layers):
         ours, theirs = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
@@ -82,7 +87,7 @@ def open_clip_state(tower) -> dict[str, torch.Tensor]:
             for old, new in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
                              ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
                 out[f"{theirs}{new}.{kind}"] = s[f"{ours}{old}.{kind}"]
-    return {k: v.contiguous() for k, v in out.items()}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +210,7 @@ def test_images_match_diffusers_from_folder_and_single_file(sd2, prediction):
              "diffusers single vs folder": max_pixel_diff(ref_single, ref)}
     print(prediction, diffs)
     assert all(d <= 2 for d in diffs.values()), diffs
+    assert np.asarray(ref[0], dtype=np.float64).std() > 10  # a picture, not a flat or saturated field
     other = ours_images(sdio.load_sd(sd2["single"], prediction="v" if prediction == "eps" else "eps"))
     assert max_pixel_diff(other, ref) > 10  # the prediction type matters
 
@@ -266,6 +272,9 @@ def test_cli_prediction_type_flag(sd2, tmp_path, capsys):
     assert "--prediction-type eps|v" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--prediction-type", "x0"])
+    folder = tmp_path / "converted"
+    assert main(["convert", str(sd2["single"]), str(folder), "--to", "diffusers", "--prediction-type", "v"]) == 0
+    assert sdio.load_sd(folder).prediction == "v"
 
 
 def test_sd2_round_trips_through_our_single_file_and_folder(sd2, tmp_path):
@@ -281,3 +290,36 @@ def test_sd2_round_trips_through_our_single_file_and_folder(sd2, tmp_path):
     assert theirs.scheduler.config.prediction_type == "v_prediction"
     assert theirs.tokenizer.pad_token == "!" and theirs.unet.config.use_linear_projection
 
+
+
+def test_published_sd21_configs_and_full_size_shapes_give_the_sd2_presets():
+    """The real SD 2.1 folder's config.json files, and the shapes of a full-size SD 2 single file (meta tensors,
+    no memory), map to openldm's SD 2 presets."""
+    unet_json = {  # stabilityai/stable-diffusion-2-1 unet/config.json
+        "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.10.0.dev0", "act_fn": "silu",
+        "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False, "cross_attention_dim": 1024,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+        "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+        "norm_num_groups": 32, "num_class_embeds": None, "only_cross_attention": False, "out_channels": 4,
+        "sample_size": 96, "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                              "CrossAttnUpBlock2D"],
+        "use_linear_projection": True, "upcast_attention": True}
+    text_json = {  # stabilityai/stable-diffusion-2-1 text_encoder/config.json
+        "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+        "eos_token_id": 2, "hidden_act": "gelu", "hidden_size": 1024, "initializer_factor": 1.0,
+        "initializer_range": 0.02, "intermediate_size": 4096, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+        "model_type": "clip_text_model", "num_attention_heads": 16, "num_hidden_layers": 23, "pad_token_id": 1,
+        "projection_dim": 512, "torch_dtype": "float32", "transformers_version": "4.25.0.dev0", "vocab_size": 49408}
+    assert unet_keys.unet_config_from_diffusers(unet_json) == sd2_unet()
+    assert clip_keys.clip_config_from_diffusers(text_json) == sd2_text_config()
+
+    with torch.device("meta"):
+        unet = UNet(sd2_unet())
+        tower = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            **{**text_json, "num_hidden_layers": 24, "architectures": None}))
+    unet_state = unet_keys.to_original(unet.state_dict(), sd2_unet())
+    assert unet_keys.unet_config_from_original(unet_state, head_dim=original.SD2_UNET_HEAD_DIM) == sd2_unet()
+    text_state = clip_keys.from_open_clip(open_clip_state(tower, projection=False))
+    assert original.clip_config_from_original(text_state, "gelu") == sd2_text_config()
