@@ -149,10 +149,17 @@ def _trained_args(p: argparse.ArgumentParser) -> None:
                         "`openldm generate --model M --input help=1` lists them); repeatable")
 
 
+def _prediction_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prediction-type", default=None, choices=["eps", "v"],
+                   help="what the SD network predicts (default: what the model says: a single file's sidecar .yaml, "
+                        "a folder's scheduler config, else eps; SD 2.x single files without a .yaml need it: v for "
+                        "768 px models, eps for 512 px -base models)")
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="SD v1 checkpoint (.safetensors/.ckpt single file, diffusers folder or "
-                                                 "openldm folder) or a run directory of `openldm train`; default: the "
-                                                 "bundled Fashion-MNIST model")
+    p.add_argument("--model", default=None, help="SD v1 / 2.x checkpoint (.safetensors/.ckpt single file, diffusers "
+                                                 "folder or openldm folder) or a run directory of `openldm train`; "
+                                                 "default: the bundled Fashion-MNIST model")
     p.add_argument("--prompt", default=None, help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional branch of CFG)")
     _sampling_args(p)
@@ -169,6 +176,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
     p.add_argument("--unsafe-load", action="store_true", help="allow .ckpt files that need full unpickling "
                                                               "(only for files you trust)")
+    _prediction_arg(p)
     p.add_argument("--from-png", default=None, help="regenerate with the parameters stored in this PNG")
 
 
@@ -252,7 +260,7 @@ def _generate(args: argparse.Namespace) -> int:
     model = args.model or (stored.model if stored is not None else None)
     generator = load_generator(model, device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"),
                                unsafe_load=getattr(args, "unsafe_load", False), ema=not args.raw_weights,
-                               vae=args.vae)
+                               vae=args.vae, prediction=getattr(args, "prediction_type", None))
     caps = generator.capabilities
     inputs = {f.name: getattr(args, f.name) for f in caps.inputs
               if f.name != "mask" and getattr(args, f.name, None) is not None}
@@ -442,15 +450,17 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unsafe-load", action="store_true", help="allow .ckpt files that need full unpickling "
                                                               "(only for files you trust)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    _prediction_arg(p)
 
 
-@command("convert", "convert SD v1 checkpoints between the original, diffusers and openldm layouts", _convert_args)
+@command("convert", "convert SD v1 / 2.x checkpoints between the original, diffusers and openldm layouts",
+         _convert_args)
 def cmd_convert(args: argparse.Namespace) -> int:
     from openldm.io.sd import convert
     from openldm.pipelines.common import resolve_dtype
 
     out = convert(args.src, args.dst, to=args.to, dtype=resolve_dtype(args.dtype), unsafe_load=args.unsafe_load,
-                  use_ema=args.use_ema, overwrite=args.overwrite)
+                  use_ema=args.use_ema, overwrite=args.overwrite, prediction=args.prediction_type)
     print(out)
     return 0
 

@@ -1,10 +1,14 @@
-"""diffusers-format Stable Diffusion v1-family folders: read and write.
+"""diffusers-format Stable Diffusion v1-family and 2.x folders: read and write.
 
 A folder holds ``model_index.json`` and one subfolder per component: ``unet/`` and ``vae/`` (``config.json`` +
 ``diffusion_pytorch_model.safetensors``), ``text_encoder/`` (transformers ``config.json`` + ``model.safetensors``),
 ``tokenizer/`` (``vocab.json`` + ``merges.txt``) and ``scheduler/scheduler_config.json``. Each component's config
 is read, so SD v1-family models of other sizes load. Weights: ``.safetensors`` first, then the ``fp16`` variant,
 then pickled ``.bin`` files (``torch.load(weights_only=True)``; full unpickling only with ``unsafe_load``).
+
+SD 2.x folders need nothing else: their configs say it all (UNet ``use_linear_projection``, ``attention_head_dim``
+per block = heads of width 64, ``cross_attention_dim`` 1024; the 23-layer GELU text encoder; the tokenizer's "!"
+padding; the scheduler's ``prediction_type``, epsilon or v_prediction), and the folders we write keep it.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ def _component_weights(folder: Path, library: str, unsafe_load: bool) -> dict[st
 
 def load_diffusers(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                    unsafe_load: bool = False) -> StableDiffusionComponents:
-    """Load a diffusers-format SD v1-family folder (also SD 2.x folders: their configs say everything)."""
+    """Load a diffusers-format SD v1-family or SD 2.x folder."""
     folder = Path(path)
     index = _read_json(folder / "model_index.json")
     if "text_encoder_2" in index or "prior" in index or "transformer" in index:

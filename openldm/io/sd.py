@@ -1,4 +1,4 @@
-"""Stable Diffusion v1-family models as one bundle, whatever layout they arrive in.
+"""Stable Diffusion v1-family and 2.x models as one bundle, whatever layout they arrive in.
 
 Three layouts, told apart by :func:`detect_format`:
 
@@ -13,6 +13,7 @@ a time: the weights are never held twice, and with a matching dtype the module's
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -57,19 +58,25 @@ def detect_format(path: str | Path) -> str:
 
 
 def load_sd(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-            unsafe_load: bool = False, use_ema: bool = False) -> StableDiffusionComponents:
-    """Load a Stable Diffusion v1-family model from a single file, a diffusers folder or an openldm folder.
+            unsafe_load: bool = False, use_ema: bool = False,
+            prediction: str | None = None) -> StableDiffusionComponents:
+    """Load a Stable Diffusion v1 or 2.x model from a single file, a diffusers folder or an openldm folder.
 
     ``dtype`` casts floating weights (``None``: as stored). ``unsafe_load`` allows ``.ckpt``/``.bin`` files that
     need full unpickling (arbitrary code: only for files you trust). ``use_ema`` reads a single file's
-    ``model_ema.*`` UNet weights when present.
+    ``model_ema.*`` UNet weights when present. ``prediction`` (eps | v) overrides what the model says (folders:
+    their scheduler config; single files: the sidecar YAML, see :mod:`openldm.io.original`); SD 2 single files
+    without a YAML need it.
     """
     kind = detect_format(path)
     if kind == "original":
-        return load_original(path, device=device, dtype=dtype, unsafe_load=unsafe_load, use_ema=use_ema)
+        return load_original(path, device=device, dtype=dtype, unsafe_load=unsafe_load, use_ema=use_ema,
+                             prediction=prediction)
     if kind == "diffusers":
-        return load_diffusers(path, device=device, dtype=dtype, unsafe_load=unsafe_load)
-    return load_openldm(path, device=device, dtype=dtype)
+        sd = load_diffusers(path, device=device, dtype=dtype, unsafe_load=unsafe_load)
+    else:
+        sd = load_openldm(path, device=device, dtype=dtype)
+    return sd if prediction is None else dataclasses.replace(sd, prediction=prediction)  # validated there
 
 
 def load_openldm(path: str | Path, *, device: torch.device | str = "cpu",
@@ -117,12 +124,13 @@ def save_sd(sd: StableDiffusionComponents, path: str | Path, to: str, overwrite:
 
 
 def convert(src: str | Path, dst: str | Path, to: str, *, dtype: torch.dtype | None = None,
-            unsafe_load: bool = False, use_ema: bool = False, overwrite: bool = False) -> Path:
+            unsafe_load: bool = False, use_ema: bool = False, overwrite: bool = False,
+            prediction: str | None = None) -> Path:
     """Convert the model at ``src`` (any layout :func:`load_sd` reads) to layout ``to`` at ``dst``, atomically.
-    ``dtype`` casts floating weights (``None``: as stored)."""
+    ``dtype`` casts floating weights (``None``: as stored); ``prediction`` as in :func:`load_sd`."""
     if to not in FORMATS:
         raise ValueError(f"to={to!r}; accepted: {', '.join(FORMATS)}")
     if Path(src).resolve() == Path(dst).resolve():
         raise ValueError(f"source and destination are the same path {str(src)!r}")
-    sd = load_sd(src, dtype=dtype, unsafe_load=unsafe_load, use_ema=use_ema)
+    sd = load_sd(src, dtype=dtype, unsafe_load=unsafe_load, use_ema=use_ema, prediction=prediction)
     return save_sd(sd, dst, to, overwrite=overwrite)

@@ -288,16 +288,21 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
 
 def load_generator(source: str | Path | None = None, *, device: str | torch.device = "cpu",
                    dtype: str | torch.dtype = "float32", unsafe_load: bool = False, ema: bool = True,
-                   vae: str | Path | None = None, step: int | None = None) -> Generator:
+                   vae: str | Path | None = None, step: int | None = None,
+                   prediction: str | None = None) -> Generator:
     """Load ``source`` (see the module docstring; None = the default bundled model) behind the generation
     interface. ``dtype`` applies to the network weights. Models trained here: ``ema`` picks the EMA weights,
-    ``vae`` decodes through another autoencoder file with the same encoder, ``step`` an EMA snapshot."""
+    ``vae`` decodes through another autoencoder file with the same encoder, ``step`` an EMA snapshot. Stable
+    Diffusion weights: ``prediction`` (eps | v) overrides what the model says (``openldm.io.sd.load_sd``)."""
     from openldm.bundled import DEFAULT
     from openldm.io.run_dir import is_run_dir, resolve_source
 
     path = resolve_source(source)
     label = DEFAULT if source is None else str(source)  # what PNGs record: the source as given
     if is_run_dir(path):
+        if prediction is not None:
+            raise ValueError("prediction= is for Stable Diffusion weights; a run directory's config says what its "
+                             "network predicts")
         from openldm.pipelines.trained_generator import TrainedGenerator
 
         return TrainedGenerator.load(path, label, device=device, dtype=dtype, ema=ema, vae=vae, step=step)
@@ -306,7 +311,7 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
             raise ValueError(f"{flag}= is for models trained here (a run directory), not Stable Diffusion weights")
     from openldm.pipelines.sd_generator import SDGenerator
 
-    return SDGenerator.load(path, label, device=device, dtype=dtype, unsafe_load=unsafe_load)
+    return SDGenerator.load(path, label, device=device, dtype=dtype, unsafe_load=unsafe_load, prediction=prediction)
 
 
 __all__ = ["Capabilities", "GenerationRequest", "GenerationResult", "Generator", "InputField", "Progress",

@@ -43,10 +43,10 @@ class SDGenerator:
 
     @classmethod
     def load(cls, path: str | Path, source: str | None = None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-             unsafe_load: bool = False) -> "SDGenerator":
+             unsafe_load: bool = False, prediction: str | None = None) -> "SDGenerator":
         from openldm.io.sd import load_sd
 
-        parts = load_sd(path, device=device, unsafe_load=unsafe_load)
+        parts = load_sd(path, device=device, unsafe_load=unsafe_load, prediction=prediction)
         place(parts, device, dtype)  # once, at load: requests never move or cast the modules
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.eval().requires_grad_(False)

@@ -73,14 +73,23 @@ _OPEN_CLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
 _RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 
 
+def open_clip_blocks(state_dict: Tensors, prefix: str = OPEN_CLIP_PREFIX) -> int:
+    """How many transformer blocks (``transformer.resblocks.N``) the OpenCLIP text tower under ``prefix`` holds."""
+    found = {_RESBLOCK.fullmatch(k[len(prefix):]) for k in state_dict if k.startswith(prefix)}
+    return len({int(m[1]) for m in found if m is not None})
+
+
 def from_open_clip(
-    state_dict: Tensors, num_layers: int = 23, prefix: str = OPEN_CLIP_PREFIX
+    state_dict: Tensors, num_layers: int | None = None, prefix: str = OPEN_CLIP_PREFIX
 ) -> dict[str, torch.Tensor]:
     """The text tower of an SD 2 single file (OpenCLIP ViT-H/14 names) under our names.
 
-    Keeps the first ``num_layers`` blocks (SD 2 reads the penultimate layer of 24, so 23, as diffusers stores it);
+    Keeps the first ``num_layers`` blocks; ``None``: all but the last, because SD 2 reads the penultimate layer
+    (CompVis' ``FrozenOpenCLIPEmbedder(layer="penultimate")``; 23 of ViT-H's 24, as diffusers stores it).
     ``text_projection``, ``logit_scale`` and later blocks are dropped.
     """
+    if num_layers is None:
+        num_layers = open_clip_blocks(state_dict, prefix) - 1
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if not key.startswith(prefix):
@@ -103,7 +112,7 @@ def from_open_clip(
                 out[layer + new + rest[len(old):]] = value
                 break
         else:
-            raise KeyError(f"unexpected OpenCLIP text key {key!r}; known block parts: in_proj_*, "
+            raise ValueError(f"unexpected OpenCLIP text key {key!r}; known block parts: in_proj_*, "
                            f"{', '.join(_OPEN_CLIP_BLOCK)}")
     return out
 
