@@ -156,6 +156,24 @@ def _prediction_arg(p: argparse.ArgumentParser) -> None:
                         "768 px models, eps for 512 px -base models)")
 
 
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="weights' dtype (default float32: the reference's pixels for a seed); auto: bfloat16 where "
+                        "the CPU (AMX, AVX512-BF16) or GPU computes it natively, else float32")
+
+
+def _chosen_dtype(args: argparse.Namespace) -> str:
+    """``--dtype``, with auto resolved for ``--device`` and the choice said on stderr."""
+    if getattr(args, "dtype", "float32") != "auto":
+        return getattr(args, "dtype", "float32")
+    from openldm.pipelines.common import auto_dtype
+
+    dtype, why = auto_dtype(getattr(args, "device", "cpu"))
+    name = str(dtype).removeprefix("torch.")
+    print(f"--dtype auto: {name} ({why})", file=sys.stderr)
+    return name
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="SD v1 / 2.x checkpoint (.safetensors/.ckpt single file, diffusers "
                                                  "folder or openldm folder) or a run directory of `openldm train`; "
@@ -173,7 +191,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunked", action="store_true", help="encode prompts over 75 tokens in chunks (A1111)")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    _dtype_arg(p)
     p.add_argument("--unsafe-load", action="store_true", help="allow .ckpt files that need full unpickling "
                                                               "(only for files you trust)")
     _prediction_arg(p)
@@ -258,7 +276,7 @@ def _generate(args: argparse.Namespace) -> int:
             _check_image_file(value, "--" + flag.replace("_", "-"))
     stored = read_png_params(args.from_png) if getattr(args, "from_png", None) else None
     model = args.model or (stored.model if stored is not None else None)
-    generator = load_generator(model, device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"),
+    generator = load_generator(model, device=getattr(args, "device", "cpu"), dtype=_chosen_dtype(args),
                                unsafe_load=getattr(args, "unsafe_load", False), ema=not args.raw_weights,
                                vae=args.vae, prediction=getattr(args, "prediction_type", None))
     caps = generator.capabilities
@@ -336,8 +354,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=1024 * 1024,
                    help="most pixels (width x height x images) one request may ask for (default 1048576)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights' dtype (default float32)")
+    _dtype_arg(p)
 
 
 @command("serve", "serve a web page and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1/...) over one job queue",
@@ -349,7 +366,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_auth is not None and any(":" not in pair for pair in args.api_auth.split(",")):
         raise ConfigError("--api-auth takes USER:PASS pairs separated by commas")
     serve(args.model, host=args.host, port=args.port, api_auth=args.api_auth, cors_allow_origins=origins,
-          max_batch=args.max_batch, max_pixels=args.max_pixels, device=args.device, dtype=args.dtype)
+          max_batch=args.max_batch, max_pixels=args.max_pixels, device=args.device,
+          dtype=_chosen_dtype(args))
     return 0
 
 

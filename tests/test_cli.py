@@ -87,3 +87,20 @@ def test_config_errors_name_the_file(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not valid YAML" in err[0] and "is a directory" in err[1]
+
+
+def test_dtype_auto_picks_what_the_cpu_computes_and_says_so(tmp_path, capsys):
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    flags = set(re.findall(r"\w+", open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0]))
+    expected = "bfloat16" if flags & {"amx_bf16", "avx512_bf16"} else "float32"
+    common = ["generate", "--class-label", "1", "--steps", "2", "--seed", "3"]
+    assert main([*common, "--dtype", "auto", "--out", str(tmp_path / "auto.png")]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--dtype auto")]
+    assert said and said[0].startswith(f"--dtype auto: {expected} (")
+    assert main([*common, "--dtype", expected, "--out", str(tmp_path / "named.png")]) == 0
+    auto, named = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("auto", "named"))
+    assert np.array_equal(auto, named)

@@ -47,18 +47,37 @@ class ModelParts(Protocol):
 
 # ----------------------------------------------------------------------------------------- devices and checks
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def auto_dtype(device: str | torch.device = "cpu") -> tuple[torch.dtype, str]:
+    """bfloat16 where the hardware computes it natively (a CUDA GPU that supports it, a CPU with AMX or
+    AVX512-BF16), else float32; and the reason, to tell the user which was chosen."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, f"{name} computes bfloat16"
+        return torch.float32, f"{name} has no bfloat16"
+    if device.type == "cpu":
+        for probe, what in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
+            if getattr(torch.cpu, probe, lambda: False)():
+                return torch.bfloat16, f"the CPU has {what} instructions"
+    return torch.float32, f"no bfloat16 instructions on {device}"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """A dtype from its name; "auto" is :func:`auto_dtype` for ``device``."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device)[0]
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join([*DTYPES, 'auto'])}")
     return DTYPES[dtype]
 
 
 def place(parts: ModelParts, device: str | torch.device | None, dtype: str | torch.dtype | None) -> None:
     """Move the parts' modules (in place) to ``device`` and ``dtype``; None keeps what they have. With float16 the
     autoencoder stays float32, as diffusers' ``force_upcast`` does for SD's VAE (it overflows in float16)."""
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, device or "cpu")
     for name in ("unet", "text_encoder", "vae"):
         module = getattr(parts, name)
         module_dtype = torch.float32 if (name == "vae" and dtype == torch.float16) else dtype

@@ -51,7 +51,7 @@ class TrainedGenerator:
     @classmethod
     def load(cls, path: str | Path, source: str | None = None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
              ema: bool = True, vae: str | Path | None = None, step: int | None = None) -> "TrainedGenerator":
-        model = load_run(path, ema=ema, device=device, dtype=resolve_dtype(dtype) or torch.float32, autoencoder=vae,
+        model = load_run(path, ema=ema, device=device, dtype=resolve_dtype(dtype, device) or torch.float32, autoencoder=vae,
                          step=step)
         return cls(model, str(path) if source is None else source)
 
