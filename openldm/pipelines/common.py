@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from openldm.data.image_io import load_image, pil_to_tensor
+from openldm.conditioning.inputs import as_images
+from openldm.data.image_io import load_image
 from openldm.diffusion.denoiser import DiscreteDenoiser
 from openldm.diffusion.schedules import ScheduleConfig
 from openldm.diffusion.spacing import SamplingPlan, make_plan
@@ -216,17 +217,17 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
-def image_to_tensor(image: Image.Image | str | Path, height: int | None = None, width: int | None = None,
-                    channels: int = 3) -> torch.Tensor:
-    """An image (or its path) -> (1, C, H, W) in [0, 1], resized (Lanczos, as diffusers) when ``height``/``width``
-    differ from its size. Without them its own size is used and must be a multiple of 8."""
-    img = load_image(image, channels) if isinstance(image, (str, Path)) else image.convert("RGB" if channels == 3 else "L")
-    w, h = img.size
-    height, width = height or h, width or w
-    check_size(height, width)
-    if (w, h) != (width, height):
-        img = img.resize((width, height), Image.Resampling.LANCZOS)
-    return pil_to_tensor(img)[None]
+def image_to_tensor(image: Image.Image | str | Path | torch.Tensor, height: int | None = None,
+                    width: int | None = None, channels: int = 3, factor: int = 8) -> torch.Tensor:
+    """An image (a path, a PIL image, or a tensor in [-1, 1]) -> (1, C, H, W) in [-1, 1] at ``height`` x ``width``
+    (default: its own size; resized as :func:`~openldm.conditioning.inputs.as_images` does, Lanczos as diffusers),
+    which must be multiples of ``factor``: the image reader of both inference stacks."""
+    if isinstance(image, (str, Path)):
+        image = load_image(image, channels)
+    own_height, own_width = tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else image.size[::-1]
+    height, width = height or own_height, width or own_width
+    check_size(height, width, factor)
+    return as_images(image, channels, (height, width), "image")
 
 
 def paste_unmasked(generated: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

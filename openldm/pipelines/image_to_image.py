@@ -39,7 +39,7 @@ def image_to_image(parts: ModelParts, prompt: str | Sequence[str], image: Image.
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     place(parts, device, dtype)
-    init = image_to_tensor(image, height, width) * 2 - 1  # (1, 3, H, W) in [-1, 1]
+    init = image_to_tensor(image, height, width)  # (1, 3, H, W) in [-1, 1]
     cond, uncond = encode_text(parts, prompt, negative_prompt, num_images=num_images, clip_skip=clip_skip,
                                chunked=chunked)
     shape = latent_shape(parts, cond.context.shape[0], init.shape[2], init.shape[3])

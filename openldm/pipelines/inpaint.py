@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from openldm.conditioning.inputs import fill_mask
 from openldm.conditioning.spatial import InpaintConditioner, InpaintConfig
 from openldm.pipelines.common import (
     ModelParts,
@@ -49,9 +50,9 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     place(parts, device, dtype)
-    init = image_to_tensor(image, height, width)  # (1, 3, H, W) in [0, 1]
+    init = image_to_tensor(image, height, width)  # (1, 3, H, W) in [-1, 1]
     H, W = init.shape[2:]
-    fill = (image_to_tensor(mask, H, W, channels=1) >= 0.5).float()  # (1, 1, H, W), 1 = redraw
+    fill = fill_mask(mask, (H, W))  # (1, 1, H, W), 1 = redraw
     cond, uncond = encode_text(parts, prompt, negative_prompt, num_images=num_images, clip_skip=clip_skip,
                                chunked=chunked)
     shape = latent_shape(parts, cond.context.shape[0], H, W)
@@ -67,7 +68,7 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
     generator = make_generator(seed)
     known = None
     if concat_channels == 0 or strength < 1.0:
-        known = encode_images(parts.vae, init * 2 - 1, generator, tiling=vae_tiling).to(device, dtype)
+        known = encode_images(parts.vae, init, generator, tiling=vae_tiling).to(device, dtype)
         known = known.expand(B, -1, -1, -1)
     noise = draw_noise(shape, generator, device, dtype)
     x = plan.initial_sample(noise) if strength == 1.0 else plan.noised_input(known, noise)
@@ -77,7 +78,7 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
         conditioner = InpaintConditioner(InpaintConfig(latent_channels=shape[1]),
                                          encode=lambda masked: encode_images(parts.vae, masked, generator,
                                                                              tiling=vae_tiling))
-        concat = conditioner({"image": init * 2 - 1, "inpaint_mask": fill}).concat.to(device, dtype)
+        concat = conditioner({"image": init, "inpaint_mask": fill}).concat.to(device, dtype)
         concat = concat.expand(B, -1, -1, -1)
         cond, uncond = replace(cond, concat=concat), replace(uncond, concat=concat)
     else:
@@ -87,5 +88,5 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
                                 guidance_rescale=guidance_rescale, generator=generator, on_step=chain_hooks(*hooks),
                                 vae_tiling=vae_tiling, progress=progress)
     if paste_back:
-        images = paste_unmasked(images, init, fill)
+        images = paste_unmasked(images, (init + 1) / 2, fill)
     return to_pil(images)

@@ -45,6 +45,7 @@ from openldm.models.autoencoder import LatentCodec, latent_channels
 from openldm.nn.slots import Slots
 from openldm.pipelines.common import (
     chain_hooks,
+    check_size,
     draw_noise,
     guided_denoiser,
     make_generator,
@@ -272,8 +273,7 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
         if model.image_size is None:
             raise ValueError("the run's training data is not available to tell the image size; give height and width")
         height, width = height or model.image_size[0], width or model.image_size[1]
-    if height <= 0 or width <= 0 or height % f or width % f:
-        raise ValueError(f"image size {width}x{height} (width x height) must be positive multiples of {f}")
+    check_size(height, width, f)
     latent_size = (height // f, width // f)
     channels = model.unet.config.in_channels
     B = _batch_size(class_label, prompt, num_images, mask, (low_res, init_image))
