@@ -3,7 +3,7 @@
 - ordinary (4-channel) checkpoints: after every step the known region is replaced by the image's latents
   noised to the new level (``blend_known`` through the sampler's ``on_step`` hook), as diffusers does;
 - inpainting (9-channel) checkpoints: the UNet also sees the concat slot ``[mask, latents of the masked
-  image]`` (diffusers' channel order), filled by ``InpaintConditioner``.
+  image]`` (diffusers' channel order), filled by the registered "inpaint" conditioner.
 
 ``paste_back`` copies the original pixels outside the mask onto the result (the autoencoder otherwise alters
 them slightly).
@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from openldm.conditioning.inputs import fill_mask
-from openldm.conditioning.spatial import InpaintConditioner, InpaintConfig
 from openldm.pipelines.common import (
     ModelParts,
     chain_hooks,
@@ -35,6 +34,7 @@ from openldm.pipelines.common import (
     sampling_plan,
     to_pil,
 )
+from openldm.registry import CONDITIONERS
 from openldm.samplers.base import OnStep, blend_known
 
 
@@ -75,9 +75,10 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
 
     hooks = [on_step]
     if concat_channels:
-        conditioner = InpaintConditioner(InpaintConfig(latent_channels=shape[1]),
-                                         encode=lambda masked: encode_images(parts.vae, masked, generator,
-                                                                             tiling=vae_tiling))
+        inpaint_conditioner = CONDITIONERS.get("inpaint")
+        conditioner = inpaint_conditioner(inpaint_conditioner.config_class(latent_channels=shape[1]),
+                                        encode=lambda masked: encode_images(parts.vae, masked, generator,
+                                                                            tiling=vae_tiling))
         concat = conditioner({"image": init, "inpaint_mask": fill}).concat.to(device, dtype)
         concat = concat.expand(B, -1, -1, -1)
         cond, uncond = replace(cond, concat=concat), replace(uncond, concat=concat)
