@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # shared helpers: sd_testing.py
+sys.path.insert(0, str(Path(__file__).parent))  # shared helpers: sd_testing.py, dist_testing.py
 
 torch.set_num_threads(2)
 
@@ -45,3 +45,4 @@ def retrained(tmp_path_factory):
     out = export_run(run, work / "model")
     torch.set_num_threads(threads)
     return out
+

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -126,7 +127,7 @@ def _sample_rows(latents: torch.Tensor | np.ndarray, max_items: int | None,
 
 
 def measure_scaling_factor(latents: torch.Tensor | np.ndarray, max_items: int | None = 10000,
-                         generator: torch.Generator | None = None) -> float:
+                           generator: torch.Generator | None = None) -> float:
     """1 / std of all elements of (a sample of) ``latents`` (N, ...): the SD convention for the factor that brings
     latents to unit variance (Rombach et al. 2022, sec. 4.3.2 / appendix G: 0.18215 for SD v1's autoencoder).
     With more than ``max_items`` rows, a random subset drawn from ``generator`` (seed 0 by default) is used;
@@ -197,6 +198,122 @@ def _probe_matches(path: Path, dataset: Dataset, encode: Encoder, device: torch.
     return z.shape == stored.shape and torch.allclose(z, stored, rtol=tol, atol=tol * max(1.0, float(z.abs().max())))
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _everyone(flag: bool, world: int) -> bool:
+    """``flag`` on every process (False if any process has it False)."""
+    if world == 1:
+        return flag
+    nccl = torch.distributed.get_backend() == "nccl"  # it reduces CUDA tensors only
+    t = torch.tensor([int(flag)], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def shard_range(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) that process ``rank`` of ``world`` encodes: contiguous runs of whole batches, so every
+    process encodes the batches one process would have (the same images side by side, the same latents)."""
+    per = -(-(-(-n // batch_size)) // world) * batch_size
+    return min(n, rank * per), min(n, (rank + 1) * per)
+
+
+def _shard_dir(path: Path, rank: int) -> Path:
+    return path / f".shard-{rank}"
+
+
+def _encode_shard(dataset: Dataset, encode: Encoder, folder: Path, lo: int, hi: int, *, flip: bool, batch_size: int,
+                  dtype: str, device: torch.device | None, num_workers: int, progress: bool) -> None:
+    """Rows [lo, hi) of ``dataset`` encoded into ``folder``: latents.npy ((copies * (hi - lo), C, h, w): the
+    images, then their flipped copies), one ``<key>.npy`` per numeric column, strings.json, columns.json."""
+    first = dataset[0]
+    if not isinstance(first, dict) or "image" not in first:
+        found = list(first) if isinstance(first, dict) else type(first).__name__
+        raise ValueError(f"build_latent_cache needs items that are dicts with an 'image' tensor; got {found}")
+    kinds = {k: _column_dtype(k, v) for k, v in first.items() if k != "image"}  # from an item, not a batch
+    folder.mkdir(parents=True, exist_ok=True)
+    n, copies = hi - lo, 2 if flip else 1
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    strings: dict[str, list[str]] = {k: [] for k, kind in kinds.items() if kind == "str"}
+    columns = {k: "str" if kind == "str" else np.dtype(kind).name for k, kind in kinds.items()}
+    latents, arrays, start, latent_shape = None, {}, 0, None
+    with tqdm(total=n, desc="encoding latents", unit="img", disable=not progress) as bar:
+        for batch in loader:
+            images = batch["image"]
+            b = images.shape[0]
+            x = images.to(device) if device is not None else images
+            with torch.inference_mode():
+                z = _encode_batch(encode, x)  # (b, C, h, w)
+                z_flip = _encode_batch(encode, hflip(x)) if flip else None
+            if latents is None:
+                latent_shape = list(z.shape[1:])
+                latents = np.lib.format.open_memmap(folder / "latents.npy", mode="w+", dtype=dtype,
+                                                    shape=(copies * n, *z.shape[1:]))
+                for key, kind in kinds.items():
+                    if kind != "str":
+                        shape = (n, *np.shape(_batch_values(key, batch[key], kind))[1:])
+                        arrays[key] = np.lib.format.open_memmap(folder / f"{key}.npy", mode="w+", dtype=kind,
+                                                                shape=shape)
+            latents[start:start + b] = z.numpy()
+            if flip:
+                latents[n + start:n + start + b] = z_flip.numpy()
+            for key in columns:
+                if key not in batch:
+                    raise ValueError(f"item {lo + start} lacks {key!r}, which earlier items have; every item needs "
+                                     f"the same keys")
+                if columns[key] == "str":
+                    strings[key].extend(str(s) for s in batch[key])
+                else:
+                    arrays[key][start:start + b] = _batch_values(key, batch[key], arrays[key].dtype)
+            start += b
+            bar.update(b)
+    for array in [latents, *arrays.values()] if latents is not None else []:
+        array.flush()
+    del latents, arrays  # close the memory maps
+    (folder / "strings.json").write_text(json.dumps(strings))
+    (folder / "columns.json").write_text(json.dumps({"columns": columns, "latent_shape": latent_shape}))
+
+
+def _assemble(path: Path, world: int, n: int, copies: int, batch_size: int) -> dict:
+    """The shards' files joined into the cache's (process order = row order); returns the columns and shape."""
+    shards = [(_shard_dir(path, r), *shard_range(n, batch_size, r, world)) for r in range(world)]
+    shards = [(folder, lo, hi) for folder, lo, hi in shards if hi > lo]
+    info = json.loads((shards[0][0] / "columns.json").read_text())
+    strings = {k: [] for k, kind in info["columns"].items() if kind == "str"}
+    for folder, _, _ in shards:
+        for key, values in json.loads((folder / "strings.json").read_text()).items():
+            strings[key].extend(values)
+    names = ["latents", *(k for k, kind in info["columns"].items() if kind != "str")]
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            tmp = stack.enter_context(atomic_path(path / f"{name}.npy"))
+            if len(shards) == 1:  # one process: its file is the cache's
+                (shards[0][0] / f"{name}.npy").replace(tmp)
+                continue
+            parts = [np.load(folder / f"{name}.npy", mmap_mode="r") for folder, _, _ in shards]
+            rows = copies * n if name == "latents" else n
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype, shape=(rows, *parts[0].shape[1:]))
+            for part, (_, lo, hi) in zip(parts, shards):
+                k = hi - lo
+                for c in range(copies if name == "latents" else 1):  # the images, then the flipped copies
+                    out[c * n + lo:c * n + hi] = part[c * k:(c + 1) * k]
+            out.flush()
+            del out, parts
+        with atomic_path(path / "strings.json") as tmp:
+            tmp.write_text(json.dumps(strings))
+    return info
+
+
 def build_latent_cache(dataset: Dataset, encode: Encoder, path: str | Path, *, flip: bool = False,
                        batch_size: int = 64, dtype: str = "float32", device: str | torch.device | None = None,
                        num_workers: int = 0, encoder_fingerprint: str | None = None, rebuild: bool = False,
@@ -205,7 +322,11 @@ def build_latent_cache(dataset: Dataset, encode: Encoder, path: str | Path, *, f
     cache folder ``path`` (format and fingerprint in the module doc), also encoding mirrored images when ``flip``,
     and return it as a :class:`LatentCacheDataset`. Every other item value (label, caption, mask, ...) is stored
     beside the latents. An existing cache with the same fingerprint is reused unless ``rebuild``. ``device``:
-    where images are sent before ``encode``. Build from a deterministic dataset (centre crops, no random flips)."""
+    where images are sent before ``encode``. Build from a deterministic dataset (centre crops, no random flips).
+
+    Under a process group (``torchrun``) every process calls this: each encodes its share of whole batches
+    (:func:`shard_range`) and the first joins them, so N processes write the cache one process would (with an
+    encoder that draws randomness, such as a sampled posterior, each process draws its own)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     if len(dataset) == 0:
@@ -215,75 +336,47 @@ def build_latent_cache(dataset: Dataset, encode: Encoder, path: str | Path, *, f
     enc_fp = encoder_fingerprint if encoder_fingerprint is not None else fingerprint_encoder(encode)
     blob = json.dumps([FORMAT, VERSION, fingerprint_dataset(dataset), enc_fp, flip, dtype])
     fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+    rank, world = _process_group()
 
     meta = _read_meta(path)
-    if not rebuild and meta is not None and meta["fingerprint"] == fingerprint and meta["count"] == len(dataset):
-        if enc_fp != "probe" or _probe_matches(path, dataset, encode, device):
-            return LatentCacheDataset(LatentCacheConfig(path=str(path)))
+    reuse = not rebuild and meta is not None and meta["fingerprint"] == fingerprint and meta["count"] == len(dataset)
+    reuse = reuse and (enc_fp != "probe" or _probe_matches(path, dataset, encode, device))
+    if _everyone(reuse, world):
+        return LatentCacheDataset(LatentCacheConfig(path=str(path)))
 
-    path.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        (path / "meta.json").unlink()  # the cache is invalid from here until the new meta.json lands
+    _barrier(world)  # every process has read meta.json before it goes
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            (path / "meta.json").unlink()  # the cache is invalid from here until the new meta.json lands
+    _barrier(world)
     n, copies = len(dataset), 2 if flip else 1
-    first = dataset[0]
-    if not isinstance(first, dict) or "image" not in first:
-        found = list(first) if isinstance(first, dict) else type(first).__name__
-        raise ValueError(f"build_latent_cache needs items that are dicts with an 'image' tensor; got {found}")
-    kinds = {k: _column_dtype(k, v) for k, v in first.items() if k != "image"}  # from an item, not a batch
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    strings: dict[str, list[str]] = {}
-    columns: dict[str, str] = {}
-    with contextlib.ExitStack() as stack:
-        tmp_latents = stack.enter_context(atomic_path(path / "latents.npy"))
-        latents = None
-        arrays: dict[str, np.memmap] = {}
-        start = 0
-        bar = stack.enter_context(tqdm(total=n, desc="encoding latents", unit="img", disable=not progress))
-        for batch in loader:
-            images = batch["image"]
-            b = images.shape[0]
-            x = images.to(device) if device is not None else images
-            with torch.inference_mode():
-                z = _encode_batch(encode, x)  # (b, C, h, w)
-                z_flip = _encode_batch(encode, hflip(x)) if flip else None
-            if latents is None:
-                latents = np.lib.format.open_memmap(tmp_latents, mode="w+", dtype=dtype, shape=(copies * n, *z.shape[1:]))
-                for key, kind in kinds.items():
-                    value = batch[key]
-                    if kind == "str":
-                        strings[key] = []
-                        columns[key] = "str"
-                    else:
-                        shape = (n, *np.shape(_batch_values(key, value, kind))[1:])
-                        tmp = stack.enter_context(atomic_path(path / f"{key}.npy"))
-                        arrays[key] = np.lib.format.open_memmap(tmp, mode="w+", dtype=kind, shape=shape)
-                        columns[key] = np.dtype(kind).name
-            latents[start:start + b] = z.numpy()
-            if flip:
-                latents[n + start:n + start + b] = z_flip.numpy()
-            for key in columns:
-                if key not in batch:
-                    raise ValueError(f"item {start} lacks {key!r}, which earlier items have; every item needs the same keys")
-                if columns[key] == "str":
-                    strings[key].extend(str(s) for s in batch[key])
-                else:
-                    arrays[key][start:start + b] = _batch_values(key, batch[key], arrays[key].dtype)
-            start += b
-            bar.update(b)
-        for array in [latents, *arrays.values()]:
-            array.flush()
+    lo, hi = shard_range(n, batch_size, rank, world)
+    if hi > lo:
+        shutil.rmtree(_shard_dir(path, rank), ignore_errors=True)  # a killed build's leftovers
+        try:
+            _encode_shard(dataset, encode, _shard_dir(path, rank), lo, hi, flip=flip, batch_size=batch_size,
+                          dtype=dtype, device=device, num_workers=num_workers, progress=progress and rank == 0)
+        except BaseException:
+            shutil.rmtree(_shard_dir(path, rank), ignore_errors=True)
+            raise
+    _barrier(world)
+    if rank == 0:
+        info = _assemble(path, world, n, copies, batch_size)
+        latents = np.load(path / "latents.npy", mmap_mode="r")
         sample = _sample_rows(latents[:n], 10000, None)  # the originals, as measure_scaling_factor samples them
         std = float(sample.std()) if sample.numel() > 1 else 0.0
         stats = {"mean": float(sample.mean()), "std": std,
                  "scaling_factor": 1.0 / std if std > 0 and math.isfinite(std) else None}
-        del latents, arrays  # close the memory maps before the files are renamed
-    # every array is in place; strings, then the commit marker
-    with atomic_path(path / "strings.json") as tmp:
-        tmp.write_text(json.dumps(strings))
-    meta = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "encoder": enc_fp,
-            "count": n, "flip": flip, "dtype": dtype, "latent_shape": list(z.shape[1:]), "columns": columns, **stats}
-    with atomic_path(path / "meta.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=1))
+        del latents
+        meta = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "encoder": enc_fp,
+                "count": n, "flip": flip, "dtype": dtype, "latent_shape": info["latent_shape"],
+                "columns": info["columns"], **stats}
+        with atomic_path(path / "meta.json") as tmp:  # the commit marker, last
+            tmp.write_text(json.dumps(meta, indent=1))
+        for r in range(world):
+            shutil.rmtree(_shard_dir(path, r), ignore_errors=True)
+    _barrier(world)
     return LatentCacheDataset(LatentCacheConfig(path=str(path)))
 
 

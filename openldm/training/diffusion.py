@@ -250,12 +250,8 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool | str, ove
         ae = load_model(cfg.autoencoder, device=device).eval().requires_grad_(False)
     if base is not None:
         resources = base_resources(base, resources)
-    if not info.is_main:
-        barrier(info)  # rank 0 builds the latent cache first; the others then find and reuse it
-    data = prepare_data(cfg, out_dir, ae)
+    data = prepare_data(cfg, out_dir, ae)  # every process encodes its share of a latent cache
     dataset, scale = data.dataset, data.scale
-    if info.is_main:
-        barrier(info)
     conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
     channels = int(data.x0(torch.utils.data.default_collate([dataset[0]]), torch.device("cpu")).shape[1])
     unet = build_unet(cfg, channels, conditioner, base.unet if base is not None else None)

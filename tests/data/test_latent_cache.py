@@ -19,6 +19,7 @@ from openldm.data.latent_cache import (
     build_latent_cache,
     fingerprint_encoder,
     measure_scaling_factor,
+    shard_range,
 )
 from openldm.data.shapes import ShapesConfig, ShapesDataset
 from openldm.registry import DATASETS
@@ -248,3 +249,35 @@ def test_autoencoder_encoder_takes_vq_latents_as_they_are():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         assert torch.equal(autoencoder_encoder(vq)(x), vq.encode(x))
+
+
+def test_shards_are_whole_batches_covering_every_row():
+    for n, batch, world in [(22, 4, 2), (22, 4, 3), (5, 4, 4), (64, 64, 2), (1, 1, 1)]:
+        ranges = [shard_range(n, batch, r, world) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in rank order
+        assert all(lo % batch == 0 or lo == hi == n for lo, hi in ranges)  # empty shards at the end
+
+
+def test_two_processes_build_the_cache_one_process_builds(tmp_path: Path):
+    """torchrun, 2 gloo processes: each encodes its share (rows 0-11 and 12-21) and rank 0 joins them; every file
+    equals a one-process build's, flipped copies included, and no shard folder is left."""
+    from dist_testing import torchrun
+
+    dataset = ShapesDataset(ShapesConfig(size=16, num_samples=22, seed=5))
+    one = tmp_path / "one"
+    build_latent_cache(dataset, pool, one, flip=True, batch_size=4, encoder_fingerprint="pool", progress=False)
+    done = torchrun(Path(__file__).with_name("_cache_worker.py"), str(tmp_path / "two"), nproc=2)
+    assert done.returncode == 0 and "rank 0 built" in done.stdout and "rank 1 built" in done.stdout, done.stdout[-3000:]
+    two = tmp_path / "two"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    for name in (p.name for p in one.iterdir()):
+        if name.endswith(".npy"):
+            a, b = np.load(one / name), np.load(two / name)
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+        else:
+            assert json.loads((one / name).read_text()) == json.loads((two / name).read_text()), name
+    # and a second torchrun reuses it (every process agrees the cache is current)
+    stamp = (two / "latents.npy").stat().st_mtime_ns
+    assert torchrun(Path(__file__).with_name("_cache_worker.py"), str(two), nproc=2).returncode == 0
+    assert (two / "latents.npy").stat().st_mtime_ns == stamp

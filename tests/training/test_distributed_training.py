@@ -15,15 +15,13 @@ within 7.3e-8, weights within 3.1e-7 absolute; drawing for its own rows only (be
 draws than one process and moved the shared generator less: losses 1-4% apart from the first step, gradient norms
 up to 26%, weights 1.1e-2."""
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from dist_testing import torchrun
 from safetensors.torch import load_file
 from test_diffusion_training import tiny
 
@@ -35,21 +33,7 @@ TIMEOUT_S = 90
 
 
 def _torchrun(config: Path, nproc: int) -> subprocess.CompletedProcess:
-    """Launch the worker under torchrun in its own process group, killed whole if it outlives ``TIMEOUT_S``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), str(config)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: the group this test started
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s:\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+    return torchrun(WORKER, str(config), nproc=nproc, timeout_s=TIMEOUT_S)
 
 
 def _logged(run: Path, key: str) -> list[float]:
@@ -86,3 +70,26 @@ def test_two_gloo_processes_equal_one_process(tmp_path, over):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+def test_two_processes_encode_the_latent_cache_in_shares(tmp_path):
+    """A latent run under torchrun: both processes encode half of the cache (rows 0-31, 32-63) and the cache, the
+    losses and the weights equal one process's."""
+    import numpy as np
+
+    from openldm.io.native import save_model
+    from openldm.models.autoencoder import AutoencoderKL, tiny_autoencoder_kl
+
+    torch.manual_seed(0)
+    ae = save_model(AutoencoderKL(tiny_autoencoder_kl()), tmp_path / "ae.safetensors")
+    over = {"autoencoder": str(ae), "data": {"name": "shapes", "options": {"size": 32, "num_samples": 64}}}
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    train_diffusion(tiny(single_dir, **over), progress=False)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(to_dict(tiny(ddp_dir, **over))))
+    done = _torchrun(config, nproc=2)
+    assert done.returncode == 0, done.stdout[-4000:]
+    for name in ("latents.npy", "label.npy"):
+        assert np.array_equal(np.load(single_dir / "latents" / name), np.load(ddp_dir / "latents" / name)), name
+    torch.testing.assert_close(torch.tensor(_logged(ddp_dir, "loss"), dtype=torch.float64),
+                               torch.tensor(_logged(single_dir, "loss"), dtype=torch.float64), rtol=1e-5, atol=0)
