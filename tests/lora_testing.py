@@ -106,7 +106,8 @@ def with_loras(pipe, loras: list[tuple[Path, float]]):
     return p
 
 
-CALL = dict(prompt="a red circle", negative_prompt="blue", steps=4, width=32, height=32, seed=4, guidance_scale=7.5)
+CALL = {"prompt": "a red circle", "negative_prompt": "blue", "steps": 4, "width": 32, "height": 32, "seed": 4,
+        "guidance_scale": 7.5}
 
 
 def diffusers_image(pipe, loras: list[tuple[Path, float]] = ()) -> np.ndarray:

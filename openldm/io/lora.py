@@ -116,13 +116,13 @@ def read_lora(path: str | Path, unet: nn.Module, text_encoder: nn.Module) -> Lor
         raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist")
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"LoRA file {str(path)!r}: only .safetensors LoRA files are read (no pickles); convert it")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a file handle, not a dict)
             metadata = dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types for a damaged header
+    except (SafetensorError, OSError) as e:
         raise ValueError(f"LoRA file {str(path)!r} is not a readable safetensors file ({e})") from None
     try:
         layout = detect_layout(list(tensors))
@@ -182,7 +182,8 @@ def _kohya_scale(group: dict[str, torch.Tensor]) -> float:
 
 
 def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
-    """part -> its PEFT LoraConfig fields, from diffusers' ``lora_adapter_metadata`` ("unet.r", "unet.lora_alpha", ...)."""
+    """part -> its PEFT LoraConfig fields, from diffusers' ``lora_adapter_metadata`` ("unet.r", "unet.lora_alpha",
+    ...)."""
     if METADATA_KEY not in metadata:
         return {}
     try:

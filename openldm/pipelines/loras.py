@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 

@@ -56,11 +56,11 @@ def test_fused_weights_equal_diffusers(tiny, layout):
     elif layout == "locon":
         save_kohya(kohya_lora(pipe, rank=3, alpha=5.0, conv=True, te_prefix="lora_te1_", seed=2), path)
     else:
-        unet = dict(r=4, lora_alpha=3, target_modules=["to_q", "to_v", "proj_in", "conv1", "conv_shortcut"],
-                    rank_pattern={"to_v": 2}, alpha_pattern={"attn2.to_q": 7})
-        text = dict(r=2, lora_alpha=5, target_modules=["q_proj", "fc2"], alpha_pattern={"fc2": 1})
+        unet = {"r": 4, "lora_alpha": 3, "target_modules": ["to_q", "to_v", "proj_in", "conv1", "conv_shortcut"],
+                "rank_pattern": {"to_v": 2}, "alpha_pattern": {"attn2.to_q": 7}}
+        text = {"r": 2, "lora_alpha": 5, "target_modules": ["q_proj", "fc2"], "alpha_pattern": {"fc2": 1}}
         if layout == "peft_rslora":
-            unet, text = dict(unet, use_rslora=True), dict(text, use_rslora=True)
+            unet, text = {**unet, "use_rslora": True}, {**text, "use_rslora": True}
         peft_lora(pipe, path, unet=unet, text=text, seed=3)
         if layout == "peft_no_metadata":  # diffusers' convention without metadata: alpha = rank, scale 1
             from safetensors.torch import load_file
@@ -129,8 +129,9 @@ def test_linear_shaped_projection_updates_a_1x1_conv(tiny):
     flat = {**state, f"{name}.lora_down.weight": state[f"{name}.lora_down.weight"][:, :, 0, 0],
             f"{name}.lora_up.weight": state[f"{name}.lora_up.weight"][:, :, 0, 0]}
     assert state[f"{name}.lora_down.weight"].dim() == 4  # diffusers' tiny UNet has conv projections
-    conv = read_lora(save_kohya(state, tmp / "conv.safetensors"), sd.unet, sd.text_encoder).modules["unet"]["mid.1.proj_in"]
-    linear = read_lora(save_kohya(flat, tmp / "flat.safetensors"), sd.unet, sd.text_encoder).modules["unet"]["mid.1.proj_in"]
+    conv = read_lora(save_kohya(state, tmp / "conv.safetensors"), sd.unet, sd.text_encoder)
+    linear = read_lora(save_kohya(flat, tmp / "flat.safetensors"), sd.unet, sd.text_encoder)
+    conv, linear = conv.modules["unet"]["mid.1.proj_in"], linear.modules["unet"]["mid.1.proj_in"]
     shape = sd.unet.get_submodule("mid.1.proj_in").weight.shape
     expect = state[f"{name}.alpha"] / 4 * (flat[f"{name}.lora_up.weight"] @ flat[f"{name}.lora_down.weight"])
     torch.testing.assert_close(linear.delta(shape, torch.device("cpu")), expect.reshape(shape), rtol=0, atol=1e-6)
@@ -146,7 +147,7 @@ def _refused(tiny, state, match: str, name: str = "bad.safetensors", metadata: d
 
 
 def test_unknown_keys_are_refused_by_name(tiny):
-    sd, pipe, tmp = tiny
+    pipe = tiny[1]
     good = kohya_lora(pipe, text=False, seed=7)
     layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
     _refused(tiny, {**good, f"{layer}.lora_mid.weight": torch.ones(4, 4, 3, 3)}, rf"{layer}\.lora_mid\.weight")
@@ -169,7 +170,8 @@ def test_incomplete_or_misshaped_modules_are_refused(tiny):
     good = kohya_lora(pipe, text=False, seed=8)
     layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     _refused(tiny, {k: v for k, v in good.items() if k != f"{layer}.lora_up.weight"}, f"without both.*{layer}")
-    _refused(tiny, {**good, f"{layer}.lora_up.weight": torch.ones(32, 3)}, rf"{layer}: down \(4, 128\) and up \(32, 3\)")
+    _refused(tiny, {**good, f"{layer}.lora_up.weight": torch.ones(32, 3)},
+             rf"{layer}: down \(4, 128\) and up \(32, 3\)")
     _refused(tiny, {**good, f"{layer}.lora_down.weight": torch.ones(4, 64)}, rf"{layer}: down \(4, 64\)")
     _refused(tiny, {}, "no tensors")
     (tmp / "old.pt").write_bytes(b"")

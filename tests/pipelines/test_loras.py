@@ -32,9 +32,9 @@ def tiny(tmp_path_factory):
     save_kohya(kohya_lora(pipe, rank=4, alpha=7.0, conv=True, te_prefix="lora_te1_", seed=2),
                loras / "locon.safetensors")
     save_kohya(kohya_lora(pipe, rank=2, alpha=None, unet=False, seed=3), loras / "text_only.safetensors")
-    unet = dict(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
-                                                   "ff.net.0.proj", "ff.net.2", "conv1", "conv2"])
-    text = dict(r=2, lora_alpha=5, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    unet = {"r": 4, "lora_alpha": 6, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                                                        "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]}
+    text = {"r": 2, "lora_alpha": 5, "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
     peft_lora(pipe, loras / "peft.safetensors", unet=unet, text=text, seed=4)
     return folder, pipe, loras
 
