@@ -129,19 +129,18 @@ def read_lora(path: str | Path, unet: nn.Module, text_encoder: nn.Module) -> Lor
         targets = lora_targets(unet, text_encoder)
         names = _their_names(unet, targets)
         if layout == "kohya":
-            flat = {prefix + theirs.replace(".", "_"): (part, ours) for prefix, part in KOHYA_PREFIXES.items()
-                    for theirs, ours in names[part].items()}
-            groups = _group(tensors, flat, _KOHYA_SUFFIXES, split=lambda key: key.split(".", 1))
+            known = {prefix + theirs.replace(".", "_"): (part, ours) for prefix, part in KOHYA_PREFIXES.items()
+                     for theirs, ours in names[part].items()}
+            groups = _group(tensors, known, _KOHYA_SUFFIXES, split=lambda key: key.split(".", 1))
             scales = {name: _kohya_scale(group) for name, group in groups.items()}
         else:
-            prefixed = {f"{part}.{theirs}": (part, ours) for part in PARTS for theirs, ours in names[part].items()}
-            groups = _group(tensors, prefixed, _PEFT_SUFFIXES, split=_split_peft)
+            known = {f"{part}.{theirs}": (part, ours) for part in PARTS for theirs, ours in names[part].items()}
+            groups = _group(tensors, known, _PEFT_SUFFIXES, split=_split_peft)
             configs = _peft_configs(metadata)
             scales = {name: _peft_scale(configs.get(name.split(".", 1)[0]), name.split(".", 1)[1]) for name in groups}
-        flat_map = flat if layout == "kohya" else prefixed
         modules: dict[str, dict[str, LoraModule]] = {part: {} for part in PARTS}
         for name, group in groups.items():
-            part, ours = flat_map[name]
+            part, ours = known[name]
             modules[part][ours] = _module(name, group, scales[name], targets[part][ours].weight.shape)
     except ValueError as e:
         raise ValueError(f"LoRA file {str(path)!r}: {e}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from openldm.io.lora import Lora, read_lora
 # <lora:NAME> or <lora:NAME:WEIGHT>; NAME may hold anything but ':' and '>'
 TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
 SUFFIX = ".safetensors"
+CACHED_FILES = 8  # LoRA files a loaded model keeps read (the most recently used)
 
 
 def extract_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
@@ -110,7 +112,7 @@ def fused_loras(parts, loras: Sequence[tuple[Lora, float]]) -> Iterator[dict[str
 class LoraSwitch:
     """The LoRAs a loaded model's weights hold now. Requests asking for the same (file, weight) list run at once on
     the same fused weights; one asking for a different list waits until the others are done and the base weights
-    are back. Files are read once per change of their size or modification time."""
+    are back. The last :data:`CACHED_FILES` files used stay read while their size and modification time hold."""
 
     def __init__(self, parts):
         self.parts = parts
@@ -118,7 +120,8 @@ class LoraSwitch:
         self._active: tuple = ()
         self._users = 0
         self._context: contextlib.ExitStack | None = None
-        self._cache: dict[Path, tuple[tuple[int, int], Lora]] = {}
+        self._cache: OrderedDict[Path, tuple[tuple[int, int], Lora]] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def read(self, path: Path) -> Lora:
         """The LoRA at ``path`` read onto this model (cached while the file is unchanged)."""
@@ -127,11 +130,15 @@ class LoraSwitch:
             raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist")
         stat = path.stat()
         stamp = (stat.st_size, stat.st_mtime_ns)
-        cached = self._cache.get(path)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, read_lora(path, self.parts.unet, self.parts.text_encoder))
+        with self._cache_lock:
+            cached = self._cache.get(path)
+            if cached is None or cached[0] != stamp:
+                cached = (stamp, read_lora(path, self.parts.unet, self.parts.text_encoder))
             self._cache[path] = cached
-        return cached[1]
+            self._cache.move_to_end(path)
+            while len(self._cache) > CACHED_FILES:
+                self._cache.popitem(last=False)
+            return cached[1]
 
     @contextlib.contextmanager
     def use(self, loras: Sequence[tuple[str | Path, float]]) -> Iterator[list[Lora]]:

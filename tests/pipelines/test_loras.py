@@ -209,11 +209,21 @@ def test_cli_generate_with_lora_files_and_tags(tiny, generator, tmp_path, capsys
 
 
 def test_the_server_accepts_tags_in_prompts(tiny, generator):
+    import base64
+    import io
+    import time
+
     from fastapi.testclient import TestClient
 
     from openldm.web.app import create_app
 
     folder, _, loras = tiny
+    expect = _ours(generator, [(loras / "peft.safetensors", 0.8)])
+
+    def pixels(text: str) -> np.ndarray:
+        image = Image.open(io.BytesIO(base64.b64decode(text.split(",", 1)[-1])))
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
     app = create_app([str(folder)], lora_dir=loras)
     try:
         with TestClient(app) as client:
@@ -221,11 +231,18 @@ def test_the_server_accepts_tags_in_prompts(tiny, generator):
                     "steps": 4, "width": 32, "height": 32, "seed": 4, "sampler_name": "Euler", "cfg_scale": 7.5}
             r = client.post("/sdapi/v1/txt2img", json=body)
             assert r.status_code == 200, r.text
-            import base64
-            import io
-
-            image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
-            expect = _ours(generator, [(loras / "peft.safetensors", 0.8)])
-            assert np.array_equal(np.asarray(image.convert("RGB"), dtype=np.int16), expect)
+            assert np.array_equal(pixels(r.json()["images"][0]), expect)
+            # the page's route, the same way
+            job = client.post("/openldm/jobs", json={"prompt": "a red circle <lora:peft:0.8>", "sampler": "euler",
+                                                     **{k: CALL[k] for k in ("negative_prompt", "steps", "width",
+                                                                             "height", "seed", "guidance_scale")}})
+            assert job.status_code == 200, job.text
+            deadline = time.time() + 120
+            while (state := client.get(f"/openldm/jobs/{job.json()['id']}").json())["state"] in ("queued", "running"):
+                assert time.time() < deadline
+                time.sleep(0.1)
+            assert state["state"] == "done" and np.array_equal(pixels(state["images"][0]), expect)
+            missing = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "<lora:nope:1>"})
+            assert missing.status_code == 500 and "no LoRA 'nope'" in missing.text
     finally:
         app.state.queue.close()
