@@ -300,6 +300,11 @@ def _generate(args: argparse.Namespace) -> int:
     request.loras = loras
     if caps.kind == "stable-diffusion" and request.prompt is None:
         raise ConfigError("--prompt is required for Stable Diffusion weights")
+    if caps.kind == "stable-diffusion" and not args.quiet:
+        from openldm.pipelines.loras import request_loras
+
+        for path, weight in request_loras([request.prompt, request.negative_prompt], loras, generator.lora_dir)[1]:
+            print(f"LoRA {generator.loras.read(path).summary()}; weight {weight:g}", file=sys.stderr)
     result = generator.generate(request, progress=not args.quiet)
     images, params = result.images, result.params
     if stored is not None and stored.num_images > 1:

@@ -187,10 +187,16 @@ def test_cli_generate_with_lora_files_and_tags(tiny, generator, tmp_path, capsys
     args = ["generate", "--model", str(folder), "--negative-prompt", CALL["negative_prompt"], "--steps", "4",
             "--width", "32", "--height", "32", "--seed", "4", "--sampler", "euler", "--quiet"]
     out = tmp_path / "file.png"
-    assert main([*args, "--prompt", CALL["prompt"], "--lora", f"{loras / 'locon.safetensors'}:-0.5",
+    capsys.readouterr()
+    assert main([*args[:-1], "--prompt", CALL["prompt"], "--lora", f"{loras / 'locon.safetensors'}:-0.5",
                  "--lora", str(loras / "peft.safetensors"), "--out", str(out)]) == 0
     expect = _ours(generator, [(loras / "locon.safetensors", -0.5), (loras / "peft.safetensors", 1.0)])
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB"), dtype=np.int16), expect)
+    said = capsys.readouterr().err  # without --quiet: what each file touched
+    for name, weight in (("locon", "-0.5"), ("peft", "1")):
+        lora = generator.loras.read(loras / f"{name}.safetensors")
+        assert f"LoRA {lora.summary()}; weight {weight}" in said
+    assert "locon.safetensors: kohya layout, 79 unet modules, 12 text-encoder modules" in said
     tagged = tmp_path / "tag.png"
     assert main([*args, "--prompt", "a red circle <lora:kohya:0.8>", "--lora-dir", str(loras), "--out",
                  str(tagged)]) == 0
