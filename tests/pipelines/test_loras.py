@@ -114,6 +114,17 @@ def test_weights_are_restored_after_a_failed_request(tiny, generator):
     _assert_bit_identical(before, generator)
 
 
+def test_bfloat16_weights_take_loras_and_come_back_bit_identical(tiny):
+    folder, _, loras = tiny
+    gen = load_generator(folder, dtype="bfloat16", lora_dir=loras)
+    before = _state(gen)
+    plain = _ours(gen)
+    changed = _ours(gen, [(loras / "locon.safetensors", 0.7), (loras / "peft.safetensors", -0.5)])
+    assert np.abs(changed - plain).max() > 20
+    _assert_bit_identical(before, gen)
+    assert np.array_equal(_ours(gen), plain)
+
+
 def test_a_prompt_tag_equals_the_explicit_lora(tiny, generator):
     explicit = _ours(generator, [(tiny[2] / "peft.safetensors", 0.8)])
     assert np.array_equal(explicit, _ours(generator, prompt="a red <lora:peft:0.8>circle"))
