@@ -196,6 +196,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                                                               "(only for files you trust)")
     _prediction_arg(p)
     p.add_argument("--from-png", default=None, help="regenerate with the parameters stored in this PNG")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="apply this LoRA (.safetensors, kohya/A1111 or diffusers layout) with WEIGHT (default 1, may "
+                        "be negative), SD weights only; repeatable")
+    p.add_argument("--lora-dir", default=None, help="folder where prompt tags <lora:NAME:WEIGHT> find NAME.safetensors")
 
 
 @command("generate", "generate images: the bundled Fashion-MNIST model by default (--prompt or --class-label), a "
@@ -216,6 +220,26 @@ def _request(args: argparse.Namespace, inputs: dict):
         mask=args.mask, paste_back=getattr(args, "paste_back", False), inputs=inputs,
         clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
         vae_tiling=getattr(args, "vae_tiling", False))
+
+
+def _lora_args(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """``--lora FILE[:WEIGHT]`` values as (file, weight) pairs (weight 1 when left out); each file must exist."""
+    from pathlib import Path
+
+    loras = []
+    for value in getattr(args, "lora", []):
+        path, _, weight = value.rpartition(":")
+        try:
+            pair = (path, float(weight)) if path else (value, 1.0)
+        except ValueError:
+            pair = (value, 1.0)  # no weight: the colon belongs to the path
+        if not Path(pair[0]).is_file():
+            raise ConfigError(f"--lora {value!r}: no file {pair[0]!r}; give FILE[:WEIGHT], e.g. style.safetensors:0.8")
+        loras.append(pair)
+    lora_dir = getattr(args, "lora_dir", None)
+    if lora_dir is not None and not Path(lora_dir).is_dir():
+        raise ConfigError(f"--lora-dir {lora_dir!r} is not a folder")
+    return loras
 
 
 def _check_output(out: str) -> None:
@@ -274,12 +298,16 @@ def _generate(args: argparse.Namespace) -> int:
         value = getattr(args, flag, None)
         if value is not None:
             _check_image_file(value, "--" + flag.replace("_", "-"))
+    loras = _lora_args(args)
     stored = read_png_params(args.from_png) if getattr(args, "from_png", None) else None
     model = args.model or (stored.model if stored is not None else None)
     generator = load_generator(model, device=getattr(args, "device", "cpu"), dtype=_chosen_dtype(args),
                                unsafe_load=getattr(args, "unsafe_load", False), ema=not args.raw_weights,
-                               vae=args.vae, prediction=getattr(args, "prediction_type", None))
+                               vae=args.vae, prediction=getattr(args, "prediction_type", None),
+                               lora_dir=getattr(args, "lora_dir", None))
     caps = generator.capabilities
+    if (loras or getattr(args, "lora_dir", None)) and caps.kind != "stable-diffusion":
+        raise ConfigError(f"--lora and --lora-dir are for Stable Diffusion weights; model {caps.name!r} is not")
     inputs = {f.name: getattr(args, f.name) for f in caps.inputs
               if f.name != "mask" and getattr(args, f.name, None) is not None}
     for item in args.input:
@@ -296,8 +324,14 @@ def _generate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} is not an input of model {caps.name!r}; its inputs: "
                               f"{', '.join(f.name for f in caps.inputs) or 'none'}")
     request = request_from_params(stored) if stored is not None else _request(args, inputs)
+    request.loras = loras
     if caps.kind == "stable-diffusion" and request.prompt is None:
         raise ConfigError("--prompt is required for Stable Diffusion weights")
+    if caps.kind == "stable-diffusion" and not args.quiet:
+        from openldm.pipelines.loras import request_loras
+
+        for path, weight in request_loras([request.prompt, request.negative_prompt], loras, generator.lora_dir)[1]:
+            print(f"LoRA {generator.loras.read(path).summary()}; weight {weight:g}", file=sys.stderr)
     result = generator.generate(request, progress=not args.quiet)
     images, params = result.images, result.params
     if stored is not None and stored.num_images > 1:
@@ -355,19 +389,25 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="most pixels (width x height x images) one request may ask for (default 1048576)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     _dtype_arg(p)
+    p.add_argument("--lora-dir", default=None, help="folder where prompt tags <lora:NAME:WEIGHT> (API and page) find "
+                                                    "NAME.safetensors")
 
 
 @command("serve", "serve a web page and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1/...) over one job queue",
          _serve_args)
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from openldm.web.app import serve
 
     origins = [o.strip() for o in args.cors_allow_origins.split(",") if o.strip()] if args.cors_allow_origins else None
     if args.api_auth is not None and any(":" not in pair for pair in args.api_auth.split(",")):
         raise ConfigError("--api-auth takes USER:PASS pairs separated by commas")
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
+        raise ConfigError(f"--lora-dir {args.lora_dir!r} is not a folder")
     serve(args.model, host=args.host, port=args.port, api_auth=args.api_auth, cors_allow_origins=origins,
           max_batch=args.max_batch, max_pixels=args.max_pixels, device=args.device,
-          dtype=_chosen_dtype(args))
+          dtype=_chosen_dtype(args), lora_dir=args.lora_dir)
     return 0
 
 

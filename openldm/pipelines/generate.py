@@ -16,7 +16,8 @@ step; when it says yes, sampling ends there and the current estimate is decoded 
 
 Concurrency: a generator's modules are placed (device, dtype) once at load; a request never moves, casts or
 otherwise changes them, so several requests may run at once on one loaded model and each gets the images it would
-get alone.
+get alone. The one exception, LoRAs: a Stable Diffusion request's LoRAs are fused into the weights while it runs and
+the base tensors restored after; requests asking for other LoRAs wait (``openldm.pipelines.loras.LoraSwitch``).
 """
 from __future__ import annotations
 
@@ -99,7 +100,9 @@ class GenerationRequest:
 
     ``mask``: the region to redraw (white) of ``init_image``; on a model trained with a segmentation condition and
     no ``init_image``, the segmentation map. ``inputs``: the model's other condition inputs by ``InputField.name``.
-    ``strength``: image-to-image, how much of ``init_image`` to redraw (default 0.75; inpainting 1)."""
+    ``strength``: image-to-image, how much of ``init_image`` to redraw (default 0.75; inpainting 1). ``loras``:
+    Stable Diffusion models, LoRA files and their weights, applied with those the prompts name (``<lora:NAME:W>``,
+    resolved in the generator's LoRA folder)."""
 
     prompt: str | None = None
     negative_prompt: str = ""
@@ -121,11 +124,12 @@ class GenerationRequest:
     clip_skip: int = 1
     chunked: bool = False
     vae_tiling: bool = False
+    loras: list[tuple[str | Path, float]] = field(default_factory=list)
 
     def resolve(self, caps: Capabilities) -> "GenerationRequest":
         """A copy with every None setting filled from ``caps.recommended``, checked against ``caps``."""
         rec = caps.recommended
-        r = replace(self, inputs=dict(self.inputs))
+        r = replace(self, inputs=dict(self.inputs), loras=list(self.loras))
         r.sampler = rec.sampler if r.sampler is None else r.sampler
         r.karras = rec.karras if r.karras is None else bool(r.karras)
         r.steps = rec.steps if r.steps is None else r.steps
@@ -199,6 +203,12 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
     if unknown:
         raise RequestError(unknown[0], f"model {caps.name!r} takes no input {unknown[0]!r}; its inputs: "
                            f"{', '.join(sorted(declared)) or 'none'}")
+    if r.loras and caps.kind != "stable-diffusion":
+        raise RequestError("loras", f"model {caps.name!r} takes no LoRAs (they are for Stable Diffusion weights)")
+    for item in r.loras:
+        if (not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[1], (int, float))
+                or not math.isfinite(item[1])):
+            raise RequestError("loras", f"loras entry {item!r} must be a (file, weight) pair with a finite weight")
     if caps.kind == "stable-diffusion" and not r.prompt and r.prompt != "":
         r.prompt = ""
 
@@ -289,11 +299,12 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
 def load_generator(source: str | Path | None = None, *, device: str | torch.device = "cpu",
                    dtype: str | torch.dtype = "float32", unsafe_load: bool = False, ema: bool = True,
                    vae: str | Path | None = None, step: int | None = None,
-                   prediction: str | None = None) -> Generator:
+                   prediction: str | None = None, lora_dir: str | Path | None = None) -> Generator:
     """Load ``source`` (see the module docstring; None = the default bundled model) behind the generation
     interface. ``dtype`` applies to the network weights. Models trained here: ``ema`` picks the EMA weights,
     ``vae`` decodes through another autoencoder file with the same encoder, ``step`` an EMA snapshot. Stable
-    Diffusion weights: ``prediction`` (eps | v) overrides what the model says (``openldm.io.sd.load_sd``)."""
+    Diffusion weights: ``prediction`` (eps | v) overrides what the model says (``openldm.io.sd.load_sd``);
+    ``lora_dir`` is where prompt tags ``<lora:NAME:WEIGHT>`` find ``NAME.safetensors``."""
     from openldm.bundled import DEFAULT
     from openldm.io.run_dir import is_run_dir, resolve_source
 
@@ -311,7 +322,8 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
             raise ValueError(f"{flag}= is for models trained here (a run directory), not Stable Diffusion weights")
     from openldm.pipelines.sd_generator import SDGenerator
 
-    return SDGenerator.load(path, label, device=device, dtype=dtype, unsafe_load=unsafe_load, prediction=prediction)
+    return SDGenerator.load(path, label, device=device, dtype=dtype, unsafe_load=unsafe_load, prediction=prediction,
+                            lora_dir=lora_dir)
 
 
 __all__ = ["Capabilities", "GenerationRequest", "GenerationResult", "Generator", "InputField", "Progress",

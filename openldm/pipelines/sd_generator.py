@@ -13,6 +13,7 @@ from openldm.pipelines.generate import (
     GenerationResult,
     OnProgress,
     Recommended,
+    RequestError,
     ShouldStop,
     Stopped,
     params_for,
@@ -20,6 +21,7 @@ from openldm.pipelines.generate import (
 )
 from openldm.pipelines.image_to_image import image_to_image
 from openldm.pipelines.inpaint import inpaint
+from openldm.pipelines.loras import LoraSwitch, request_loras
 from openldm.pipelines.text_to_image import text_to_image
 
 # Latents -> RGB by one linear map: A1111's "Approx cheap" live preview of SD v1 latents (4 channels).
@@ -28,10 +30,13 @@ _SD_LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0
 
 
 class SDGenerator:
-    """A loaded SD v1-family checkpoint (text-to-image, image-to-image, inpainting)."""
+    """A loaded SD v1-family checkpoint (text-to-image, image-to-image, inpainting), with LoRAs per request
+    (``request.loras`` and ``<lora:NAME:WEIGHT>`` prompt tags, NAME resolved in ``lora_dir``)."""
 
-    def __init__(self, parts, source: str):
+    def __init__(self, parts, source: str, lora_dir: str | Path | None = None):
         self.parts = parts
+        self.lora_dir = lora_dir
+        self.loras = LoraSwitch(parts)
         from openldm.registry import SAMPLERS
 
         self.capabilities = Capabilities(
@@ -43,35 +48,48 @@ class SDGenerator:
 
     @classmethod
     def load(cls, path: str | Path, source: str | None = None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-             unsafe_load: bool = False, prediction: str | None = None) -> "SDGenerator":
+             unsafe_load: bool = False, prediction: str | None = None,
+             lora_dir: str | Path | None = None) -> "SDGenerator":
         from openldm.io.sd import load_sd
 
         parts = load_sd(path, device=device, unsafe_load=unsafe_load, prediction=prediction)
         place(parts, device, dtype)  # once, at load: requests never move or cast the modules
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.eval().requires_grad_(False)
-        return cls(parts, str(path) if source is None else source)
+        return cls(parts, str(path) if source is None else source, lora_dir)
 
     def generate(self, request: GenerationRequest, *, on_progress: OnProgress | None = None,
                  should_stop: ShouldStop | None = None, progress: bool = False) -> GenerationResult:
         r = request.resolve(self.capabilities)
+        try:
+            (prompt, negative_prompt), loras = request_loras([r.prompt, r.negative_prompt], r.loras, self.lora_dir)
+            for path, _ in loras:
+                self.loras.read(path)  # a bad file is the request's error (read once, cached for use below)
+        except (ValueError, FileNotFoundError) as e:
+            raise RequestError("loras" if r.loras else "prompt", str(e)) from None
+        with self.loras.use(loras):
+            return self._generate(r, prompt, negative_prompt, on_progress, should_stop, progress)
+
+    def _generate(self, r: GenerationRequest, prompt: str, negative_prompt: str, on_progress: OnProgress | None,
+                  should_stop: ShouldStop | None, progress: bool) -> GenerationResult:
+        """``r`` (resolved; its prompts, tags included, go to the PNG parameters) from the tag-free prompts."""
         strength = r.strength if r.strength is not None else (1.0 if r.mask is not None else 0.75)
         plan = sampling_plan(self.parts, r.sampler, r.steps, r.karras)
         total = plan.from_strength(strength).num_steps if r.init_image is not None and strength > 0 else plan.num_steps
-        common = dict(negative_prompt=r.negative_prompt, sampler=r.sampler, karras=r.karras, steps=r.steps,
+        common = dict(negative_prompt=negative_prompt, sampler=r.sampler, karras=r.karras, steps=r.steps,
                       guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, seed=r.seed,
                       num_images=r.num_images, clip_skip=r.clip_skip, chunked=r.chunked, vae_tiling=r.vae_tiling,
                       progress=progress, on_step=progress_hook(total, on_progress, should_stop))
         interrupted = False
         try:
             if r.mask is not None:
-                images = inpaint(self.parts, r.prompt, r.init_image, r.mask, strength=strength,
+                images = inpaint(self.parts, prompt, r.init_image, r.mask, strength=strength,
                                  paste_back=r.paste_back, height=r.height, width=r.width, **common)
             elif r.init_image is not None:
-                images = image_to_image(self.parts, r.prompt, r.init_image, strength=strength, height=r.height,
+                images = image_to_image(self.parts, prompt, r.init_image, strength=strength, height=r.height,
                                         width=r.width, **common)
             else:
-                images = text_to_image(self.parts, r.prompt, height=r.height, width=r.width, **common)
+                images = text_to_image(self.parts, prompt, height=r.height, width=r.width, **common)
         except Stopped as stop:
             images, interrupted = to_pil(decode_latents(self.parts.vae, stop.denoised, tiling=r.vae_tiling)), True
         if r.init_image is not None:

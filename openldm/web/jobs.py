@@ -56,13 +56,15 @@ def model_sources(models: list[str | Path] | None) -> dict[str, str]:
 
 
 class ModelPool:
-    """The served models by name, loaded lazily (one load per model, even under concurrent first requests)."""
+    """The served models by name, loaded lazily (one load per model, even under concurrent first requests).
+    ``lora_dir``: where Stable Diffusion models find the LoRAs that prompts name (``<lora:NAME:WEIGHT>``)."""
 
-    def __init__(self, sources: dict[str, str], *, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, sources: dict[str, str], *, device: str = "cpu", dtype: str = "float32",
+                 lora_dir: str | Path | None = None):
         if not sources:
             raise ValueError("a server needs at least one model")
         self.sources = dict(sources)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.lora_dir = device, dtype, lora_dir
         self.current = next(iter(self.sources))
         self._loaded: dict[str, Generator] = {}
         self._locks = {name: threading.Lock() for name in self.sources}
@@ -88,7 +90,8 @@ class ModelPool:
         name = self.name_of(name)
         with self._locks[name]:
             if name not in self._loaded:
-                self._loaded[name] = load_generator(self.sources[name], device=self.device, dtype=self.dtype)
+                self._loaded[name] = load_generator(self.sources[name], device=self.device, dtype=self.dtype,
+                                                    lora_dir=self.lora_dir)
             return self._loaded[name]
 
     def select(self, name: str) -> str:
