@@ -164,6 +164,11 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paste-back", action="store_true", help="inpainting: paste the unmasked original pixels back")
     p.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111 count)")
     p.add_argument("--chunked", action="store_true", help="encode prompts over 75 tokens in chunks (A1111)")
+    p.add_argument("--prompt-weighting", default="none", choices=["none", "a1111"],
+                   help="a1111: read A1111's prompt syntax, (word:1.3) [word] BREAK, over 75-token chunks (default "
+                        "none: the prompt as diffusers reads it)")
+    p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings (.pt, .safetensors, "
+                                                          ".bin; A1111 or diffusers layout) that prompts use by name")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
@@ -189,7 +194,7 @@ def _request(args: argparse.Namespace, inputs: dict):
         height=args.height, num_images=args.num_images, init_image=args.init_image, strength=args.strength,
         mask=args.mask, paste_back=getattr(args, "paste_back", False), inputs=inputs,
         clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
-        vae_tiling=getattr(args, "vae_tiling", False))
+        prompt_weighting=getattr(args, "prompt_weighting", "none"), vae_tiling=getattr(args, "vae_tiling", False))
 
 
 def _check_output(out: str) -> None:
@@ -252,7 +257,7 @@ def _generate(args: argparse.Namespace) -> int:
     model = args.model or (stored.model if stored is not None else None)
     generator = load_generator(model, device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"),
                                unsafe_load=getattr(args, "unsafe_load", False), ema=not args.raw_weights,
-                               vae=args.vae)
+                               vae=args.vae, embeddings_dir=getattr(args, "embeddings_dir", None))
     caps = generator.capabilities
     inputs = {f.name: getattr(args, f.name) for f in caps.inputs
               if f.name != "mask" and getattr(args, f.name, None) is not None}
@@ -330,6 +335,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights' dtype (default float32)")
+    p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings that prompts of "
+                                                          "Stable Diffusion models use by name")
 
 
 @command("serve", "serve a web page and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1/...) over one job queue",
@@ -341,7 +348,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_auth is not None and any(":" not in pair for pair in args.api_auth.split(",")):
         raise ConfigError("--api-auth takes USER:PASS pairs separated by commas")
     serve(args.model, host=args.host, port=args.port, api_auth=args.api_auth, cors_allow_origins=origins,
-          max_batch=args.max_batch, max_pixels=args.max_pixels, device=args.device, dtype=args.dtype)
+          max_batch=args.max_batch, max_pixels=args.max_pixels, device=args.device, dtype=args.dtype,
+          embeddings_dir=args.embeddings_dir)
     return 0
 
 

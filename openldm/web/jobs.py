@@ -19,8 +19,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from openldm.io.run_dir import is_run_dir, resolve_source
 from openldm.pipelines.common import GenerationParams
-from openldm.pipelines.generate import GenerationRequest, Generator, Progress, load_generator
+from openldm.pipelines.generate import (
+    GenerationRequest,
+    Generator,
+    Progress,
+    load_generator,
+)
 
 FINISHED = ("done", "interrupted", "failed")
 
@@ -58,11 +64,13 @@ def model_sources(models: list[str | Path] | None) -> dict[str, str]:
 class ModelPool:
     """The served models by name, loaded lazily (one load per model, even under concurrent first requests)."""
 
-    def __init__(self, sources: dict[str, str], *, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, sources: dict[str, str], *, device: str = "cpu", dtype: str = "float32",
+                 embeddings_dir: str | Path | None = None):
         if not sources:
             raise ValueError("a server needs at least one model")
         self.sources = dict(sources)
         self.device, self.dtype = device, dtype
+        self.embeddings_dir = embeddings_dir  # for the Stable Diffusion models among the sources
         self.current = next(iter(self.sources))
         self._loaded: dict[str, Generator] = {}
         self._locks = {name: threading.Lock() for name in self.sources}
@@ -88,7 +96,10 @@ class ModelPool:
         name = self.name_of(name)
         with self._locks[name]:
             if name not in self._loaded:
-                self._loaded[name] = load_generator(self.sources[name], device=self.device, dtype=self.dtype)
+                source = self.sources[name]
+                embeddings = None if is_run_dir(resolve_source(source)) else self.embeddings_dir
+                self._loaded[name] = load_generator(source, device=self.device, dtype=self.dtype,
+                                                    embeddings_dir=embeddings)
             return self._loaded[name]
 
     def select(self, name: str) -> str:
