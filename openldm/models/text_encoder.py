@@ -223,14 +223,17 @@ def encode_prompts(
 def emphasize(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """AUTOMATIC1111's "Original" emphasis: ``states`` (N, T, D) times the token ``weights`` (N, T), then each row
     rescaled so its mean over (T, D) is what it was. A1111 takes the mean over the whole batch of a chunk; here
-    each prompt's chunk keeps its own (the same for A1111's usual batch of one prompt repeated). Rows of weight 1
-    come back unchanged."""
-    if bool((weights == 1).all()):
+    each prompt's chunk keeps its own (the same for A1111's usual batch of one prompt repeated). Rows whose weights
+    are all 1 come back unchanged, bit for bit."""
+    weighted = (weights != 1).any(dim=1)  # (N,)
+    if not bool(weighted.any()):
         return states
-    z = states.float()
-    mean = z.mean(dim=(1, 2), keepdim=True)  # (N, 1, 1)
-    z = z * weights.to(z)[..., None]
-    return (z * (mean / z.mean(dim=(1, 2), keepdim=True))).to(states.dtype)
+    z = states[weighted].float()  # (n, T, D)
+    mean = z.mean(dim=(1, 2), keepdim=True)  # (n, 1, 1)
+    z = z * weights[weighted].to(z)[..., None]
+    out = states.clone()
+    out[weighted] = (z * (mean / z.mean(dim=(1, 2), keepdim=True))).to(states.dtype)
+    return out
 
 
 def check_embeddings(embeddings: Mapping[str, torch.Tensor], width: int) -> None:
