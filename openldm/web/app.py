@@ -68,6 +68,7 @@ class JobRequest(BaseModel):
     paste_back: bool = False
     inputs: dict[str, Any] = {}
     clip_skip: int = 1
+    prompt_weighting: str = "none"
 
 
 class PngInfoRequest(BaseModel):
