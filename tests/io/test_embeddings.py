@@ -42,6 +42,8 @@ LAYOUTS = {
     "a1111_safetensors": (lambda folder, v: write_a1111_safetensors(folder / "sksstyle.safetensors", v), "sksstyle"),
     "diffusers": (lambda folder, v: write_diffusers(folder / "learned_embeds.safetensors", v, "<cat-toy>"),
                   "<cat-toy>"),
+    "diffusers_bin": (lambda folder, v: torch.save({"<cat-toy>": v[0] if v.shape[0] == 1 else v},
+                                                   folder / "learned_embeds.bin"), "<cat-toy>"),
 }
 
 
@@ -121,7 +123,8 @@ def _theirs(pipe, file, token, prompt, negative):
 
 @pytest.mark.parametrize("layout,count,where", [
     ("a1111_pt", 1, "prompt"), ("a1111_pt", 3, "prompt"), ("a1111_safetensors", 2, "prompt"),
-    ("diffusers", 1, "prompt"), ("diffusers", 4, "prompt"), ("a1111_pt", 2, "negative"),
+    ("diffusers", 1, "prompt"), ("diffusers", 4, "prompt"), ("diffusers_bin", 2, "prompt"),
+    ("a1111_pt", 2, "negative"),
 ])
 def test_image_equals_diffusers_load_textual_inversion(tiny, tmp_path, layout, count, where):
     folder, pipe = tiny
