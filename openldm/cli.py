@@ -478,6 +478,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- openldm train-embedding ------------------------------------------------------------------------------------
+
+def _train_embedding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML file of a TextualInversionConfig (base_model, data, name, "
+                                                  "out, num_vectors, init_text, template, size, steps, lr, ...)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. name=sksstyle steps=2000 num_vectors=4")
+
+
+@command("train-embedding", "learn a textual-inversion embedding for a Stable Diffusion model from captioned images; "
+                            "saved in A1111's layout", _train_embedding_args)
+def cmd_train_embedding(args: argparse.Namespace) -> int:
+    from openldm.config import load
+    from openldm.training.textual_inversion import TextualInversionConfig, train_embedding
+
+    cfg = load(TextualInversionConfig, args.config, args.overrides)
+    out = train_embedding(cfg, device=args.device, progress=not args.quiet)
+    losses = out["losses"]
+    tail = losses[-max(1, len(losses) // 10):]
+    print(f"{len(losses)} steps, mean loss of the last {len(tail)}: {sum(tail) / len(tail):.4f}; embedding "
+          f"{cfg.name!r} saved as {out['out']}")
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

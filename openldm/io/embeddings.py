@@ -11,6 +11,9 @@ Layouts read (every one as float32 vectors (N, D), N >= 1 vectors of the text en
 Names: the file's stem, as A1111 names embeddings (``easynegative.safetensors`` is "easynegative"); a file named
 ``learned_embeds.*`` (diffusers' fixed name) takes the token stored in it (``<cat-toy>``). SDXL embeddings
 (``clip_g`` / ``clip_l``) are refused by name.
+
+Written (:func:`save_embedding`): A1111's layouts, ``.pt`` as A1111's ``Embedding.save`` writes it (plain dict,
+readable with ``weights_only``) or ``.safetensors`` with ``emb_params``.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from openldm.io.files import atomic_path
 from openldm.models.text_encoder import check_embeddings
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -95,3 +99,24 @@ def load_embeddings(folder: str | Path, width: int | None = None) -> dict[str, t
             check_embeddings({name: vectors}, width)
         embeddings[name], sources[name] = vectors, path
     return embeddings
+
+
+def save_embedding(vectors: torch.Tensor, path: str | Path, *, name: str | None = None,
+                   step: int | None = None) -> Path:
+    """Write ``vectors`` (N, D) in A1111's layout (``.pt``: string_to_param etc.; ``.safetensors``: emb_params),
+    atomically; returns the path."""
+    path = Path(path)
+    vectors = vectors.detach().float().cpu().contiguous()
+    check_embeddings({name or path.stem: vectors}, vectors.shape[-1] if vectors.dim() else 0)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({"emb_params": vectors}, str(tmp))
+        elif path.suffix.lower() == ".pt":
+            torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors},
+                        "name": name or path.stem, "step": step, "sd_checkpoint": None, "sd_checkpoint_name": None},
+                       tmp)  # 265: CLIP's id of "*", as A1111 writes it
+        else:
+            raise ValueError(f"{str(path)!r}: embeddings are saved as .pt or .safetensors")
+    return path
