@@ -189,6 +189,11 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paste-back", action="store_true", help="inpainting: paste the unmasked original pixels back")
     p.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111 count)")
     p.add_argument("--chunked", action="store_true", help="encode prompts over 75 tokens in chunks (A1111)")
+    p.add_argument("--prompt-weighting", default="none", choices=["none", "a1111"],
+                   help="a1111: read A1111's prompt syntax, (word:1.3) [word] BREAK, over 75-token chunks (default "
+                        "none: the prompt as diffusers reads it)")
+    p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings (.pt, .safetensors, "
+                                                          ".bin; A1111 or diffusers layout) that prompts use by name")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     _dtype_arg(p)
@@ -219,7 +224,7 @@ def _request(args: argparse.Namespace, inputs: dict):
         height=args.height, num_images=args.num_images, init_image=args.init_image, strength=args.strength,
         mask=args.mask, paste_back=getattr(args, "paste_back", False), inputs=inputs,
         clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
-        vae_tiling=getattr(args, "vae_tiling", False))
+        prompt_weighting=getattr(args, "prompt_weighting", "none"), vae_tiling=getattr(args, "vae_tiling", False))
 
 
 def _lora_args(args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -304,7 +309,8 @@ def _generate(args: argparse.Namespace) -> int:
     generator = load_generator(model, device=getattr(args, "device", "cpu"), dtype=_chosen_dtype(args),
                                unsafe_load=getattr(args, "unsafe_load", False), ema=not args.raw_weights,
                                vae=args.vae, prediction=getattr(args, "prediction_type", None),
-                               lora_dir=getattr(args, "lora_dir", None))
+                               lora_dir=getattr(args, "lora_dir", None),
+                               embeddings_dir=getattr(args, "embeddings_dir", None))
     caps = generator.capabilities
     if (loras or getattr(args, "lora_dir", None)) and caps.kind != "stable-diffusion":
         raise ConfigError(f"--lora and --lora-dir are for Stable Diffusion weights; model {caps.name!r} is not")
@@ -391,6 +397,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _dtype_arg(p)
     p.add_argument("--lora-dir", default=None, help="folder where prompt tags <lora:NAME:WEIGHT> (API and page) find "
                                                     "NAME.safetensors")
+    p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings that prompts of "
+                                                          "Stable Diffusion models use by name")
 
 
 @command("serve", "serve a web page and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1/...) over one job queue",
@@ -407,7 +415,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--lora-dir {args.lora_dir!r} is not a folder")
     serve(args.model, host=args.host, port=args.port, api_auth=args.api_auth, cors_allow_origins=origins,
           max_batch=args.max_batch, max_pixels=args.max_pixels, device=args.device,
-          dtype=_chosen_dtype(args), lora_dir=args.lora_dir)
+          dtype=_chosen_dtype(args), lora_dir=args.lora_dir,
+          embeddings_dir=args.embeddings_dir)
     return 0
 
 
@@ -557,6 +566,31 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     root = build_emoji(args.root, packages=args.packages, rebuild=args.rebuild, progress=not args.quiet)
     print(root)
+    return 0
+
+
+# --- openldm train-embedding ------------------------------------------------------------------------------------
+
+def _train_embedding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML file of a TextualInversionConfig (base_model, data, name, "
+                                                  "out, num_vectors, init_text, template, size, steps, lr, ...)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. name=sksstyle steps=2000 num_vectors=4")
+
+
+@command("train-embedding", "learn a textual-inversion embedding for a Stable Diffusion model from captioned images; "
+                            "saved in A1111's layout", _train_embedding_args)
+def cmd_train_embedding(args: argparse.Namespace) -> int:
+    from openldm.config import load
+    from openldm.training.textual_inversion import TextualInversionConfig, train_embedding
+
+    cfg = load(TextualInversionConfig, args.config, args.overrides)
+    out = train_embedding(cfg, device=args.device, progress=not args.quiet)
+    losses = out["losses"]
+    tail = losses[-max(1, len(losses) // 10):]
+    print(f"{len(losses)} steps, mean loss of the last {len(tail)}: {sum(tail) / len(tail):.4f}; embedding "
+          f"{cfg.name!r} saved as {out['out']}")
     return 0
 
 

@@ -15,8 +15,9 @@ A1111's; diffusers counts one lower (its ``clip_skip=1`` is our 2).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -107,7 +108,8 @@ class CLIPTextEncoder(nn.Module):
 
     ``forward(input_ids, clip_skip=1)`` returns the last layer's output after the final LayerNorm; with
     ``clip_skip=N`` the output of the layer N - 1 before the last, through the same LayerNorm (later layers are
-    not run). :meth:`pool` picks CLIP's pooled output (B, D) from it.
+    not run). ``token_embeds`` (B, T, D), when given, is used instead of the token embeddings of ``input_ids``
+    (textual inversion: learned vectors in place of some tokens). :meth:`pool` picks CLIP's pooled output (B, D).
     """
 
     config_class = CLIPTextConfig
@@ -129,7 +131,8 @@ class CLIPTextEncoder(nn.Module):
         nn.init.normal_(self.embeddings.token_embedding.weight, std=0.02)
         nn.init.normal_(self.embeddings.position_embedding.weight, std=0.01)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1,
+                token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         num_layers = self.config.num_hidden_layers
         if not 1 <= clip_skip <= num_layers:
             raise ValueError(f"clip_skip={clip_skip}; must be in [1, {num_layers}] (1 = last layer, "
@@ -138,7 +141,12 @@ class CLIPTextEncoder(nn.Module):
             raise ValueError(f"input_ids of shape {tuple(input_ids.shape)}; expected (batch, length <= "
                              f"{self.config.max_position_embeddings})")
         T = input_ids.shape[1]
-        x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding.weight[:T]  # (B, T, D)
+        if token_embeds is None:
+            token_embeds = self.embeddings.token_embedding(input_ids)  # (B, T, D)
+        elif token_embeds.shape != (*input_ids.shape, self.config.hidden_size):
+            raise ValueError(f"token_embeds of shape {tuple(token_embeds.shape)}; expected "
+                             f"{(*input_ids.shape, self.config.hidden_size)}")
+        x = token_embeds + self.embeddings.position_embedding.weight[:T]  # (B, T, D)
         for layer in self.encoder.layers[: num_layers - clip_skip + 1]:
             x = layer(x)  # (B, T, D)
         return self.final_layer_norm(x)  # (B, T, D)
@@ -157,6 +165,9 @@ def encode_prompts(
     prompts: str | Sequence[str],
     chunked: bool = False,
     clip_skip: int = 1,
+    *,
+    weighting: str = "none",
+    embeddings: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Prompts -> (B, 77 * num_chunks, D) text-encoder states on the encoder's device and dtype.
 
@@ -167,16 +178,74 @@ def encode_prompts(
     negative prompts in one call to give them the same length. ``clip_skip`` applies to every prompt given, as in
     AUTOMATIC1111; diffusers applies its clip skip to the positive prompts only (encode negatives with
     ``clip_skip=1`` to match it). Gradients flow; wrap in ``torch.no_grad()`` for inference.
+
+    ``weighting="a1111"``: AUTOMATIC1111's prompt syntax (``(word:1.3)``, ``[word]``, ``BREAK``, see
+    ``openldm.tokenizers.prompt_syntax``), always in chunks (with A1111's comma backtrack), the states of each
+    chunk scaled by its tokens' weights and then brought back to the chunk's mean (:func:`emphasize`).
+    ``embeddings``: textual-inversion vectors (N, D) by name; where a name's tokens occur in a prompt its N vectors
+    stand in for them (diffusers' ``load_textual_inversion`` gives the same states).
     """
+    from openldm.tokenizers.prompt_syntax import A1111_COMMA_BACKTRACK, check_weighting, tokenize_prompt
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     device = next(encoder.parameters()).device
-    if not chunked:
-        return encoder(tokenizer(prompts).to(device), clip_skip=clip_skip)  # (B, 77, D)
-    num_chunks = max(len(tokenizer.chunk(p)) for p in prompts)  # (BPE results are cached: the 2nd pass is cheap)
-    ids = torch.stack([tokenizer.chunk(p, min_chunks=num_chunks) for p in prompts])  # (B, C, 77)
-    B, C, T = ids.shape
-    states = encoder(ids.view(B * C, T).to(device), clip_skip=clip_skip)  # (B * C, 77, D)
-    return states.reshape(B, C * T, -1)  # (B, C * 77, D)
+    a1111 = check_weighting(weighting) == "a1111"
+    if not a1111 and not embeddings:
+        if not chunked:
+            return encoder(tokenizer(prompts).to(device), clip_skip=clip_skip)  # (B, 77, D)
+        num_chunks = max(len(tokenizer.chunk(p)) for p in prompts)  # (BPE results are cached: the 2nd pass is cheap)
+        ids = torch.stack([tokenizer.chunk(p, min_chunks=num_chunks) for p in prompts])  # (B, C, 77)
+        B, C, T = ids.shape
+        states = encoder(ids.view(B * C, T).to(device), clip_skip=clip_skip)  # (B * C, 77, D)
+        return states.reshape(B, C * T, -1)  # (B, C * 77, D)
+    check_embeddings(embeddings or {}, encoder.config.hidden_size)
+    rows = [tokenize_prompt(tokenizer, p, weighting=weighting, embeddings=embeddings,
+                            comma_backtrack=A1111_COMMA_BACKTRACK if a1111 else 0) for p in prompts]
+    if not chunked and not a1111:
+        for p, row in zip(prompts, rows):
+            if len(row) > 1:
+                warnings.warn(f"prompt {p[:60]!r}... is longer than {tokenizer.max_length - 2} tokens; CLIP reads "
+                              f"the first chunk only. Use chunked encoding to keep the rest.", stacklevel=2)
+        rows = [row.first() for row in rows]
+    num_chunks = max(len(row) for row in rows)
+    rows = [row.padded(num_chunks, tokenizer.frame([])) for row in rows]
+    ids = torch.cat([row.ids for row in rows]).to(device)  # (B * C, 77)
+    embeds = encoder.embeddings.token_embedding(ids)  # (B * C, 77, D)
+    for b, row in enumerate(rows):
+        for chunk, position, vectors in row.vectors:
+            embeds[b * num_chunks + chunk, position : position + vectors.shape[0]] = vectors.to(embeds)
+    states = encoder(ids, clip_skip=clip_skip, token_embeds=embeds)  # (B * C, 77, D)
+    if a1111:
+        states = emphasize(states, torch.cat([row.weights for row in rows]).to(device))
+    return states.reshape(len(prompts), num_chunks * ids.shape[1], -1)  # (B, C * 77, D)
+
+
+def emphasize(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """AUTOMATIC1111's "Original" emphasis: ``states`` (N, T, D) times the token ``weights`` (N, T), then each row
+    rescaled so its mean over (T, D) is what it was. A1111 takes the mean over the whole batch of a chunk; here
+    each prompt's chunk keeps its own (the same for A1111's usual batch of one prompt repeated). Rows whose weights
+    are all 1 come back unchanged, bit for bit."""
+    weighted = (weights != 1).any(dim=1)  # (N,)
+    if not bool(weighted.any()):
+        return states
+    z = states[weighted].float()  # (n, T, D)
+    mean = z.mean(dim=(1, 2), keepdim=True)  # (n, 1, 1)
+    z = z * weights[weighted].to(z)[..., None]
+    out = states.clone()
+    out[weighted] = (z * (mean / z.mean(dim=(1, 2), keepdim=True))).to(states.dtype)
+    return out
+
+
+def check_embeddings(embeddings: Mapping[str, torch.Tensor], width: int) -> None:
+    """Textual-inversion vectors must be floating (N >= 1, D) tensors of the text encoder's width."""
+    for name, vectors in embeddings.items():
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or not vectors.is_floating_point() \
+                or vectors.shape[0] < 1:
+            shape = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+            raise ValueError(f"embedding {name!r} is {shape}; expected floating vectors (num_vectors, width)")
+        if vectors.shape[1] != width:
+            raise ValueError(f"embedding {name!r} has width {vectors.shape[1]}, the text encoder {width}: it was "
+                             f"trained for another model")
 
 
 def sd15_text_config() -> CLIPTextConfig:

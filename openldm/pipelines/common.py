@@ -12,7 +12,7 @@ import io
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, Sequence
+from typing import Any, BinaryIO, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -110,13 +110,16 @@ def draw_noise(shape: Sequence[int], generator: torch.Generator, device: torch.d
 # ----------------------------------------------------------------------------------------------------- prompts
 
 def encode_text(parts: ModelParts, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
-                num_images: int = 1, clip_skip: int = 1, chunked: bool = False) -> tuple[Slots, Slots]:
+                num_images: int = 1, clip_skip: int = 1, chunked: bool = False, prompt_weighting: str = "none",
+                embeddings: Mapping[str, torch.Tensor] | None = None) -> tuple[Slots, Slots]:
     """(cond, uncond) context slots for prompts, each repeated ``num_images`` times (prompt-major, as diffusers'
     ``num_images_per_prompt``). One negative prompt applies to every prompt.
 
     ``chunked=False`` follows diffusers: 77 tokens (longer prompts truncated with a warning), clip skip on the
     prompts only. ``chunked=True`` follows AUTOMATIC1111: 75-token chunks, prompts and negatives padded to one
-    chunk count, clip skip on both."""
+    chunk count, clip skip on both. ``prompt_weighting="a1111"``: A1111's attention syntax and ``BREAK`` in prompts
+    and negatives, encoded in chunks as ``chunked=True``. ``embeddings``: textual-inversion vectors by name, used
+    where the names occur in prompts and negatives (see ``encode_prompts``)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(negatives) != len(prompts):
@@ -124,13 +127,14 @@ def encode_text(parts: ModelParts, prompt: str | Sequence[str], negative_prompt:
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     tok, enc = parts.tokenizer, parts.text_encoder
+    text = dict(weighting=prompt_weighting, embeddings=embeddings)
     with torch.no_grad():
-        if chunked:
-            states = encode_prompts(tok, enc, prompts + negatives, chunked=True, clip_skip=clip_skip)
+        if chunked or prompt_weighting != "none":
+            states = encode_prompts(tok, enc, prompts + negatives, chunked=True, clip_skip=clip_skip, **text)
             cond, uncond = states[: len(prompts)], states[len(prompts):]
         else:
-            cond = encode_prompts(tok, enc, prompts, clip_skip=clip_skip)
-            uncond = encode_prompts(tok, enc, negatives)
+            cond = encode_prompts(tok, enc, prompts, clip_skip=clip_skip, **text)
+            uncond = encode_prompts(tok, enc, negatives, **text)
     return Slots(context=cond).repeat(num_images), Slots(context=uncond).repeat(num_images)
 
 
@@ -256,6 +260,7 @@ class GenerationParams:
     num_images: int = 1
     clip_skip: int = 1
     chunked: bool = False
+    prompt_weighting: str = "none"  # none | a1111
     strength: float | None = None  # image-to-image / inpainting
     paste_back: bool = False  # inpainting
     batch_index: int = 0  # which image of the seed's batch this is
@@ -290,6 +295,8 @@ class GenerationParams:
             items += [("Batch size", self.num_images), ("Batch pos", self.batch_index)]
         if self.chunked:
             items.append(("Chunked prompt", "True"))
+        if self.prompt_weighting != "none":
+            items.append(("Prompt weighting", self.prompt_weighting))
         if self.paste_back:
             items.append(("Paste back", "True"))
         lines = [self.prompt]
@@ -317,6 +324,7 @@ class GenerationParams:
                        "CFG rescale phi": ("guidance_rescale", float), "Batch size": ("num_images", int),
                        "Batch pos": ("batch_index", int), "Model": ("model", str), "Class label": ("class_label", str),
                        "Chunked prompt": ("chunked", lambda v: v == "True"),
+                       "Prompt weighting": ("prompt_weighting", str),
                        "Paste back": ("paste_back", lambda v: v == "True")}
         for key, (name, convert) in conversions.items():
             if key in settings:

@@ -85,12 +85,16 @@ class Capabilities:
     samplers: tuple[str, ...]
     recommended: Recommended
     max_steps: int = 1000
+    prompt_weightings: tuple[str, ...] = ("none",)  # how it can read prompts (see GenerationRequest)
+    embeddings: tuple[str, ...] = ()  # textual-inversion names its prompts may use
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["class_names"] = list(self.class_names) if self.class_names is not None else None
         d["inputs"] = [asdict(f) for f in self.inputs]
         d["samplers"] = list(self.samplers)
+        d["prompt_weightings"] = list(self.prompt_weightings)
+        d["embeddings"] = list(self.embeddings)
         return d
 
 
@@ -102,7 +106,9 @@ class GenerationRequest:
     no ``init_image``, the segmentation map. ``inputs``: the model's other condition inputs by ``InputField.name``.
     ``strength``: image-to-image, how much of ``init_image`` to redraw (default 0.75; inpainting 1). ``loras``:
     Stable Diffusion models, LoRA files and their weights, applied with those the prompts name (``<lora:NAME:W>``,
-    resolved in the generator's LoRA folder)."""
+    resolved in the generator's LoRA folder).
+    ``prompt_weighting``: "none" reads prompts as diffusers does; "a1111" reads AUTOMATIC1111's syntax
+    (``(word:1.3)``, ``[word]``, ``BREAK``) over 75-token chunks."""
 
     prompt: str | None = None
     negative_prompt: str = ""
@@ -123,6 +129,7 @@ class GenerationRequest:
     inputs: dict[str, Any] = field(default_factory=dict)
     clip_skip: int = 1
     chunked: bool = False
+    prompt_weighting: str = "none"
     vae_tiling: bool = False
     loras: list[tuple[str | Path, float]] = field(default_factory=list)
 
@@ -167,6 +174,9 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
         value = getattr(r, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % m):
             raise RequestError(name, f"{name}={value!r} must be a positive multiple of {m}")
+    if r.prompt_weighting not in caps.prompt_weightings:
+        raise RequestError("prompt_weighting", f"prompt_weighting={r.prompt_weighting!r}; model {caps.name!r} takes "
+                           f"{', '.join(caps.prompt_weightings)}")
     if r.prompt and not caps.prompt:
         raise RequestError("prompt", f"model {caps.name!r} takes no prompt" + _alternatives(caps))
     if r.negative_prompt and not caps.negative_prompt:
@@ -246,7 +256,7 @@ def request_from_params(params: GenerationParams) -> GenerationRequest:
         seed=params.seed, sampler=params.sampler, karras=params.karras, steps=params.steps,
         guidance_scale=params.guidance_scale, guidance_rescale=params.guidance_rescale, width=params.width,
         height=params.height, num_images=params.num_images, strength=params.strength, paste_back=params.paste_back,
-        clip_skip=params.clip_skip, chunked=params.chunked)
+        clip_skip=params.clip_skip, chunked=params.chunked, prompt_weighting=params.prompt_weighting)
 
 
 OnProgress = Callable[[Progress], None]
@@ -289,7 +299,8 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
         sampler=request.sampler, karras=bool(request.karras), steps=request.steps,
         guidance_scale=float(request.guidance_scale), guidance_rescale=float(request.guidance_rescale),
         seed=request.seed, height=height, width=width, num_images=count, clip_skip=request.clip_skip,
-        chunked=request.chunked, strength=request.strength, paste_back=request.paste_back, model=model,
+        chunked=request.chunked, prompt_weighting=request.prompt_weighting, strength=request.strength,
+        paste_back=request.paste_back, model=model,
         class_label=None if request.class_label is None else str(request.class_label))
     return [replace(base, batch_index=i) for i in range(count)]
 
@@ -299,12 +310,14 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
 def load_generator(source: str | Path | None = None, *, device: str | torch.device = "cpu",
                    dtype: str | torch.dtype = "float32", unsafe_load: bool = False, ema: bool = True,
                    vae: str | Path | None = None, step: int | None = None,
-                   prediction: str | None = None, lora_dir: str | Path | None = None) -> Generator:
+                   prediction: str | None = None, lora_dir: str | Path | None = None,
+                   embeddings_dir: str | Path | None = None) -> Generator:
     """Load ``source`` (see the module docstring; None = the default bundled model) behind the generation
     interface. ``dtype`` applies to the network weights. Models trained here: ``ema`` picks the EMA weights,
     ``vae`` decodes through another autoencoder file with the same encoder, ``step`` an EMA snapshot. Stable
     Diffusion weights: ``prediction`` (eps | v) overrides what the model says (``openldm.io.sd.load_sd``);
-    ``lora_dir`` is where prompt tags ``<lora:NAME:WEIGHT>`` find ``NAME.safetensors``."""
+    ``lora_dir`` is where prompt tags ``<lora:NAME:WEIGHT>`` find ``NAME.safetensors``;
+    ``embeddings_dir`` holds textual-inversion embeddings its prompts may name."""
     from openldm.bundled import DEFAULT
     from openldm.io.run_dir import is_run_dir, resolve_source
 
@@ -316,6 +329,9 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
                              "network predicts")
         from openldm.pipelines.trained_generator import TrainedGenerator
 
+        if embeddings_dir is not None:
+            raise ValueError("embeddings_dir= (--embeddings-dir) is for Stable Diffusion weights, not a model trained "
+                             "here")
         return TrainedGenerator.load(path, label, device=device, dtype=dtype, ema=ema, vae=vae, step=step)
     for flag, value in (("vae", vae), ("step", step)):
         if value is not None:
@@ -323,7 +339,7 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
     from openldm.pipelines.sd_generator import SDGenerator
 
     return SDGenerator.load(path, label, device=device, dtype=dtype, unsafe_load=unsafe_load, prediction=prediction,
-                            lora_dir=lora_dir)
+                            lora_dir=lora_dir, embeddings_dir=embeddings_dir)
 
 
 __all__ = ["Capabilities", "GenerationRequest", "GenerationResult", "Generator", "InputField", "Progress",

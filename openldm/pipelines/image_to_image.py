@@ -3,7 +3,7 @@ the schedule, and sample the rest of the way down."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -30,7 +30,8 @@ def image_to_image(parts: ModelParts, prompt: str | Sequence[str], image: Image.
                    strength: float = 0.75, negative_prompt: str | Sequence[str] = "", sampler: str = "euler",
                    karras: bool = False, steps: int = 30, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                    seed: int = 0, height: int | None = None, width: int | None = None, num_images: int = 1,
-                   clip_skip: int = 1, chunked: bool = False, device: str | torch.device | None = None,
+                   clip_skip: int = 1, chunked: bool = False, prompt_weighting: str = "none",
+                   embeddings: Mapping[str, torch.Tensor] | None = None, device: str | torch.device | None = None,
                    dtype: str | torch.dtype | None = None, vae_tiling: bool = False, progress: bool = True,
                    on_step: OnStep | None = None) -> list[Image.Image]:
     """``image`` redrawn after ``prompt``, as diffusers' StableDiffusionImg2ImgPipeline with the same seed: of
@@ -41,7 +42,7 @@ def image_to_image(parts: ModelParts, prompt: str | Sequence[str], image: Image.
     place(parts, device, dtype)
     init = image_to_tensor(image, height, width)  # (1, 3, H, W) in [-1, 1]
     cond, uncond = encode_text(parts, prompt, negative_prompt, num_images=num_images, clip_skip=clip_skip,
-                               chunked=chunked)
+                               chunked=chunked, prompt_weighting=prompt_weighting, embeddings=embeddings)
     shape = latent_shape(parts, cond.context.shape[0], init.shape[2], init.shape[3])
     generator = make_generator(seed)
     known = encode_images(parts.vae, init, generator, tiling=vae_tiling).expand(shape[0], -1, -1, -1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -43,6 +43,7 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
             negative_prompt: str | Sequence[str] = "", sampler: str = "euler", karras: bool = False, steps: int = 30,
             guidance_scale: float = 7.5, guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None,
             width: int | None = None, num_images: int = 1, clip_skip: int = 1, chunked: bool = False,
+            prompt_weighting: str = "none", embeddings: Mapping[str, torch.Tensor] | None = None,
             device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
             vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None) -> list[Image.Image]:
     """``image`` with the white region of ``mask`` (grey levels binarised at 0.5) redrawn, as diffusers'
@@ -54,7 +55,7 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
     H, W = init.shape[2:]
     fill = fill_mask(mask, (H, W))  # (1, 1, H, W), 1 = redraw
     cond, uncond = encode_text(parts, prompt, negative_prompt, num_images=num_images, clip_skip=clip_skip,
-                               chunked=chunked)
+                               chunked=chunked, prompt_weighting=prompt_weighting, embeddings=embeddings)
     shape = latent_shape(parts, cond.context.shape[0], H, W)
     B = shape[0]
     concat_channels = getattr(parts.unet.config, "concat_channels", 0)

@@ -23,6 +23,7 @@ from openldm.pipelines.image_to_image import image_to_image
 from openldm.pipelines.inpaint import inpaint
 from openldm.pipelines.loras import LoraSwitch, request_loras
 from openldm.pipelines.text_to_image import text_to_image
+from openldm.tokenizers.prompt_syntax import PROMPT_WEIGHTINGS
 
 # Latents -> RGB by one linear map: A1111's "Approx cheap" live preview of SD v1 latents (4 channels).
 _SD_LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
@@ -33,10 +34,12 @@ class SDGenerator:
     """A loaded SD v1-family checkpoint (text-to-image, image-to-image, inpainting), with LoRAs per request
     (``request.loras`` and ``<lora:NAME:WEIGHT>`` prompt tags, NAME resolved in ``lora_dir``)."""
 
-    def __init__(self, parts, source: str, lora_dir: str | Path | None = None):
+    def __init__(self, parts, source: str, lora_dir: str | Path | None = None,
+                 embeddings: dict[str, torch.Tensor] | None = None):
         self.parts = parts
         self.lora_dir = lora_dir
         self.loras = LoraSwitch(parts)
+        self.embeddings = dict(embeddings or {})  # textual inversion: name -> vectors (N, D), read-only
         from openldm.registry import SAMPLERS
 
         self.capabilities = Capabilities(
@@ -44,19 +47,24 @@ class SDGenerator:
             source=str(source), prompt=True, negative_prompt=True, class_names=None, num_classes=None, inputs=(),
             image_to_image=True, inpainting=True, channels=3, size_multiple=int(parts.vae.downsampling_factor),
             samplers=tuple(SAMPLERS.names()), recommended=Recommended(),
-            max_steps=int(getattr(parts.schedule, "num_train_steps", 1000)))
+            max_steps=int(getattr(parts.schedule, "num_train_steps", 1000)), prompt_weightings=PROMPT_WEIGHTINGS,
+            embeddings=tuple(sorted(self.embeddings)))
 
     @classmethod
     def load(cls, path: str | Path, source: str | None = None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-             unsafe_load: bool = False, prediction: str | None = None,
-             lora_dir: str | Path | None = None) -> "SDGenerator":
+             unsafe_load: bool = False, prediction: str | None = None, lora_dir: str | Path | None = None,
+             embeddings_dir: str | Path | None = None) -> "SDGenerator":
+        """``embeddings_dir``: textual-inversion files (see ``openldm.io.embeddings``) the prompts may name."""
+        from openldm.io.embeddings import load_embeddings
         from openldm.io.sd import load_sd
 
         parts = load_sd(path, device=device, unsafe_load=unsafe_load, prediction=prediction)
+        width = parts.text_encoder.config.hidden_size
+        embeddings = load_embeddings(embeddings_dir, width) if embeddings_dir is not None else {}
         place(parts, device, dtype)  # once, at load: requests never move or cast the modules
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.eval().requires_grad_(False)
-        return cls(parts, str(path) if source is None else source, lora_dir)
+        return cls(parts, str(path) if source is None else source, lora_dir, embeddings)
 
     def generate(self, request: GenerationRequest, *, on_progress: OnProgress | None = None,
                  should_stop: ShouldStop | None = None, progress: bool = False) -> GenerationResult:
@@ -78,7 +86,8 @@ class SDGenerator:
         total = plan.from_strength(strength).num_steps if r.init_image is not None and strength > 0 else plan.num_steps
         common = dict(negative_prompt=negative_prompt, sampler=r.sampler, karras=r.karras, steps=r.steps,
                       guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, seed=r.seed,
-                      num_images=r.num_images, clip_skip=r.clip_skip, chunked=r.chunked, vae_tiling=r.vae_tiling,
+                      num_images=r.num_images, clip_skip=r.clip_skip, chunked=r.chunked,
+                      prompt_weighting=r.prompt_weighting, embeddings=self.embeddings, vae_tiling=r.vae_tiling,
                       progress=progress, on_step=progress_hook(total, on_progress, should_stop))
         interrupted = False
         try:

@@ -1,7 +1,7 @@
 """Text-to-image: prompt -> context, pure noise at the plan's first level, guided sampling, decode."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -25,6 +25,7 @@ def text_to_image(parts: ModelParts, prompt: str | Sequence[str], *, negative_pr
                   sampler: str = "euler", karras: bool = False, steps: int = 30, guidance_scale: float = 7.5,
                   guidance_rescale: float = 0.0, seed: int = 0, height: int = 512, width: int = 512,
                   num_images: int = 1, clip_skip: int = 1, chunked: bool = False,
+                  prompt_weighting: str = "none", embeddings: Mapping[str, torch.Tensor] | None = None,
                   device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                   vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None) -> list[Image.Image]:
     """Images for ``prompt`` (``num_images`` per prompt), the same as diffusers' StableDiffusionPipeline with the
@@ -34,7 +35,7 @@ def text_to_image(parts: ModelParts, prompt: str | Sequence[str], *, negative_pr
     long prompts (see ``encode_text``). ``vae_tiling`` decodes images larger than 512 px in tiles."""
     place(parts, device, dtype)
     cond, uncond = encode_text(parts, prompt, negative_prompt, num_images=num_images, clip_skip=clip_skip,
-                               chunked=chunked)
+                               chunked=chunked, prompt_weighting=prompt_weighting, embeddings=embeddings)
     shape = latent_shape(parts, cond.context.shape[0], height, width)
     plan = sampling_plan(parts, sampler, steps, karras)
     generator = make_generator(seed)

@@ -295,7 +295,7 @@ class CLIPTokenizer:
         data = bytearray(self.byte_decoder[c] for c in text)
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
-    def _frame(self, tokens: Sequence[int]) -> list[int]:
+    def frame(self, tokens: Sequence[int]) -> list[int]:
         """``[start, *tokens, end, pad, ...]`` of length max_length (tokens already <= max_length - 2)."""
         row = [self.start_id, *tokens, self.end_id]
         return row + [self.pad_id] * (self.max_length - len(row))
@@ -315,7 +315,7 @@ class CLIPTokenizer:
                     f"prompt is {len(tokens)} tokens; CLIP reads {keep}, so {len(tokens) - keep} were dropped: "
                     f"{self.decode(tokens[keep:])!r}. Use chunked encoding (CLIPTokenizer.chunk, "
                     f"encode_prompts(..., chunked=True)) to keep them.", stacklevel=2)
-            rows.append(self._frame(tokens[:keep]))
+            rows.append(self.frame(tokens[:keep]))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
 
     def chunk(self, prompt: str, min_chunks: int = 1) -> torch.Tensor:
@@ -329,7 +329,7 @@ class CLIPTokenizer:
         tokens = self.encode(prompt)
         runs = [tokens[i : i + keep] for i in range(0, len(tokens), keep)] or [[]]
         runs += [[]] * (min_chunks - len(runs))
-        return torch.tensor([self._frame(run) for run in runs], dtype=torch.long)  # (num_chunks, max_length)
+        return torch.tensor([self.frame(run) for run in runs], dtype=torch.long)  # (num_chunks, max_length)
 
     def __repr__(self) -> str:
         return (f"CLIPTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, pad_id={self.pad_id}, "

@@ -131,15 +131,17 @@ def model_override(body: Txt2ImgRequest) -> str | None:
     return (body.override_settings or {}).get("sd_model_checkpoint")
 
 
-def to_request(body: Txt2ImgRequest) -> GenerationRequest:
-    """The generation request for an A1111 txt2img / img2img body (the seed still A1111's: -1 = random)."""
+def to_request(body: Txt2ImgRequest, prompt_weighting: str = "a1111") -> GenerationRequest:
+    """The generation request for an A1111 txt2img / img2img body (the seed still A1111's: -1 = random). Prompts
+    are read in A1111's syntax (``prompt_weighting="a1111"``) unless the model cannot ("none")."""
     _refuse_unsupported(body)
     sampler, karras = _sampler(body)
     overrides = body.override_settings or {}
     request = GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, seed=random_seed(body.seed), sampler=sampler,
         karras=karras, steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
-        num_images=body.batch_size, clip_skip=int(overrides.get("CLIP_stop_at_last_layers", 1)))
+        num_images=body.batch_size, clip_skip=int(overrides.get("CLIP_stop_at_last_layers", 1)),
+        prompt_weighting=prompt_weighting)
     if isinstance(body, Img2ImgRequest):
         if not body.init_images:
             raise RequestError("init_images", "img2img needs init_images: a list of one base64 image")
@@ -205,6 +207,13 @@ def _a1111(sampler: str) -> str:
     from openldm.samplers import a1111_name
 
     return a1111_name(sampler)
+
+
+def embeddings(loaded: dict[str, Any]) -> dict[str, Any]:
+    """``/sdapi/v1/embeddings``: the current model's textual-inversion embeddings, as A1111 lists them."""
+    return {"loaded": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                              "shape": int(v.shape[-1]), "vectors": int(v.shape[0])} for name, v in loaded.items()},
+            "skipped": {}}
 
 
 def samplers() -> list[dict[str, Any]]:

@@ -68,6 +68,7 @@ class JobRequest(BaseModel):
     paste_back: bool = False
     inputs: dict[str, Any] = {}
     clip_skip: int = 1
+    prompt_weighting: str = "none"
 
 
 class PngInfoRequest(BaseModel):
@@ -109,12 +110,14 @@ def _authorized(header: str | None, credentials: list[tuple[str, str]]) -> bool:
 def create_app(models: list[str | Path] | None = None, *, api_auth: str | None = None,
                cors_allow_origins: list[str] | None = None, max_batch: int = 8, max_pixels: int = 1024 * 1024,
                device: str = "cpu", dtype: str = "float32", preload: bool = False,
-               lora_dir: str | Path | None = None) -> FastAPI:
+               lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None) -> FastAPI:
     """The app serving ``models`` (see ``model_sources``; None = the bundled model). ``app.state.pool`` holds the
     models, ``app.state.queue`` the job queue (``close()`` it to stop its worker). ``preload`` loads the first
     model now (a bad model fails here, not at the first request). ``lora_dir``: where prompts' ``<lora:NAME:W>``
-    tags find their files."""
-    pool = ModelPool(model_sources(models), device=device, dtype=dtype, lora_dir=lora_dir)
+    tags find their files; ``embeddings_dir``: textual-inversion embeddings for the Stable Diffusion models
+    served."""
+    pool = ModelPool(model_sources(models), device=device, dtype=dtype, lora_dir=lora_dir,
+                     embeddings_dir=embeddings_dir)
     if preload:
         pool.get()
     queue = JobQueue()
@@ -291,7 +294,8 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     # ----------------------------------------------------------------------------------------- A1111 API
     def a1111_generate(body: a1111.Txt2ImgRequest):
         name = model_name(a1111.model_override(body), "override_settings.sd_model_checkpoint")
-        job = finished(submit(name, a1111.to_request(body), body.n_iter, batch_field="batch_size"))
+        weighting = "a1111" if "a1111" in pool.get(name).capabilities.prompt_weightings else "none"
+        job = finished(submit(name, a1111.to_request(body, weighting), body.n_iter, batch_field="batch_size"))
         return a1111.response(body, job.images, job.params, name, [p.seed for p in job.params])
 
     @app.post("/sdapi/v1/txt2img")
@@ -365,6 +369,10 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     def png_info(body: PngInfoRequest):
         return a1111.png_info(read_png(body.image))
 
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings():
+        return a1111.embeddings(getattr(pool.get(), "embeddings", {}))
+
     @app.get("/sdapi/v1/scripts")
     def scripts():
         return {"txt2img": [], "img2img": []}
@@ -374,12 +382,14 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
 
 def serve(models: list[str] | None = None, *, host: str = "127.0.0.1", port: int = 7860, api_auth: str | None = None,
           cors_allow_origins: list[str] | None = None, max_batch: int = 8, max_pixels: int = 1024 * 1024,
-          device: str = "cpu", dtype: str = "float32", lora_dir: str | None = None) -> None:
+          device: str = "cpu", dtype: str = "float32", lora_dir: str | Path | None = None,
+          embeddings_dir: str | Path | None = None) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
     app = create_app(models, api_auth=api_auth, cors_allow_origins=cors_allow_origins, max_batch=max_batch,
-                     max_pixels=max_pixels, device=device, dtype=dtype, preload=True, lora_dir=lora_dir)
+                     max_pixels=max_pixels, device=device, dtype=dtype, preload=True, lora_dir=lora_dir,
+                     embeddings_dir=embeddings_dir)
     print(f"openldm serve: {', '.join(app.state.pool.names())} on http://{host}:{port}/ (A1111 API under /sdapi/v1)",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -19,8 +19,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from openldm.io.run_dir import is_run_dir, resolve_source
 from openldm.pipelines.common import GenerationParams
-from openldm.pipelines.generate import GenerationRequest, Generator, Progress, load_generator
+from openldm.pipelines.generate import (
+    GenerationRequest,
+    Generator,
+    Progress,
+    load_generator,
+)
 
 FINISHED = ("done", "interrupted", "failed")
 
@@ -60,11 +66,12 @@ class ModelPool:
     ``lora_dir``: where Stable Diffusion models find the LoRAs that prompts name (``<lora:NAME:WEIGHT>``)."""
 
     def __init__(self, sources: dict[str, str], *, device: str = "cpu", dtype: str = "float32",
-                 lora_dir: str | Path | None = None):
+                 lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None):
         if not sources:
             raise ValueError("a server needs at least one model")
         self.sources = dict(sources)
-        self.device, self.dtype, self.lora_dir = device, dtype, lora_dir
+        self.device, self.dtype = device, dtype
+        self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir  # for the Stable Diffusion models among them
         self.current = next(iter(self.sources))
         self._loaded: dict[str, Generator] = {}
         self._locks = {name: threading.Lock() for name in self.sources}
@@ -90,8 +97,11 @@ class ModelPool:
         name = self.name_of(name)
         with self._locks[name]:
             if name not in self._loaded:
-                self._loaded[name] = load_generator(self.sources[name], device=self.device, dtype=self.dtype,
-                                                    lora_dir=self.lora_dir)
+                source = self.sources[name]
+                sd = not is_run_dir(resolve_source(source))
+                self._loaded[name] = load_generator(source, device=self.device, dtype=self.dtype,
+                                                    lora_dir=self.lora_dir if sd else None,
+                                                    embeddings_dir=self.embeddings_dir if sd else None)
             return self._loaded[name]
 
     def select(self, name: str) -> str:

@@ -148,7 +148,7 @@ def test_txt2img_equals_openldm_generate(sd, sd_file, tmp_path):
     out = tmp_path / "cli.png"
     assert main(["generate", "--model", str(sd_file), "--prompt", "a red circle", "--negative-prompt", "blue",
                  "--seed", "11", "--steps", "3", "--guidance-scale", "6", "--width", "32", "--height", "48",
-                 "--sampler", "euler_ancestral", "--out", str(out), "--quiet"]) == 0
+                 "--sampler", "euler_ancestral", "--prompt-weighting", "a1111", "--out", str(out), "--quiet"]) == 0
     assert np.array_equal(np.asarray(served), np.asarray(Image.open(out)))
     served_file = tmp_path / "served.png"
     served.save(served_file, pnginfo=_text(served))
