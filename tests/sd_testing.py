@@ -79,6 +79,7 @@ def tiny_pipeline(tmp_path, in_channels: int = 4, seed: int = 0, scheduler: str 
     text = transformers.CLIPTextModel(text_config)
     for i, m in enumerate((unet, vae, text)):
         randomize(m, seed + i)
+        m.eval()  # as from_pretrained leaves them (dropout off)
     tok_dir = tmp_path / "tok_src"
     clip_vocab_files(tok_dir)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
