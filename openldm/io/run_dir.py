@@ -86,7 +86,7 @@ class DiffusionTrainConfig:
     num_workers: int = 0
     sample_every: int = 0  # write a sample grid every N steps (0 = never)
     sample_steps: int = 20  # DDIM steps of those samples
-    sample_guidance: float = 3.0  # their classifier-free guidance scale
+    sample_guidance: float = TRAINED_SAMPLING["guidance_scale"]  # their classifier-free guidance scale
     low_res_factor: int | None = None  # removed: now the low_res condition's options.factor (kept to say so)
 
     def __post_init__(self) -> None:

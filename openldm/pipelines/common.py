@@ -30,6 +30,9 @@ from openldm.registry import SAMPLERS
 from openldm.samplers.base import OnStep
 from openldm.samplers.guidance import with_guidance
 
+# Stable Diffusion's sampling defaults (diffusers' and A1111's): SD weights' recommended settings and the defaults of
+# the SD pipeline functions. Models trained here have theirs in io/run_dir.py (TRAINED_SAMPLING).
+SD_SAMPLER, SD_STEPS, SD_GUIDANCE_SCALE, SD_SIZE = "euler", 30, 7.5, 512
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -249,14 +252,14 @@ class GenerationParams:
 
     prompt: str = ""
     negative_prompt: str = ""
-    sampler: str = "euler"
+    sampler: str = SD_SAMPLER
     karras: bool = False
-    steps: int = 30
-    guidance_scale: float = 7.5
+    steps: int = SD_STEPS
+    guidance_scale: float = SD_GUIDANCE_SCALE
     guidance_rescale: float = 0.0
     seed: int = 0
-    height: int = 512
-    width: int = 512
+    height: int = SD_SIZE
+    width: int = SD_SIZE
     num_images: int = 1
     clip_skip: int = 1
     chunked: bool = False

@@ -11,14 +11,16 @@ import torch
 from PIL import Image
 
 from openldm.evaluation.grid import image_grid
+from openldm.io.run_dir import TRAINED_SAMPLING
 from openldm.pipelines.trained import TrainedModel, load_run, sample_trained
 
 DEMO_PROMPTS = ["a pair of trousers", "a dark ankle boot", "a light, wide pullover", "a photo of a sneaker",
                 "a narrow dress", "an image of a bag"]
 
 
-def demo_grids(model: TrainedModel, *, per_row: int = 8, steps: int = 50, guidance_scale: float = 3.0,
-               sampler: str = "ddim", seed: int = 0, zoom: int = 3,
+def demo_grids(model: TrainedModel, *, per_row: int = 8, steps: int = TRAINED_SAMPLING["steps"],
+               guidance_scale: float = TRAINED_SAMPLING["guidance_scale"],
+               sampler: str = TRAINED_SAMPLING["sampler"], seed: int = 0, zoom: int = 3,
                prompts: list[str] | None = None) -> dict[str, Image.Image]:
     """{"classes": one row of ``per_row`` samples per class label, "prompts": one row per prompt}; each grid
     enlarged ``zoom`` times (nearest neighbour, so pixels stay pixels). Rows share their seeds."""

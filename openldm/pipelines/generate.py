@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from openldm.conditioning.compose import RequestField
-from openldm.pipelines.common import GenerationParams
+from openldm.pipelines.common import SD_GUIDANCE_SCALE, SD_SAMPLER, SD_SIZE, SD_STEPS, GenerationParams
 
 ImageInput = Image.Image | str | Path
 
@@ -47,12 +47,12 @@ class RequestError(ValueError):
 class Recommended:
     """A model's recommended settings, where the CLI, the API and the page start."""
 
-    sampler: str = "euler"
-    steps: int = 30
-    guidance_scale: float = 7.5
+    sampler: str = SD_SAMPLER  # Stable Diffusion's (pipelines/common.py); sampling.json gives a trained model's
+    steps: int = SD_STEPS
+    guidance_scale: float = SD_GUIDANCE_SCALE
     karras: bool = False
-    width: int = 512
-    height: int = 512
+    width: int = SD_SIZE
+    height: int = SD_SIZE
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: "Recommended | None" = None) -> "Recommended":

@@ -9,6 +9,9 @@ import torch
 from PIL import Image
 
 from openldm.pipelines.common import (
+    SD_GUIDANCE_SCALE,
+    SD_SAMPLER,
+    SD_STEPS,
     ModelParts,
     decode_latents,
     denoise_and_decode,
@@ -27,9 +30,9 @@ from openldm.samplers.base import OnStep
 
 
 def image_to_image(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image | str | Path, *,
-                   strength: float = 0.75, negative_prompt: str | Sequence[str] = "", sampler: str = "euler",
-                   karras: bool = False, steps: int = 30, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
-                   seed: int = 0, height: int | None = None, width: int | None = None, num_images: int = 1,
+                   strength: float = 0.75, negative_prompt: str | Sequence[str] = "", sampler: str = SD_SAMPLER,
+                   karras: bool = False, steps: int = SD_STEPS, guidance_scale: float = SD_GUIDANCE_SCALE,
+                   guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None, width: int | None = None, num_images: int = 1,
                    clip_skip: int = 1, chunked: bool = False, prompt_weighting: str = "none",
                    embeddings: Mapping[str, torch.Tensor] | None = None, device: str | torch.device | None = None,
                    dtype: str | torch.dtype | None = None, vae_tiling: bool = False, progress: bool = True,

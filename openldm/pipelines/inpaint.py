@@ -19,6 +19,9 @@ from PIL import Image
 
 from openldm.conditioning.inputs import fill_mask
 from openldm.pipelines.common import (
+    SD_GUIDANCE_SCALE,
+    SD_SAMPLER,
+    SD_STEPS,
     ModelParts,
     chain_hooks,
     denoise_and_decode,
@@ -40,9 +43,9 @@ from openldm.samplers.base import OnStep, blend_known
 
 def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image | str | Path,
             mask: Image.Image | str | Path, *, strength: float = 1.0, paste_back: bool = False,
-            negative_prompt: str | Sequence[str] = "", sampler: str = "euler", karras: bool = False, steps: int = 30,
-            guidance_scale: float = 7.5, guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None,
-            width: int | None = None, num_images: int = 1, clip_skip: int = 1, chunked: bool = False,
+            negative_prompt: str | Sequence[str] = "", sampler: str = SD_SAMPLER, karras: bool = False,
+            steps: int = SD_STEPS, guidance_scale: float = SD_GUIDANCE_SCALE, guidance_rescale: float = 0.0,
+            seed: int = 0, height: int | None = None, width: int | None = None, num_images: int = 1, clip_skip: int = 1, chunked: bool = False,
             prompt_weighting: str = "none", embeddings: Mapping[str, torch.Tensor] | None = None,
             device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
             vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None) -> list[Image.Image]:

@@ -7,6 +7,10 @@ import torch
 from PIL import Image
 
 from openldm.pipelines.common import (
+    SD_GUIDANCE_SCALE,
+    SD_SAMPLER,
+    SD_SIZE,
+    SD_STEPS,
     ModelParts,
     denoise_and_decode,
     draw_noise,
@@ -22,8 +26,9 @@ from openldm.samplers.base import OnStep
 
 
 def text_to_image(parts: ModelParts, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
-                  sampler: str = "euler", karras: bool = False, steps: int = 30, guidance_scale: float = 7.5,
-                  guidance_rescale: float = 0.0, seed: int = 0, height: int = 512, width: int = 512,
+                  sampler: str = SD_SAMPLER, karras: bool = False, steps: int = SD_STEPS,
+                  guidance_scale: float = SD_GUIDANCE_SCALE, guidance_rescale: float = 0.0, seed: int = 0,
+                  height: int = SD_SIZE, width: int = SD_SIZE,
                   num_images: int = 1, clip_skip: int = 1, chunked: bool = False,
                   prompt_weighting: str = "none", embeddings: Mapping[str, torch.Tensor] | None = None,
                   device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,

@@ -248,7 +248,9 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
                    prompt: str | Sequence[str] | None = None, mask: ImageInput | None = None,
                    low_res: ImageInput | None = None, noise_level: int | None = None,
                    init_image: ImageInput | None = None, strength: float = 1.0, num_images: int = 1,
-                   sampler: str = "ddim", karras: bool = False, steps: int = 50, guidance_scale: float = 3.0,
+                   sampler: str = runs.TRAINED_SAMPLING["sampler"], karras: bool = False,
+                   steps: int = runs.TRAINED_SAMPLING["steps"],
+                   guidance_scale: float = runs.TRAINED_SAMPLING["guidance_scale"],
                    guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None,
                    width: int | None = None, crop: bool = True, progress: bool = False,
                    on_step: OnStep | None = None, inputs: dict[str, Any] | None = None) -> torch.Tensor:
