@@ -42,7 +42,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None given a value: X's own error names what is wrong
+            return _convert(value, options[0], where)
+        for arg in options:
             try:
                 return _convert(value, arg, where)
             except ConfigError:

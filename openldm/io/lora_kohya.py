@@ -8,8 +8,8 @@ from the UNet key map (:func:`openldm.io.keymaps.unet.diffusers_keymap`); this m
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors.torch import save_file

@@ -23,7 +23,7 @@ import fnmatch
 import torch
 from torch import nn
 
-from openldm.config import LORA_TARGETS, LoRAConfig  # noqa: F401  (re-exported: the config lives with the run configs)
+from openldm.config import LORA_TARGETS, LoRAConfig  # (LoRAConfig lives with the run configs)
 from openldm.nn.transformer import SpatialTransformer
 
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
