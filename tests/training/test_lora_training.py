@@ -17,6 +17,7 @@ from openldm.config import ConfigError, LoRAConfig, from_dict, to_dict
 from openldm.diffusion.schedules import make_alphas_cumprod, q_sample
 from openldm.io.native import load_model
 from openldm.models.unet import UNet, UNetConfig
+from openldm.pipelines.trained import load_run, sample_trained
 from openldm.training import diffusion
 from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
 from openldm.training.lora import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict
@@ -113,6 +114,26 @@ def test_an_adapter_adds_scale_up_down_beside_the_frozen_layer():
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_adapter_dropout_drops_the_branch_input_in_training_only():
+    """dropout=0.5: in training mode the branch sees a dropped (and rescaled) input, so two calls differ and the
+    mean over many calls is the eval output; in eval mode the layer is the closed form."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(in_channels=2, out_channels=2, model_channels=16, channel_mult=(1,), num_res_blocks=1,
+                           attention_levels=(0,), num_heads=2, context_dim=None, norm_groups=4))
+    (name,) = inject_lora(unet, LoRAConfig(rank=2, dropout=0.5, targets=["down.0.1.blocks.0.ff.out"]))
+    layer = lora_layers(unet)[name]
+    nn.init.normal_(layer.lora_up.weight)
+    h = torch.randn(3, 5, layer.in_features)
+    with torch.no_grad():
+        want = F.linear(h, layer.weight + layer.lora_up.weight @ layer.lora_down.weight, layer.bias)
+        torch.testing.assert_close(layer.eval()(h), want, rtol=1e-5, atol=1e-5)
+        layer.train()
+        a, b = layer(h), layer(h)
+        assert (a - b).abs().max() > 1e-3
+        mean = torch.stack([layer(h) for _ in range(2000)]).mean(0)
+    torch.testing.assert_close(mean, want, rtol=0, atol=0.15)
+
+
 # ---- a run trained here --------------------------------------------------------------------------------------
 
 def test_openldm_train_with_a_lora_section_learns_new_images_and_trains_only_adapters(base_run, tmp_path,
@@ -122,11 +143,12 @@ def test_openldm_train_with_a_lora_section_learns_new_images_and_trains_only_ada
     saves only adapters. The targets add the ResBlock and in/out convs (LoCon) to the default linears: the tiny
     base's transformers barely moved from their zero-initialised proj_out in 30 steps, so adapters before it have
     little to act through. Measured: logged loss mean of the first 5 steps 0.289, of the last 5 0.183;
-    fixed-noise error 0.302 (base) -> 0.154 (EMA adapters)."""
+    fixed-noise error 0.302 (base) -> 0.154 (EMA adapters); seeded samples' MSE to the nearest new image 1.98 ->
+    1.68, their 2x2 corners' mean -0.005 -> 0.199 (the images' white: 1)."""
     seen = record_unets(monkeypatch)
     path = tmp_path / "lora.yaml"
     lora = {"rank": 4, "alpha": 2.0, "targets": [*LoRAConfig().targets, "*.conv1", "*.conv2", "conv_in", "conv_out"]}
-    path.write_text(yaml.safe_dump(lora_config(base_run, tmp_path / "run", lora=lora)))
+    path.write_text(yaml.safe_dump(lora_config(base_run, tmp_path / "run", lora=lora, sample_every=40, sample_steps=4)))
     assert main(["train", "--config", str(path), "--quiet"]) == 0
     (unet,) = seen
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -147,8 +169,9 @@ def test_openldm_train_with_a_lora_section_learns_new_images_and_trains_only_ada
     weights = load_file(str(tmp_path / "run" / "lora_weights.safetensors"))
     assert set(weights) == {p + m + s for p in ("", "ema.") for m in names for s in SUFFIXES}
     assert not (tmp_path / "run" / "unet.safetensors").exists()
-
-    from openldm.pipelines.trained import load_run
+    assert (tmp_path / "run" / "samples" / "step_000040.png").is_file()  # the grid of the EMA adapters
+    with pytest.raises(ValueError, match="is a LoRA run: .*--lora"):
+        load_run(tmp_path / "run")
 
     model = load_run(base_run)  # the base run's EMA UNet and conditioner, as the LoRA run started from
     cond = model.conditioner.state_dict()
@@ -158,10 +181,24 @@ def test_openldm_train_with_a_lora_section_learns_new_images_and_trains_only_ada
     data = build_dataset(cfg.data.name, cfg.data.options)
     batch = torch.utils.data.default_collate([data[i] for i in range(8)])
     before = fixed_noise_error(model.unet, model.conditioner, batch, cfg)
+    samples_before = sample_trained(model, class_label=[0, 1, 2, 3], steps=10, seed=0)
     inject_lora(model.unet, cfg.lora)
     load_lora_state_dict(model.unet, {k[4:]: v for k, v in weights.items() if k.startswith("ema.")})
     after = fixed_noise_error(model.unet, model.conditioner, batch, cfg)
     assert after < 0.7 * before, (before, after)
+    # the samples (same seed) move toward the new images: closer to the nearest one, corners toward their white
+    samples = sample_trained(model, class_label=[0, 1, 2, 3], steps=10, seed=0)
+    images = batch["image"].float()
+
+    def nearest(x):  # mean over samples of the MSE to the nearest training image
+        return float(((x[:, None] - images[None]) ** 2).mean((2, 3, 4)).min(1).values.mean())
+
+    def corners(x):  # mean of the four 2x2 corners, where the new images are white (1)
+        ends = (slice(0, 2), slice(-2, None))
+        return float(torch.stack([x[..., rows, cols] for rows in ends for cols in ends]).mean())
+
+    assert nearest(samples) < 0.92 * nearest(samples_before), (nearest(samples_before), nearest(samples))
+    assert corners(samples) > corners(samples_before) + 0.1, (corners(samples_before), corners(samples))
     assert all(torch.equal(v, cond[k]) for k, v in model.conditioner.state_dict().items())
 
 
