@@ -359,9 +359,10 @@ class BaseRun:
     scaling_factor: float
 
 
-def load_base_run(cfg: DiffusionTrainConfig, path: str | Path, *, device: torch.device | str = "cpu") -> BaseRun:
-    """The run directory ``path`` as :class:`BaseRun`. Raises when ``cfg``'s schedule, prediction or conditions
-    (kinds, names, options) are not the run's."""
+def load_base_run(cfg: DiffusionTrainConfig, path: str | Path, *, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> BaseRun:
+    """The run directory ``path`` as :class:`BaseRun`, weights at ``dtype`` (an exported run may store float16).
+    Raises when ``cfg``'s schedule, prediction or conditions (kinds, names, options) are not the run's."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -376,12 +377,13 @@ def load_base_run(cfg: DiffusionTrainConfig, path: str | Path, *, device: torch.
                          f"{base.prediction!r} and conditions {theirs}; the config has {to_dict(cfg.schedule)}, "
                          f"{cfg.prediction!r} and {mine}: copy them from the base run's config.yaml")
     folder = weights_dir(path, None, ema=True)
-    unet = load_model(folder / UNET_EMA_FILE, device=device)
+    unet = load_model(folder / UNET_EMA_FILE, device=device, dtype=dtype)
     cond_path = folder / CONDITIONER_FILE
-    cond = load_file(str(cond_path)) if cond_path.is_file() else {}
+    cond = {k: v.to(dtype) if v.is_floating_point() else v
+            for k, v in (load_file(str(cond_path)) if cond_path.is_file() else {}).items()}
     vae = None
     if base.autoencoder is not None:
-        vae = load_model(find_in_run(base.autoencoder, path), device=device).eval().requires_grad_(False)
+        vae = load_model(find_in_run(base.autoencoder, path), device=device, dtype=dtype).eval().requires_grad_(False)
     return BaseRun(base, unet, {k[4:]: v for k, v in cond.items() if k.startswith("ema.")}, vae,
                    read_scaling_factor(folder / UNET_EMA_FILE))
 

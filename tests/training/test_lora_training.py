@@ -57,11 +57,27 @@ def lora_config(base, out_dir, **over) -> dict:
 
 
 def record_unets(monkeypatch) -> list[nn.Module]:
-    """The UNets the loop injects adapters into, as it trains them."""
-    seen = []
-    real = diffusion.inject_lora
-    monkeypatch.setattr(diffusion, "inject_lora", lambda unet, cfg: seen.append(unet) or real(unet, cfg))
+    """The UNets the loop injects adapters into and the conditioners it builds (in that list's ``conditioners``
+    attribute), as it trains them."""
+    seen = type("Seen", (list,), {})()
+    seen.conditioners = []
+    inject, build = diffusion.inject_lora, diffusion.build_conditioning
+    monkeypatch.setattr(diffusion, "inject_lora", lambda unet, cfg: seen.append(unet) or inject(unet, cfg))
+    monkeypatch.setattr(diffusion, "build_conditioning",
+                        lambda *a, **k: seen.conditioners.append(build(*a, **k)) or seen.conditioners[-1])
     return seen
+
+
+def assert_base_unchanged(seen, run) -> None:
+    """The trained UNet's base tensors and the conditioner equal the base run's EMA weights, bit for bit."""
+    base = {k: v.float() for k, v in load_model(run / "unet_ema.safetensors").state_dict().items()}
+    trained = {k: v for k, v in seen[0].state_dict().items() if not k.endswith(SUFFIXES)}
+    assert trained.keys() == base.keys() and all(torch.equal(trained[k], base[k]) for k in base)
+    cond = {k[4:]: v.float() for k, v in load_file(str(run / "conditioner.safetensors")).items() if k.startswith("ema.")}
+    (conditioner,) = seen.conditioners
+    state = conditioner.state_dict()
+    assert state.keys() == cond.keys() and all(torch.equal(state[k], cond[k]) for k in cond)
+    assert not any(p.requires_grad for p in conditioner.parameters())
 
 
 @torch.no_grad()
@@ -155,9 +171,7 @@ def test_openldm_train_with_a_lora_section_learns_new_images_and_trains_only_ada
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.75 * first, (first, last)
 
-    base = load_model(base_run / "unet_ema.safetensors").state_dict()
-    trained = {k: v for k, v in unet.state_dict().items() if not k.endswith(SUFFIXES)}
-    assert trained.keys() == base.keys() and all(torch.equal(trained[k], base[k]) for k in base)
+    assert_base_unchanged(seen, base_run)
     assert all(layer.lora_up.weight.abs().max() > 0 for layer in lora_layers(unet).values())
 
     names = sorted(lora_layers(unet))
@@ -174,7 +188,6 @@ def test_openldm_train_with_a_lora_section_learns_new_images_and_trains_only_ada
         load_run(tmp_path / "run")
 
     model = load_run(base_run)  # the base run's EMA UNet and conditioner, as the LoRA run started from
-    cond = model.conditioner.state_dict()
     cfg = from_dict(DiffusionTrainConfig, lora_config(base_run, tmp_path / "run", lora=lora))
     from openldm.data import build_dataset
 
@@ -199,7 +212,41 @@ def test_openldm_train_with_a_lora_section_learns_new_images_and_trains_only_ada
 
     assert nearest(samples) < 0.92 * nearest(samples_before), (nearest(samples_before), nearest(samples))
     assert corners(samples) > corners(samples_before) + 0.1, (corners(samples_before), corners(samples))
-    assert all(torch.equal(v, cond[k]) for k, v in model.conditioner.state_dict().items())
+
+
+def test_a_lora_on_the_bundled_latent_model_uses_its_autoencoder_scale_and_conditioner(tmp_path, monkeypatch):
+    """The bundled Fashion-MNIST run (latent space, float16 files, class + MiniLM text conditions) as the base: its
+    EMA UNet and conditioner are loaded (as float32) and stay bit-identical, its autoencoder encodes the new images
+    with its latent scale (the UNet file's)."""
+    from PIL import Image
+
+    from openldm.bundled import bundled_dir
+    from openldm.io.run_dir import read_config, read_scaling_factor
+
+    root = tmp_path / "images"
+    for label, name in enumerate(("box", "bar")):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.zeros((32, 32), np.uint8)
+            pixels[8 + i: 20 + i, 6 + 4 * label: 26] = 255
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+            (root / name / f"{i}.txt").write_text(f"a white {name}")
+    base = bundled_dir()
+    data = to_dict(read_config(base))
+    for key in ("unet", "unet_preset", "autoencoder"):
+        data.pop(key)
+    data.update(base_model=str(base), lora={"rank": 4}, steps=4, batch_size=8, log_every=1, save_every=4,
+                sample_every=0, snapshot_every=0, out_dir=str(tmp_path / "run"),
+                data={"name": "image_folder", "options": {"root": str(root), "size": 32, "channels": 1,
+                                                          "labels_from_folders": True}})
+    seen, scales = record_unets(monkeypatch), []
+    real = diffusion.prepare_data
+    monkeypatch.setattr(diffusion, "prepare_data", lambda *a, **k: scales.append(real(*a, **k).scale) or real(*a, **k))
+    out = train_diffusion(from_dict(DiffusionTrainConfig, data), progress=False)
+    assert all(np.isfinite(h["loss"]) for h in out["history"])
+    assert scales == [pytest.approx(read_scaling_factor(base / "unet_ema.safetensors"))]
+    assert_base_unchanged(seen, base)
+    assert len(load_file(str(tmp_path / "run" / "lora.safetensors"))) == 3 * len(lora_layers(seen[0]))
 
 
 def test_lora_resume_ends_bit_identical_to_an_uninterrupted_run(base_run, tmp_path):
