@@ -20,6 +20,7 @@ from openldm.models.unet import UNet, UNetConfig
 from openldm.pipelines.trained import load_run, sample_trained
 from openldm.training import diffusion
 from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
+from openldm.training.ema import EMA
 from openldm.training.lora import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict
 from tests.training.test_diffusion_training import tiny
 from tests.training.test_sd_finetune import config as sd_config
@@ -148,6 +149,36 @@ def test_adapter_dropout_drops_the_branch_input_in_training_only():
         assert (a - b).abs().max() > 1e-3
         mean = torch.stack([layer(h) for _ in range(2000)]).mean(0)
     torch.testing.assert_close(mean, want, rtol=0, atol=0.15)
+
+
+def test_the_ema_of_a_lora_model_averages_the_adapters_and_shares_the_frozen_base():
+    """EMA(share_frozen=True): the shadow holds the model's own frozen tensors (no copy) and its own adapters, which
+    the update averages; the shadow's forward runs its adapters (its hooks are its own layers')."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(in_channels=2, out_channels=2, model_channels=16, channel_mult=(1,), num_res_blocks=1,
+                           attention_levels=(0,), num_heads=2, context_dim=None, norm_groups=4))
+    for p in unet.parameters():
+        nn.init.normal_(p, std=0.2)
+    inject_lora(unet, LoRAConfig(rank=2))
+    ema = EMA(unet, decay=0.5, warmup=False, share_frozen=True)
+    shadow = dict(ema.shadow.named_parameters())
+    for name, p in unet.named_parameters():
+        assert (shadow[name] is p) != p.requires_grad, name
+    with torch.no_grad():
+        for layer in lora_layers(unet).values():
+            layer.lora_up.weight.fill_(0.1)
+    ema.update(unet)
+    assert all(torch.equal(l.lora_up.weight, torch.full_like(l.lora_up.weight, 0.05))
+               for l in lora_layers(ema.shadow).values())
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([5, 500])
+    with torch.no_grad():
+        for layer in lora_layers(unet).values():
+            layer.lora_up.weight.fill_(0.05)
+        want = unet.eval()(x, t)  # the model with the shadow's adapter values ...
+        for layer in lora_layers(unet).values():
+            layer.lora_up.weight.fill_(0.3)  # ... which the model then leaves
+        torch.testing.assert_close(ema.shadow(x, t), want, rtol=0, atol=0)
+        assert (unet(x, t) - want).abs().max() > 1e-3
 
 
 # ---- a run trained here --------------------------------------------------------------------------------------
