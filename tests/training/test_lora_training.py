@@ -282,16 +282,20 @@ def test_a_lora_on_the_bundled_latent_model_uses_its_autoencoder_scale_and_condi
 
 def test_lora_resume_ends_bit_identical_to_an_uninterrupted_run(base_run, tmp_path):
     """6 steps at once, or 3 then a resume to 6: the same losses and the same raw and EMA adapters, bit for bit."""
-    def cfg(out, steps):
-        return from_dict(DiffusionTrainConfig, lora_config(base_run, out, steps=steps, save_every=3))
+    def cfg(out, steps, **over):
+        return from_dict(DiffusionTrainConfig, lora_config(base_run, out, steps=steps, save_every=3, **over))
 
-    full = train_diffusion(cfg(tmp_path / "full", 6), progress=False)["history"]
+    full = train_diffusion(cfg(tmp_path / "full", 6, snapshot_every=3), progress=False)["history"]
     part = train_diffusion(cfg(tmp_path / "split", 3), progress=False)["history"]
     rest = train_diffusion(cfg(tmp_path / "split", 6), resume=True, progress=False)["history"]
     assert [h["loss"] for h in part + rest] == [h["loss"] for h in full]
     for name in ("lora_weights.safetensors", "lora.safetensors"):
         a, b = (load_file(str(tmp_path / run / name)) for run in ("full", "split"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    snapshot = tmp_path / "full" / "snapshots" / "step_000003"
+    assert [p.name for p in snapshot.iterdir()] == ["lora.safetensors"]  # the EMA adapters of step 3
+    up = next(k for k in a if k.endswith(".lora_up.weight"))  # (a: the last step's lora.safetensors)
+    assert not torch.equal(load_file(str(snapshot / "lora.safetensors"))[up], a[up])
     with pytest.raises(ValueError, match="lora.rank: 4 -> 8"):
         train_diffusion(from_dict(DiffusionTrainConfig, lora_config(base_run, tmp_path / "split", steps=6,
                                                                     save_every=3, lora={"rank": 8, "alpha": 2.0})),
