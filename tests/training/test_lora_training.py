@@ -312,7 +312,12 @@ def test_lora_trains_under_bf16_autocast(base_run, tmp_path, monkeypatch):
     assert all(l.lora_up.weight.dtype == torch.float32 and l.lora_up.weight.abs().max() > 0 for l in layers)
 
 
-def test_a_bad_lora_section_is_named(base_run, tmp_path):
+def test_a_bad_lora_section_is_named(base_run, tmp_path, capsys):
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(lora_config(base_run, tmp_path / "cli")))
+    assert main(["train", "--config", str(path), "--quiet", "lora.targets=['*.to_qq']"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("openldm train: error: lora.targets pattern '*.to_qq' matches no") and "\n" not in err
     with pytest.raises(ConfigError, match="lora.rank=0"):
         from_dict(DiffusionTrainConfig, lora_config(base_run, tmp_path / "a", lora={"rank": 0}))
     with pytest.raises(ConfigError, match="set base_model"):
