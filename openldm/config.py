@@ -242,8 +242,3 @@ class LoRAConfig:
             raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
         if not self.targets:
             raise ValueError("lora.targets is empty; give module name patterns, e.g. ['*_attn.to_q', '*.ff.proj']")
-
-    @property
-    def scale(self) -> float:
-        """The side branch's factor alpha / rank."""
-        return (self.rank if self.alpha is None else self.alpha) / self.rank

@@ -270,12 +270,12 @@ def test_a_lora_on_the_bundled_latent_model_uses_its_autoencoder_scale_and_condi
                 sample_every=0, snapshot_every=0, out_dir=str(tmp_path / "run"),
                 data={"name": "image_folder", "options": {"root": str(root), "size": 32, "channels": 1,
                                                           "labels_from_folders": True}})
-    seen, scales = record_unets(monkeypatch), []
+    seen, scales = record_unets(monkeypatch), []  # scales: the loop's TrainingData
     real = diffusion.prepare_data
-    monkeypatch.setattr(diffusion, "prepare_data", lambda *a, **k: scales.append(real(*a, **k).scale) or real(*a, **k))
+    monkeypatch.setattr(diffusion, "prepare_data", lambda *a, **k: scales.append(real(*a, **k)) or scales[-1])
     out = train_diffusion(from_dict(DiffusionTrainConfig, data), progress=False)
     assert all(np.isfinite(h["loss"]) for h in out["history"])
-    assert scales == [pytest.approx(read_scaling_factor(base / "unet_ema.safetensors"))]
+    assert [d.scale for d in scales] == [pytest.approx(read_scaling_factor(base / "unet_ema.safetensors"))]
     assert_base_unchanged(seen, base)
     assert len(load_file(str(tmp_path / "run" / "lora.safetensors"))) == 3 * len(lora_layers(seen[0]))
 
