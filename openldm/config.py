@@ -42,7 +42,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None given a value: X's own error names what is wrong
+            return _convert(value, options[0], where)
+        for arg in options:
             try:
                 return _convert(value, arg, where)
             except ConfigError:
@@ -211,3 +214,31 @@ class OptimConfig:
             raise ValueError(f"lr schedule {self.schedule!r} is not one of {LR_SCHEDULES}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+# LoRA's default targets: the attention and feed-forward linears of the UNet's spatial transformers (openldm names:
+# down.4.1.blocks.0.self_attn.to_q, ...cross_attn.to_out, ...ff.proj, ...ff.out).
+LORA_TARGETS = ("*_attn.to_q", "*_attn.to_k", "*_attn.to_v", "*_attn.to_out", "*.ff.proj", "*.ff.out")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters trained on a frozen UNet (``openldm.training.lora``): ``rank``, ``alpha`` (the side branch
+    is scaled by alpha / rank; None = rank, a scale of 1), ``dropout`` on the branch's input, and ``targets``:
+    shell-style patterns (fnmatch) over the UNet's module names, each Linear or Conv2d layer they match gets an
+    adapter."""
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank={self.rank} must be >= 1")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"lora.alpha={self.alpha} must be positive (or null for alpha = rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if not self.targets:
+            raise ValueError("lora.targets is empty; give module name patterns, e.g. ['*_attn.to_q', '*.ff.proj']")

@@ -16,6 +16,7 @@ reshaped to ``W``'s shape. Two layouts are read, from ``.safetensors`` files onl
   metadata (diffusers' convention).
 
 Module names are translated through the UNet and CLIP key maps (openldm/io/keymaps), never a table of their own.
+:func:`save_kohya_lora` writes UNet adapters trained here in the kohya layout (with sd-scripts' network metadata).
 Every key must land on a layer of the model with matching shapes: anything else (another network type such as
 LoHa, DoRA scales, an SDXL second text encoder, a layer the model lacks) is refused, naming the keys.
 """
@@ -24,14 +25,18 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from openldm.io.files import atomic_path
 from openldm.io.keymaps import clip as clip_keys
 from openldm.io.keymaps import unet as unet_keys
+from openldm.models.unet import UNetConfig
 
 PARTS = ("unet", "text_encoder")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
@@ -230,3 +235,53 @@ def _module(name: str, group: dict[str, torch.Tensor], scale: float, shape: torc
 
 def _listing(keys: list[str], limit: int = 10) -> str:
     return str(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+# ---- writing (UNet adapters trained here) --------------------------------------------------------------------
+
+def kohya_unet_names(config: UNetConfig, modules: list[str]) -> dict[str, str]:
+    """openldm UNet module name -> kohya module name, for each of ``modules`` (layers of ``UNet(config)``)."""
+    keymap = unet_keys.diffusers_keymap(config)
+    names = {}
+    for module in modules:
+        key = keymap.get(f"{module}.weight")
+        if key is None:
+            raise ValueError(f"{module!r} is not a layer with weights of this UNet; the kohya layout names layers of "
+                             "UNet(config) only")
+        names[module] = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+    return names
+
+
+def to_kohya(state: Mapping[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
+    """Adapter tensors keyed ``<openldm module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` -> kohya keys."""
+    modules, bad = {}, []
+    for key in state:
+        module, suffix = next(((key[: -len(s) - 1], s) for s in _KOHYA_SUFFIXES if key.endswith("." + s)),
+                              (None, None))
+        if module is None:
+            bad.append(key)
+        else:
+            modules.setdefault(module, set()).add(suffix)
+    incomplete = sorted(m for m, s in modules.items() if s != set(_KOHYA_SUFFIXES))
+    if bad or incomplete:
+        raise ValueError(f"LoRA state: keys {bad[:5]} are not adapter tensors ({', '.join(_KOHYA_SUFFIXES)}) and "
+                         f"modules {incomplete[:5]} lack one of them")
+    names = kohya_unet_names(config, sorted(modules))
+    return {f"{names[m]}.{s}": state[f"{m}.{s}"].detach().contiguous()
+            for m in sorted(modules) for s in _KOHYA_SUFFIXES}
+
+
+def save_kohya_lora(state: Mapping[str, torch.Tensor], path: str | Path, config: UNetConfig) -> Path:
+    """Write UNet adapter tensors (openldm module names) as a kohya-layout ``.safetensors`` file, atomically, with
+    sd-scripts' metadata of the network (``ss_network_module``, ``ss_network_dim``: the rank, ``ss_network_alpha``)."""
+    tensors = to_kohya(state, config)
+    ranks = {int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+    alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
+    metadata = {"ss_network_module": "networks.lora"}
+    if len(ranks) == 1 and len(alphas) == 1:
+        metadata.update(ss_network_dim=str(ranks.pop()), ss_network_alpha=repr(alphas.pop()))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path

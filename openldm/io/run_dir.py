@@ -16,6 +16,10 @@ A run directory (``out_dir`` of ``openldm train``, an exported run, a bundled mo
                                   each written in full before ``checkpoints/latest`` names it; the files above are
                                   links to the latest one (``openldm.training.checkpoint`` writes them)
 - ``snapshots/step_XXXXXX/``      EMA weights of chosen steps
+- LoRA runs (a ``lora`` section) hold no UNet files: ``lora.safetensors`` is the EMA adapters in the kohya layout
+  (what diffusers and AUTOMATIC1111 load, :mod:`openldm.io.lora`) and ``lora_weights.safetensors`` the raw and
+  ``ema.``-prefixed adapters under openldm module names (what a resume reads); the base model stays where
+  ``base_model`` names it
 - ``metrics.jsonl``, ``samples/``, ``latents/``, ``tensorboard/``: training's logs and caches
 
 Paths inside the config (``autoencoder``, ``base_model``) are looked up in the run directory first, so a run that
@@ -34,16 +38,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from openldm.conditioning.compose import ConditionConfig, Resources
-from openldm.config import PRECISIONS, DataSpec, OptimConfig, from_dict, to_dict
+from openldm.config import PRECISIONS, DataSpec, LoRAConfig, OptimConfig, from_dict, to_dict
 from openldm.diffusion.objectives import PREDICTION_TYPES
 from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io.files import atomic_path
-from openldm.io.native import read_metadata, save_model
+from openldm.io.lora import save_kohya_lora
+from openldm.io.native import load_model, read_metadata, save_model
 
 CONFIG_FILE = "config.yaml"
 UNET_FILE = "unet.safetensors"
 UNET_EMA_FILE = "unet_ema.safetensors"
 CONDITIONER_FILE = "conditioner.safetensors"
+LORA_FILE = "lora.safetensors"  # LoRA runs: the EMA adapters, kohya layout
+LORA_WEIGHTS_FILE = "lora_weights.safetensors"  # LoRA runs: raw + "ema." adapters, openldm module names
 DATA_FILE = "data.json"
 SAMPLING_FILE = "sampling.json"
 STATE_FILE = "training_state.safetensors"
@@ -59,7 +66,9 @@ TRAINED_SAMPLING = {"sampler": "ddim", "steps": 50, "guidance_scale": 3.0}  # a 
 class DiffusionTrainConfig:
     data: DataSpec = field(default_factory=DataSpec)
     autoencoder: str | None = None  # openldm autoencoder file; None trains in pixel space
-    base_model: str | None = None  # SD v1 checkpoint to fine-tune (single file / diffusers / openldm folder)
+    base_model: str | None = None  # SD checkpoint to fine-tune (single file / diffusers / openldm folder); with
+    # a lora section also a run directory of `openldm train`
+    lora: LoRAConfig | None = None  # train LoRA adapters on the frozen UNet of base_model (only they are saved)
     cache_latents: bool = True  # False: encode each batch with the frozen autoencoder as it is drawn
     unet_preset: str = "tiny-unet"  # (not with base_model: the UNet is the checkpoint's)
     unet: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
@@ -111,6 +120,9 @@ class DiffusionTrainConfig:
             if self.unet or self.unet_preset != "tiny-unet":
                 raise ValueError(f"base_model={self.base_model!r} fine-tunes the checkpoint's UNet with its own "
                                  f"config; remove unet_preset={self.unet_preset!r} and unet={self.unet!r}")
+        elif self.lora is not None:
+            raise ValueError("a lora section trains adapters on a base model's frozen UNet: set base_model to an SD "
+                             "checkpoint or a run directory of `openldm train`")
 
 
 def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +250,18 @@ def save_weights(out_dir: Path, *, ema_unet: nn.Module, ema_conditioner: dict[st
         save_file(state, str(tmp))
 
 
+def save_lora(out_dir: Path, *, unet_config, ema_lora: dict[str, torch.Tensor],
+              lora: dict[str, torch.Tensor] | None = None) -> None:
+    """A LoRA run's weight files: ``lora.safetensors`` (``ema_lora`` in the kohya layout) and, with ``lora`` (the
+    raw adapters), ``lora_weights.safetensors`` (raw + ``ema.``-prefixed, openldm names)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_kohya_lora(ema_lora, out_dir / LORA_FILE, unet_config)
+    if lora is not None:
+        state = {**{k: v.contiguous() for k, v in lora.items()}, **{f"ema.{k}": v.contiguous() for k, v in ema_lora.items()}}
+        with atomic_path(out_dir / LORA_WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
+
+
 def find_in_run(path: str, run_dir: Path, what: str = "autoencoder") -> Path:
     """A path the config names (its autoencoder or base model): inside the run directory (an exported run keeps
     its autoencoder there), else as written (relative to the working directory training ran in)."""
@@ -321,6 +345,47 @@ def load_base_model(cfg: DiffusionTrainConfig, path: str | Path | None = None, *
     for module in (sd.vae, sd.text_encoder):
         module.eval().requires_grad_(False)
     return sd
+
+
+@dataclass
+class BaseRun:
+    """A run directory of ``openldm train`` as the base of a LoRA run: its EMA UNet (what it samples with), its EMA
+    conditioner weights, its autoencoder (None in pixel space, else frozen) and latent scale."""
+
+    config: DiffusionTrainConfig
+    unet: nn.Module
+    conditioner: dict[str, torch.Tensor]
+    vae: nn.Module | None
+    scaling_factor: float
+
+
+def load_base_run(cfg: DiffusionTrainConfig, path: str | Path, *, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> BaseRun:
+    """The run directory ``path`` as :class:`BaseRun`, weights at ``dtype`` (an exported run may store float16).
+    Raises when ``cfg``'s schedule, prediction or conditions (kinds, names, options) are not the run's."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    base = read_config(path)
+    if base.base_model is not None:
+        raise ValueError(f"base_model {str(path)!r} is itself a fine-tuned run of {base.base_model!r}; train the LoRA "
+                         "on that checkpoint, or export the run to an SD checkpoint first")
+    mine = [{k: v for k, v in to_dict(c).items() if k != "drop_prob"} for c in cfg.conditions]
+    theirs = [{k: v for k, v in to_dict(c).items() if k != "drop_prob"} for c in base.conditions]
+    if cfg.schedule != base.schedule or cfg.prediction != base.prediction or mine != theirs:
+        raise ValueError(f"base_model {str(path)!r} was trained with schedule {to_dict(base.schedule)}, prediction "
+                         f"{base.prediction!r} and conditions {theirs}; the config has {to_dict(cfg.schedule)}, "
+                         f"{cfg.prediction!r} and {mine}: copy them from the base run's config.yaml")
+    folder = weights_dir(path, None, ema=True)
+    unet = load_model(folder / UNET_EMA_FILE, device=device, dtype=dtype)
+    cond_path = folder / CONDITIONER_FILE
+    cond = {k: v.to(dtype) if v.is_floating_point() else v
+            for k, v in (load_file(str(cond_path)) if cond_path.is_file() else {}).items()}
+    vae = None
+    if base.autoencoder is not None:
+        vae = load_model(find_in_run(base.autoencoder, path), device=device, dtype=dtype).eval().requires_grad_(False)
+    return BaseRun(base, unet, {k[4:]: v for k, v in cond.items() if k.startswith("ema.")}, vae,
+                   read_scaling_factor(folder / UNET_EMA_FILE))
 
 
 def base_resources(sd, resources: Resources | None) -> Resources:

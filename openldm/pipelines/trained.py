@@ -117,6 +117,10 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     with the checkpoint's timestep spacing and offset."""
     run_dir = Path(run_dir)
     cfg = runs.read_config(run_dir)
+    if cfg.lora is not None:
+        raise ValueError(f"{str(run_dir)!r} is a LoRA run: it holds adapters ({runs.LORA_FILE}, kohya layout), not a "
+                         f"model; generate with its base model {cfg.base_model!r} and --lora "
+                         f"{str(run_dir / runs.LORA_FILE)!r}")
     weights_dir = runs.weights_dir(run_dir, step, ema)
     unet_path = weights_dir / (runs.UNET_EMA_FILE if ema else runs.UNET_FILE)
     if not unet_path.is_file():

@@ -16,6 +16,13 @@ condition with backend "external" gets the checkpoint's frozen CLIP text encoder
 layer: the prompt encoding of ``openldm.pipelines.text_to_image``). The schedule and prediction type must be the
 checkpoint's. The run stores only what it trains; ``load_run`` takes the VAE and CLIP from ``base_model`` again.
 
+LoRA (a ``lora`` section, :mod:`openldm.training.lora`): the base model's UNet and conditioner are frozen, adapters
+are injected into the layers ``lora.targets`` names, and only they are optimised, averaged by the EMA (which shares
+the frozen weights instead of copying them) and saved (``lora.safetensors`` in the kohya layout, plus the raw and
+EMA adapters for resuming). ``base_model`` is an SD checkpoint as above or a run directory of ``openldm train``
+(its EMA UNet and conditioner weights, its autoencoder and latent scale; the config's schedule, prediction and
+conditions must be the run's).
+
 Conditions read their inputs from the batch. Two are derived when the data lacks them: a low-res conditioner's image
 is the training image shrunk ``factor`` times (its config; antialiased), and inpainting draws random masks. Both read
 pixels, which a latent cache built here carries (as float16, column "pixels") when such a condition is configured.
@@ -62,13 +69,18 @@ from openldm.io.native import load_model
 from openldm.io.run_dir import (  # noqa: F401  (DiffusionTrainConfig, upgrade_config, data_facts: re-exported)
     CONDITIONER_FILE,
     DATA_FILE,
+    LORA_WEIGHTS_FILE,
     SNAPSHOTS,
     UNET_EMA_FILE,
     UNET_FILE,
+    BaseRun,
     DiffusionTrainConfig,
     base_resources,
     data_facts,
+    is_run_dir,
     load_base_model,
+    load_base_run,
+    save_lora,
     save_weights,
     step_name,
     upgrade_config,
@@ -94,6 +106,7 @@ from openldm.training.distributed import (
     shutdown,
 )
 from openldm.training.ema import EMA
+from openldm.training.lora import inject_lora, load_lora_state_dict, lora_state_dict
 from openldm.training.optim import make_optimizer
 
 
@@ -194,15 +207,27 @@ def _tensorboard(out_dir: Path):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
-def _save_weights(out_dir: Path, model: DiffusionModel | None, ema: EMA, scale: float) -> None:
-    """The run's weight files (EMA only when ``model`` is None, as in snapshots), through the run directory's owner."""
+def _save_weights(out_dir: Path, model: DiffusionModel | None, ema: EMA, scale: float, lora: bool = False) -> None:
+    """The run's weight files (EMA only when ``model`` is None, as in snapshots), through the run directory's owner;
+    of a LoRA run only the adapters."""
+    if lora:
+        save_lora(out_dir, unet_config=ema.shadow.unet.config, ema_lora=lora_state_dict(ema.shadow.unet),
+                  lora=None if model is None else lora_state_dict(model.unet))
+        return
     save_weights(out_dir, ema_unet=ema.shadow.unet, ema_conditioner=ema.shadow.conditioner.state_dict(),
                  scaling_factor=scale, unet=None if model is None else model.unet,
                  conditioner=None if model is None else model.conditioner.state_dict())
 
 
-def _load_weights(folder: Path, model: DiffusionModel, ema: EMA | None) -> None:
-    """A checkpoint's weight files into the model (and its EMA copy)."""
+def _load_weights(folder: Path, model: DiffusionModel, ema: EMA | None, lora: bool = False) -> None:
+    """A checkpoint's weight files into the model (and its EMA copy); of a LoRA run its adapters."""
+    if lora:
+        state = load_file(str(folder / LORA_WEIGHTS_FILE))
+        where = str(folder / LORA_WEIGHTS_FILE)
+        load_lora_state_dict(model.unet, {k: v for k, v in state.items() if not k.startswith("ema.")}, where)
+        if ema is not None:
+            load_lora_state_dict(ema.shadow.unet, {k[4:]: v for k, v in state.items() if k.startswith("ema.")}, where)
+        return
     load_weights(model.unet, load_model(folder / UNET_FILE).state_dict(), folder / UNET_FILE)
     cond = load_file(str(folder / CONDITIONER_FILE))
     load_weights(model.conditioner, {k: v for k, v in cond.items() if not k.startswith("ema.")},
@@ -211,6 +236,18 @@ def _load_weights(folder: Path, model: DiffusionModel, ema: EMA | None) -> None:
         load_weights(ema.shadow.unet, load_model(folder / UNET_EMA_FILE).state_dict(), folder / UNET_EMA_FILE)
         load_weights(ema.shadow.conditioner, {k[4:]: v for k, v in cond.items() if k.startswith("ema.")},
                      folder / CONDITIONER_FILE)
+
+
+def _load_base(cfg: DiffusionTrainConfig, device: torch.device):
+    """The base model of a fine-tuning or LoRA run: an SD checkpoint, or (LoRA runs) a run directory."""
+    if cfg.base_model is None:
+        return None
+    if is_run_dir(cfg.base_model):
+        if cfg.lora is None:
+            raise ValueError(f"base_model {cfg.base_model!r} is a run directory: train LoRA adapters on it (a lora "
+                             "section), or continue training it with --resume")
+        return load_base_run(cfg, cfg.base_model, device=device)
+    return load_base_model(cfg, device=device)
 
 
 def train_diffusion(cfg: DiffusionTrainConfig, *, resume: bool | str = False, progress: bool = True,
@@ -244,22 +281,30 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool | str, ove
     if info.is_main:
         write_config(cfg, out_dir)
     torch.manual_seed(cfg.seed)  # parameter initialisation
-    base = load_base_model(cfg, device=device) if cfg.base_model is not None else None
+    base = _load_base(cfg, device)
     ae = base.vae if base is not None else None
     if cfg.autoencoder is not None:
         ae = load_model(cfg.autoencoder, device=device).eval().requires_grad_(False)
-    if base is not None:
+    if base is not None and not isinstance(base, BaseRun):
         resources = base_resources(base, resources)
-    data = prepare_data(cfg, out_dir, ae)  # every process encodes its share of a latent cache
+    # every process encodes its share of a latent cache
+    data = prepare_data(cfg, out_dir, ae, scale=base.scaling_factor if isinstance(base, BaseRun) else None)
     dataset, scale = data.dataset, data.scale
     conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
+    if isinstance(base, BaseRun):
+        load_weights(conditioner, base.conditioner, Path(cfg.base_model) / CONDITIONER_FILE)
     channels = int(data.x0(torch.utils.data.default_collate([dataset[0]]), torch.device("cpu")).shape[1])
     unet = build_unet(cfg, channels, conditioner, base.unet if base is not None else None)
     base = None  # the checkpoint's UNet is copied; its VAE and CLIP live on in `ae` and the conditioner
     model = DiffusionModel(unet, conditioner).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = EMA(model, decay=cfg.ema_decay) if info.is_main else None  # weights are equal on every rank: keep one
+    lora = cfg.lora is not None
+    if lora:  # the base is frozen; only the adapters (on the UNet's device, float32) train
+        model.requires_grad_(False)
+        inject_lora(model.unet, cfg.lora)
+    # weights are equal on every rank: keep one EMA (of a LoRA run: the adapters; the frozen base is shared)
+    ema = EMA(model, decay=cfg.ema_decay, share_frozen=lora) if info.is_main else None
     for c in model.conditioner.conditioners.values():  # (after the EMA copy: sampling draws for its own batch)
         c.set_shard(info.rank, info.world_size)  # per-row draws: the whole micro batch, this rank's rows kept
     params = [p for p in model.parameters() if p.requires_grad]
@@ -275,7 +320,7 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool | str, ove
     loop = LoopState(stream, {"optimizer": opt}, {"scheduler": sched}, {"gen": gen}, scaler, ema)
     step = 0
     if start.folder is not None:
-        _load_weights(start.folder, model, ema)
+        _load_weights(start.folder, model, ema, lora)
         step = loop.load_state_dict(start.state, lrs={"scheduler": cfg.optim.lr})
     net: nn.Module = model
     if info.enabled:
@@ -383,10 +428,10 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool | str, ove
                 if board is not None:
                     board.add_image("samples", np.array(grid.convert("RGB")), step, dataformats="HWC")
             if info.is_main and cfg.snapshot_every and step % cfg.snapshot_every == 0:
-                _save_weights(out_dir / SNAPSHOTS / step_name(step), None, ema, scale)
+                _save_weights(out_dir / SNAPSHOTS / step_name(step), None, ema, scale, lora)
             stopped = any_process(stopper.stop, info, device)  # a signal to any rank stops every rank at this step
             if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stopped):
-                start.checkpoints.save(step, loop.state_dict(step), lambda d: _save_weights(d, model, ema, scale))
+                start.checkpoints.save(step, loop.state_dict(step), lambda d: _save_weights(d, model, ema, scale, lora))
     bar.close()
     if board is not None:
         board.close()

@@ -67,11 +67,12 @@ class TrainingData:
         return batch[self.x0_key].to(device).float() * self.scale
 
 
-def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path, autoencoder: nn.Module | None = None) -> TrainingData:
+def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path, autoencoder: nn.Module | None = None,
+                 scale: float | None = None) -> TrainingData:
     """The training data: pixels (no ``autoencoder``), latents cached once with the autoencoder (the pixels kept
     too when a condition reads them), or with ``cache_latents: false`` the images, encoded batch by batch. The scale
-    factor is the autoencoder's ``scaling_factor``, else measured (1 / std). Rank 0 writes ``data.json``
-    (:func:`describe_data`)."""
+    factor is ``scale`` when given (a base run's), else the autoencoder's ``scaling_factor``, else measured
+    (1 / std). Rank 0 writes ``data.json`` (:func:`describe_data`)."""
     dataset = build_dataset(cfg.data.name, cfg.data.options)
     main = not dist.is_initialized() or dist.get_rank() == 0
     if autoencoder is None:
@@ -82,10 +83,10 @@ def prepare_data(cfg: DiffusionTrainConfig, out_dir: Path, autoencoder: nn.Modul
         source = WithPixels(dataset) if reads_pixels(cfg.conditions) else dataset
         cache = build_latent_cache(source, autoencoder_encoder(autoencoder), out_dir / "latents", progress=False,
                                    device=next(autoencoder.parameters()).device)
-        scale = float(getattr(autoencoder.config, "scaling_factor", None) or cache.meta["scaling_factor"])
+        scale = float(scale or getattr(autoencoder.config, "scaling_factor", None) or cache.meta["scaling_factor"])
         data, shape = TrainingData(cache, "latent", scale), cache[0]["latent"].shape
     else:
-        scale = getattr(autoencoder.config, "scaling_factor", None)
+        scale = scale or getattr(autoencoder.config, "scaling_factor", None)
         if not scale:
             from openldm.data.latent_cache import measure_scaling_factor
 

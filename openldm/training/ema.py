@@ -13,15 +13,18 @@ class EMA:
 
     Warm-up: ``decay_t = min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so early, poorly trained weights fade
     quickly (the schedule of the original latent-diffusion ``LitEma``). Buffers (e.g. norm statistics) are copied.
+    ``share_frozen``: parameters that do not require gradients (a frozen base under LoRA adapters) are the model's
+    own tensors in the shadow, not copies; they never change, so their average is themselves.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, share_frozen: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        memo = {id(p): p for p in model.parameters() if not p.requires_grad} if share_frozen else {}
+        self.shadow = copy.deepcopy(model, memo).eval().requires_grad_(False)
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -34,6 +37,8 @@ class EMA:
         self.num_updates += 1
         model_params = dict(model.named_parameters())
         for name, p in self.shadow.named_parameters():
+            if p is model_params[name]:  # shared (share_frozen)
+                continue
             src = model_params[name].detach()
             if p.is_floating_point():
                 p.lerp_(src.to(p.dtype), 1.0 - decay)
