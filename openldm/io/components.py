@@ -179,7 +179,7 @@ def read_tensors(path: str | Path, *, unsafe_load: bool = False,
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
-_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # the pickled magic number legacy torch files open with
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # legacy torch files open with this pickled magic number
 
 
 def _torch_load(path: Path, unsafe_load: bool):
@@ -188,10 +188,10 @@ def _torch_load(path: Path, unsafe_load: bool):
     if not path.is_file():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist")
     with path.open("rb") as f:
-        head = f.read(len(_LEGACY_MAGIC))
+        head = f.read(32)
     if not head:
         raise ValueError(f"{str(path)!r} is unreadable: it is empty (0 bytes)")
-    legacy = head.startswith(_LEGACY_MAGIC)
+    legacy = head.startswith(b"\x80") and _LEGACY_MAGIC in head[:16]  # a pickle (any protocol) of the magic number
     if not head.startswith(_ZIP_MAGIC) and not legacy:
         raise ValueError(f"{str(path)!r} is unreadable: not a PyTorch checkpoint (neither torch.save's zip archive "
                          f"nor its legacy pickle; it starts with {head[:8]!r})")
@@ -217,5 +217,7 @@ def _torch_load(path: Path, unsafe_load: bool):
 
 
 def _first_line(e: BaseException) -> str:
+    """The first sentence of an error's message, without terminal colour codes."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+    text = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+    return text[:300]

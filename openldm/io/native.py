@@ -87,8 +87,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
 
 def _config(path: Path, meta: dict[str, str], cls) -> object:
     """The config dataclass in ``meta``'s ``openldm.config`` JSON, strictly checked; errors name the file."""
+    if "openldm.config" not in meta:
+        raise ValueError(f"{str(path)!r} has no openldm.config metadata: it cannot say which {cls.__name__} it holds")
     try:
-        data = json.loads(meta.get("openldm.config", ""))
+        data = json.loads(meta["openldm.config"])
     except (ValueError, RecursionError):
         raise ValueError(f"{str(path)!r}: its openldm.config metadata is not valid JSON") from None
     if not isinstance(data, dict):

@@ -9,10 +9,11 @@ data. :func:`read_header` accepts a file only when every tensor's offsets lie in
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from openldm.config import ConfigError
 from openldm.models.meta import BudgetExceeded, build_on_meta
 
 # safetensors dtype name -> torch dtype (the names torch can hold; others are refused).
@@ -72,7 +74,7 @@ def _entry(path: Path, name: str, value: object) -> TensorEntry:
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
         raise ValueError(f"{where} must be an object with exactly dtype, shape and data_offsets; got {value!r:.200}")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"{where} has dtype {dtype!r:.40}; supported: {', '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
         raise ValueError(f"{where} has shape {shape!r:.200}; a shape is a list of non-negative integers")
@@ -192,3 +194,19 @@ def check_fits(module: nn.Module, found: Mapping[str, tuple[torch.dtype, tuple[i
             problems.append(f"{len(items)} {label}: {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}")
     if problems:
         raise ValueError(f"{where}: the weights do not fit the model its config describes ({'; '.join(problems)})")
+
+
+def names_its_source(load: Callable) -> Callable:
+    """Decorate a loader whose first argument is a path: a ValueError or KeyError from deep inside it (a key map, a
+    config check) that does not name the path is raised again with the path in front, so one line says which
+    file is bad."""
+    @functools.wraps(load)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return load(path, *args, **kwargs)
+        except (ValueError, KeyError) as e:
+            message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            if str(path) in message:
+                raise
+            raise (ConfigError if isinstance(e, ConfigError) else ValueError)(f"{str(path)!r}: {message}") from e
+    return wrapper
