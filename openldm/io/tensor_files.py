@@ -148,12 +148,13 @@ def open_safetensors(path: str | Path, device: torch.device | str = "cpu") -> It
 
 def build_within(cls: type[nn.Module], config: object, shapes: Iterable[tuple[int, ...]], where: str) -> nn.Module:
     """``cls(config)`` on the meta device, for weights of ``shapes``: the build stops as soon as the config asks
-    for more tensors or elements than they could fill (every registered tensor must be one of them; the slack is
-    for tied or re-registered ones), and any error building it becomes a ValueError naming ``where``."""
+    for more tensors or elements than they could fill, and any error building it becomes a ValueError naming
+    ``where``. The budget is twice what the weights hold (tied or re-registered tensors) plus a floor of a
+    thousand tensors and 16M elements, so that a few missing tensors are still reported as missing ones."""
     shapes = list(shapes)
     count, elements = len(shapes), sum(math.prod(s) for s in shapes)
     try:
-        return build_on_meta(cls, config, max_tensors=2 * count + 64, max_elements=2 * elements + (1 << 20))
+        return build_on_meta(cls, config, max_tensors=2 * count + 1024, max_elements=2 * elements + (1 << 24))
     except BudgetExceeded as e:
         raise ValueError(f"{where}: its config describes a bigger {cls.__name__} than its {count} tensors "
                          f"({elements:,} elements) can fill ({e}); the config or the file is damaged") from None

@@ -412,8 +412,8 @@ sys.exit(openldm.cli.main({argv!r}))
 """
 
 
-@pytest.mark.parametrize("case", ["config_num_res_blocks_100000", "config_channels_1e9", "config_depth_1e6",
-                                  "header_length_2_62", "random_bytes", "tensor_nan"])
+@pytest.mark.parametrize("case", ["config_num_res_blocks_100000", "config_channels_1e6", "header_length_2_62",
+                                  "tensor_nan"])
 def test_refusal_is_bounded_in_memory_and_time(case, run, good_unet, tmp_path):
     """In a fresh process whose address space may grow only 512 MiB past what importing openldm took, with a
     60 s timeout (interpreter start and imports included): exit 2, one line, no traceback."""
