@@ -397,6 +397,30 @@ def test_the_fuzz_covers_forty_malformed_files():
     assert len(SAFETENSORS_CASES) + len(VAE_CASES) + len(SD_FILE_CASES) + len(CKPT_CASES) >= 40
 
 
+def test_the_finite_check_is_exact():
+    """A fast sum decides most tensors; a non-finite sum of finite values (float16 overflow) is not refused, and
+    the exact count names how many values are bad, in every floating dtype."""
+    from openldm.io.tensor_files import check_finite
+
+    check_finite(torch.full((1000,), 60000.0).half(), "big", "f")  # the sum overflows; every value is finite
+    check_finite(torch.zeros(4, dtype=torch.float8_e4m3fn), "f8", "f")
+    check_finite(torch.tensor([1, 2]), "ints", "f")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e5m2):
+        x = torch.zeros(3 * (1 << 22) + 5).to(dtype)  # several chunks
+        x[-1], x[1 << 22] = float("nan"), float("-inf")
+        with pytest.raises(ValueError, match=r"f: tensor 'w' holds 2 non-finite values \(NaN or inf\)"):
+            check_finite(x, "w", "f")
+
+
+def test_a_directory_or_a_missing_path_is_named(tmp_path, run, capsys):
+    bad_run = copy_run(run, tmp_path / "run")
+    (bad_run / runs.UNET_EMA_FILE).mkdir()
+    with pytest.raises(ValueError, match="is a directory, not a model file"):
+        load_model(bad_run / runs.UNET_EMA_FILE)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope.safetensors")
+
+
 # ---- bounded memory and time -----------------------------------------------------------------------------------
 
 CHILD = """
