@@ -72,11 +72,12 @@ def good_vae(tmp_path_factory) -> bytes:
 
 @pytest.fixture(scope="module")
 def sd_parts(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny SD v1 model as an original-layout single file and as an openldm folder."""
+    """A tiny SD v1 model as an original-layout single file and as an openldm folder (widths of 32: diffusers
+    folders need multiples of 32)."""
     torch.manual_seed(2)
-    unet = UNet(UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                           num_heads=2, context_dim=32, norm_groups=4))
-    vae = AutoencoderKL(tiny_autoencoder_kl(channels=8, channel_mult=(1, 2)))
+    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                           num_heads=2, context_dim=32, norm_groups=8))
+    vae = AutoencoderKL(tiny_autoencoder_kl(channels=32, channel_mult=(1, 2)))
     sd = StableDiffusionComponents(unet=unet.eval(), vae=vae.eval(), text_encoder=CLIPTextEncoder(tiny_text_config()),
                                    tokenizer=CLIPTokenizer.from_bpe_file())
     tmp = tmp_path_factory.mktemp("sd")
@@ -343,6 +344,24 @@ def test_a_malformed_file_in_an_openldm_folder_is_one_line(case, sd_parts, tmp_p
     bad.write_bytes(SAFETENSORS_CASES[case][0](bad.read_bytes()))
     assert_refused(["convert", str(folder), str(tmp_path / "out"), "--to", "diffusers"], bad, capsys,
                    FOLDER_CASES[case])
+
+
+DIFFUSERS_CASES = {  # component/config.json key -> absurd value, and who must say so
+    ("unet", "layers_per_block", 100_000): r"diffusers UNet state dict: its config describes a bigger UNet",
+    ("vae", "layers_per_block", 100_000): r"diffusers autoencoder state dict: its config describes a bigger",
+    ("text_encoder", "num_hidden_layers", 10**6): r"text_encoder: its config describes a bigger CLIPTextEncoder",
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIFFUSERS_CASES), ids=lambda c: f"{c[0]}-{c[1]}")
+def test_an_absurd_diffusers_config_is_one_line(case, sd_parts, tmp_path, capsys):
+    component, key, value = case
+    folder = tmp_path / "diffusers"
+    assert main(["convert", str(sd_parts[0]), str(folder), "--to", "diffusers"]) == 0
+    config = folder / component / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
+    assert_refused(["convert", str(folder), str(tmp_path / "out"), "--to", "openldm"], folder, capsys,
+                   DIFFUSERS_CASES[case])
 
 
 class Trainer:  # a class inside a pickle: only full unpickling rebuilds it
