@@ -1,11 +1,17 @@
-"""Reading tensor files nobody vouched for: a ``.safetensors`` header checked before the library sees the file,
-weights checked against the module they load into, and floating weights checked to be finite.
+"""Reading model files nobody vouched for, the checks every loader shares:
 
-A safetensors file is an 8-byte little-endian header length N, N bytes of JSON (an object: tensor name ->
-``{"dtype", "shape", "data_offsets": [begin, end]}``, plus an optional ``"__metadata__"`` of strings), then the
-data. :func:`read_header` accepts a file only when every tensor's offsets lie in the data, hold exactly its
-``shape`` x ``dtype`` bytes and the tensors tile the data with no gap and no overlap. Every problem is a
-``ValueError`` whose one-line message names the file, so the CLI reports it as one line.
+- :func:`read_header`: a ``.safetensors`` header checked before the library sees the file. The format is an
+  8-byte little-endian header length N, N bytes of JSON (an object: tensor name -> ``{"dtype", "shape",
+  "data_offsets": [begin, end]}``, plus an optional ``"__metadata__"`` of strings), then the data; a file is
+  accepted only when the length fits the file, every dtype is known, every tensor's offsets hold exactly its
+  ``shape`` x ``dtype`` bytes and the tensors tile the data with no gap and no overlap.
+- :func:`build_within`: the module a (file's, untrusted) config describes, built on the meta device within a
+  budget the weights set, so ``num_res_blocks: 100000`` fails at once instead of building for hours.
+- :func:`check_fits` (names, shapes, dtypes against the module) and :func:`check_finite` (no NaN / inf).
+- :func:`names_its_source`: errors raised deep inside a loader name the file or folder it was given.
+
+Every problem is a ``ValueError`` (or ``FileNotFoundError``) whose one-line message names the file, so the CLI
+reports it as one line and exit code 2.
 """
 from __future__ import annotations
 
@@ -49,12 +55,8 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class SafetensorsHeader:
-    tensors: dict[str, TensorEntry]
+    tensors: dict[str, TensorEntry]  # in the header's order
     metadata: dict[str, str]
-
-    @property
-    def total_elements(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
 
 
 def _name(path: Path) -> str:
