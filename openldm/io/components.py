@@ -5,6 +5,7 @@ sd.py (our own folder, format detection and conversion)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -18,6 +19,7 @@ from torch import nn
 
 from openldm.config import from_dict, to_dict
 from openldm.diffusion.schedules import ScheduleConfig
+from openldm.io.tensor_files import build_within, check_finite, check_fits, open_safetensors, read_header
 from openldm.models.autoencoder import AutoencoderKL
 from openldm.models.text_encoder import CLIPTextEncoder
 from openldm.models.unet import UNet
@@ -112,19 +114,17 @@ def assign_module(cls: type[nn.Module], config, state: Mapping[str, torch.Tensor
     """``cls(config)`` built on the meta device with ``state``'s tensors assigned in (strict), each moved to
     ``device`` and cast to ``dtype`` (floating tensors only; ``None`` keeps the stored dtype) one at a time.
     A tensor already on ``device`` in ``dtype`` is used as is: a memory-mapped source stays the only copy."""
-    with torch.device("meta"):
-        module = cls(config)
+    what = what or cls.__name__
+    module = build_within(cls, config, [tuple(t.shape) for t in state.values()], what)
+    check_fits(module, {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}, what)
     cast = {}
     for key, t in state.items():
-        t = t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
-        cast[key] = t
-    try:
-        module.load_state_dict(cast, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{what or cls.__name__}: the weights do not fit the derived config: {e}") from None
+        check_finite(t, key, what)
+        cast[key] = t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+    module.load_state_dict(cast, strict=True, assign=True)
     left = [n for n, b in module.named_buffers() if b.is_meta]
     if left:
-        raise RuntimeError(f"{what or cls.__name__}: buffers {left} were not restored from the file")
+        raise RuntimeError(f"{what}: buffers {left} were not restored from the file")
     return module.eval()
 
 
@@ -160,39 +160,64 @@ def read_tensors(path: str | Path, *, unsafe_load: bool = False,
     """(tensors, string metadata) of a ``.safetensors`` file or a torch pickle (``.ckpt``/``.bin``/``.pt``), memory
     mapped. A pickle's nested ``"state_dict"`` is unwrapped. ``keep`` selects keys (others are never touched).
 
-    Pickles load with ``weights_only=True``; one that needs full unpickling raises unless ``unsafe_load``.
+    A safetensors header is checked before the library reads the file (:func:`~openldm.io.tensor_files.read_header`).
+    Pickles load with ``weights_only=True``; one that needs full unpickling raises unless ``unsafe_load``. A damaged
+    or foreign file is a ValueError naming it.
     """
     path = Path(path)
     keep = keep or (lambda key: True)
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            names = [k for k in f.keys() if keep(k)]  # noqa: SIM118 (a file handle, not a dict)
-            return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
+        header = read_header(path)
+        with open_safetensors(path) as f:
+            return {k: f.get_tensor(k) for k in header.tensors if keep(k)}, header.metadata
     obj = _torch_load(path, unsafe_load)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict")  # noqa: TRY004
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) and keep(k)}, {}
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor) and keep(k)}, {}
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # legacy torch files open with this pickled magic number
 
 
 def _torch_load(path: Path, unsafe_load: bool):
+    """``torch.load`` of a checkpoint, memory mapped when it is a zip archive. Only torch's two formats are handed to
+    it; unpickling errors say whether the file is damaged or needs full unpickling (and ``unsafe_load``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {str(path)!r} does not exist")
+    with path.open("rb") as f:
+        head = f.read(32)
+    if not head:
+        raise ValueError(f"{str(path)!r} is unreadable: it is empty (0 bytes)")
+    legacy = head.startswith(b"\x80") and _LEGACY_MAGIC in head[:16]  # a pickle (any protocol) of the magic number
+    if not head.startswith(_ZIP_MAGIC) and not legacy:
+        raise ValueError(f"{str(path)!r} is unreadable: not a PyTorch checkpoint (neither torch.save's zip archive "
+                         f"nor its legacy pickle; it starts with {head[:8]!r})")
+    if legacy:  # pre-zip files cannot be memory mapped: read into memory once
+        warnings.warn(f"{path}: legacy torch file, read into memory without memory mapping")
     import pickle
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=not unsafe_load)
+        return torch.load(path, map_location="cpu", mmap=not legacy, weights_only=not unsafe_load)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{str(path)!r} cannot be loaded safely: it needs full unpickling, which can run arbitrary "
-                         f"code ({reason[:300]}). If you trust this file, pass --unsafe-load (unsafe_load=True), or "
-                         "convert it once to .safetensors") from None
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-    # Legacy (pre-zip) pickles cannot be memory mapped: they are read into memory once.
-    warnings.warn(f"{path}: legacy torch file, read into memory without memory mapping")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe_load)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{str(path)!r} cannot be loaded safely: it needs full unpickling. If you trust this "
-                         "file, pass --unsafe-load (unsafe_load=True)") from e
+        text = " ".join(str(e).split())
+        needs = re.search(r"Unsupported global: (GLOBAL [\w.]+)", text)
+        if not unsafe_load and needs:
+            raise ValueError(f"{str(path)!r} cannot be loaded safely: it needs full unpickling ({needs.group(1)}), "
+                             "which can run arbitrary code. If you trust this file, pass --unsafe-load "
+                             "(unsafe_load=True), or convert it once to .safetensors") from None
+        raise ValueError(f"{str(path)!r} is unreadable: a damaged torch checkpoint ({_first_line(e)})") from None
+    except (ModuleNotFoundError, AttributeError) as e:  # only with unsafe_load: a class the pickle names is absent
+        raise ValueError(f"{str(path)!r} cannot be unpickled here: it needs {_first_line(e)}; install what it needs "
+                         "or convert it to .safetensors where it loads") from None
+    except Exception as e:  # noqa: BLE001 (torch's readers fail on damaged archives in many ways)
+        raise ValueError(f"{str(path)!r} is unreadable: a damaged torch checkpoint ({type(e).__name__}: "
+                         f"{_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an error's message, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    text = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+    return text[:300]

@@ -31,6 +31,7 @@ from openldm.io.components import (
 from openldm.io.diffusers_folder import load_diffusers, save_diffusers
 from openldm.io.native import load_model, save_model
 from openldm.io.original import load_original, save_original
+from openldm.io.tensor_files import names_its_source
 from openldm.models.autoencoder import AutoencoderKL
 from openldm.models.text_encoder import CLIPTextEncoder
 from openldm.models.unet import UNet
@@ -57,6 +58,7 @@ def detect_format(path: str | Path) -> str:
                      f"({OPENLDM_INDEX}); it holds {seen}")
 
 
+@names_its_source
 def load_sd(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
             unsafe_load: bool = False, use_ema: bool = False,
             prediction: str | None = None) -> StableDiffusionComponents:

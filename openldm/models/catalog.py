@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from openldm.models.meta import build_on_meta
 from openldm.registry import MODELS, PRESETS
 
 
@@ -17,8 +16,7 @@ class PresetRow:
 
 def count_parameters(kind: str, config: object) -> int:
     """Parameter count of model ``kind`` built from ``config`` on the meta device (no memory, no init time)."""
-    with torch.device("meta"):
-        module = MODELS.get(kind)(config)
+    module = build_on_meta(MODELS.get(kind), config)
     return sum(p.numel() for p in module.parameters())
 
 

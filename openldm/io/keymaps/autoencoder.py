@@ -20,12 +20,14 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from openldm.io.tensor_files import build_within
 from openldm.models.autoencoder import (
     AutoencoderKL,
     AutoencoderKLConfig,
     VQAutoencoder,
     VQModelConfig,
 )
+from openldm.models.meta import build_on_meta
 from openldm.models.quantizer import VectorQuantizer
 
 ORIGINAL_PREFIX = "first_stage_model."  # where an SD single file keeps the autoencoder
@@ -92,18 +94,24 @@ def _rename(key: str, layout: str, num_levels: int) -> tuple[str, Transforms | N
     raise KeyError(f"no {layout} name for our autoencoder key {key!r}")
 
 
-def _our_shapes(config: Config) -> dict[str, torch.Size]:
-    """Key -> shape of our model for ``config``, read off a parameter-free (meta-device) instance."""
+def _our_shapes(config: Config, fill: Mapping[str, torch.Tensor] | None = None,
+                what: str = "autoencoder weights") -> dict[str, torch.Size]:
+    """Key -> shape of our model for ``config``, read off a parameter-free (meta-device) instance. With ``fill``,
+    the weights meant for it, a config asking for more than they hold fails at once (a file's config is untrusted)."""
     if not isinstance(config, (AutoencoderKLConfig, VQModelConfig)):
         raise TypeError(f"expected an AutoencoderKLConfig or VQModelConfig, got {type(config).__name__}")
     cls = AutoencoderKL if isinstance(config, AutoencoderKLConfig) else VQAutoencoder
-    with torch.device("meta"):
-        return {k: v.shape for k, v in cls(config).state_dict().items()}
+    if fill is None:
+        module = build_on_meta(cls, config)
+    else:
+        module = build_within(cls, config, [tuple(t.shape) for t in fill.values()], what)
+    return {k: v.shape for k, v in module.state_dict().items()}
 
 
-def _table(config: Config, layout: str) -> dict[str, tuple[str, Transforms | None]]:
+def _table(config: Config, layout: str,
+           shapes: dict[str, torch.Size] | None = None) -> dict[str, tuple[str, Transforms | None]]:
     n = len(config.channel_mult)
-    return {k: _rename(k, layout, n) for k in _our_shapes(config) if not _is_stat(k)}
+    return {k: _rename(k, layout, n) for k in (_our_shapes(config) if shapes is None else shapes) if not _is_stat(k)}
 
 
 def _is_stat(key: str) -> bool:
@@ -135,11 +143,11 @@ def _export(state_dict: Mapping[str, torch.Tensor], config: Config, layout: str)
 
 def _import(state_dict: Mapping[str, torch.Tensor], config: Config, layout: str,
             ignore_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    table = _table(config, layout)
-    inverse = {theirs: (ours, transforms) for ours, (theirs, transforms) in table.items()}
     given = {k: v for k, v in state_dict.items() if not k.startswith(ignore_prefixes)} if ignore_prefixes else dict(state_dict)
+    shapes = _our_shapes(config, given, f"{layout} autoencoder state dict")
+    table = _table(config, layout, shapes)
+    inverse = {theirs: (ours, transforms) for ours, (theirs, transforms) in table.items()}
     _check(given, set(inverse), f"{layout} autoencoder state dict")
-    shapes = _our_shapes(config)
     out = {}
     for theirs, (ours, transforms) in inverse.items():
         t = given[theirs]

@@ -21,6 +21,8 @@ from typing import Mapping
 
 import torch
 
+from openldm.io.tensor_files import build_within
+from openldm.models.meta import build_on_meta
 from openldm.models.unet import UNet, UNetConfig
 
 ORIGINAL_PREFIX = "model.diffusion_model."
@@ -109,15 +111,22 @@ def _module_table(cfg: UNetConfig) -> dict[str, tuple[str, str]]:
     return table
 
 
-def _our_shapes(cfg: UNetConfig) -> dict[str, torch.Size]:
-    with torch.device("meta"):  # no memory, no initialisation cost
-        return {k: v.shape for k, v in UNet(cfg).state_dict().items()}
+def _our_shapes(cfg: UNetConfig, fill: Mapping[str, torch.Tensor] | None = None,
+                what: str = "UNet weights") -> dict[str, torch.Size]:
+    """Key -> shape of ``UNet(cfg)``, built on the meta device (no memory, no initialisation cost). With ``fill``,
+    the weights meant for it, a config asking for more than they hold fails at once (a file's config is untrusted)."""
+    if fill is None:
+        module = build_on_meta(UNet, cfg)
+    else:
+        module = build_within(UNet, cfg, [tuple(t.shape) for t in fill.values()], what)
+    return {k: v.shape for k, v in module.state_dict().items()}
 
 
-def _keymap(cfg: UNetConfig, layout: int) -> dict[str, str]:
+def _keymap(cfg: UNetConfig, layout: int, shapes: dict[str, torch.Size] | None = None) -> dict[str, str]:
+    shapes = _our_shapes(cfg) if shapes is None else shapes
     table = _module_table(cfg)
     keymap, unmapped = {}, []
-    for key in _our_shapes(cfg):
+    for key in shapes:
         module, _, param = key.rpartition(".")
         if module in table:
             keymap[key] = f"{table[module][layout]}.{param}"
@@ -163,8 +172,9 @@ def _listing(keys: list[str], limit: int = 20) -> str:
 
 def from_original(state_dict: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """Original-layout UNet weights (keys without ``ORIGINAL_PREFIX``) -> our state dict for ``UNet(cfg)``."""
-    keymap = {theirs: ours for ours, theirs in original_keymap(cfg).items()}
-    return _convert(state_dict, keymap, _our_shapes(cfg), "original UNet checkpoint")
+    shapes = _our_shapes(cfg, state_dict, "original UNet checkpoint")
+    keymap = {theirs: ours for ours, theirs in _keymap(cfg, 0, shapes).items()}
+    return _convert(state_dict, keymap, shapes, "original UNet checkpoint")
 
 
 def to_original(state_dict: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
@@ -175,8 +185,9 @@ def to_original(state_dict: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict
 
 def from_diffusers(state_dict: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """diffusers UNet2DConditionModel weights -> our state dict for ``UNet(cfg)``."""
-    keymap = {theirs: ours for ours, theirs in diffusers_keymap(cfg).items()}
-    return _convert(state_dict, keymap, _our_shapes(cfg), "diffusers UNet state dict")
+    shapes = _our_shapes(cfg, state_dict, "diffusers UNet state dict")
+    keymap = {theirs: ours for ours, theirs in _keymap(cfg, 1, shapes).items()}
+    return _convert(state_dict, keymap, shapes, "diffusers UNet state dict")
 
 
 def to_diffusers(state_dict: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
