@@ -387,7 +387,7 @@ CKPT_CASES = {
                          r"needs full unpickling \(GLOBAL [\w.]*Trainer\).*pass --unsafe-load"),
     "not_a_state_dict": (lambda t: ckpt_bytes(t, torch.ones(3)), [], r"holds a Tensor, not a state dict"),
     "no_sd_weights": (lambda t: ckpt_bytes(t, {"state_dict": {"a": torch.ones(2)}, "trainer": Trainer()}),
-                      ["--unsafe-load"], r"not an SD v1 single file"),
+                      ["--unsafe-load"], r"not a Stable Diffusion single file"),
 }
 
 
