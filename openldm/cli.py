@@ -132,6 +132,14 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt/label; files get -0, -1, ... suffixes")
     p.add_argument("--out", default="out.png", help="output PNG path")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _cutter_args(p)
+
+
+def _cutter_args(p: argparse.ArgumentParser) -> None:
+    """Training-free step cutters (fewer or cheaper network evaluations; all off by default)."""
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("SIGMA_LO", "SIGMA_HI"),
+                   help="guide only at noise levels sigma_lo <= sigma <= sigma_hi, one conditional network call "
+                        "elsewhere (Kynkaanniemi et al. 2024; e.g. 0.28 5.42)")
 
 
 def _trained_args(p: argparse.ArgumentParser) -> None:
@@ -197,7 +205,8 @@ def _request(args: argparse.Namespace, inputs: dict):
         height=args.height, num_images=args.num_images, init_image=args.init_image, strength=args.strength,
         mask=args.mask, paste_back=getattr(args, "paste_back", False), inputs=inputs,
         clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
-        vae_tiling=getattr(args, "vae_tiling", False))
+        vae_tiling=getattr(args, "vae_tiling", False),
+        guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval))
 
 
 def _check_output(out: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, Sequence
 
@@ -27,7 +27,7 @@ from openldm.models.text_encoder import encode_prompts
 from openldm.nn.slots import Slots
 from openldm.registry import SAMPLERS
 from openldm.samplers.base import OnStep
-from openldm.samplers.guidance import with_guidance
+from openldm.samplers.guidance import check_interval, with_guidance
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -135,9 +135,27 @@ class _AtNetworkDtype(torch.nn.Module):
         return self.net(x.to(dtype), t, **slots)
 
 
+@dataclass(frozen=True)
+class StepCutters:
+    """Training-free ways to spend fewer network evaluations on an image (issue 16), all off by default.
+
+    ``guidance_interval``: (sigma_lo, sigma_hi); classifier-free guidance only at noise levels inside it, one
+    conditional network call of batch B elsewhere (Kynkaanniemi et al. 2024)."""
+
+    guidance_interval: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
+
+
+CUTTER_FIELDS = tuple(f.name for f in fields(StepCutters))  # the same names in requests and PNG parameters
+
+
 def guided_denoiser(parts: ModelParts, plan: SamplingPlan, uncond: Slots, guidance_scale: float,
-                    guidance_rescale: float = 0.0) -> torch.nn.Module:
-    """The UNet as ``D(x, sigma, cond)``, with classifier-free guidance (``with_guidance``'s rule)."""
+                    guidance_rescale: float = 0.0, cutters: StepCutters | None = None) -> torch.nn.Module:
+    """The UNet as ``D(x, sigma, cond)``, with classifier-free guidance (``with_guidance``'s rule) and the
+    ``cutters`` asked for (a fresh wrapper per call: the shared UNet is never changed)."""
+    cutters = cutters or StepCutters()
     schedule = parts.schedule
     alphas_cumprod = schedule if isinstance(schedule, torch.Tensor) else None
     if alphas_cumprod is None:
@@ -146,7 +164,8 @@ def guided_denoiser(parts: ModelParts, plan: SamplingPlan, uncond: Slots, guidan
     device, _ = module_device_dtype(parts.unet)
     denoiser = DiscreteDenoiser(_AtNetworkDtype(parts.unet), alphas_cumprod, prediction=parts.prediction,
                                 quantize=not plan.timesteps.is_floating_point()).to(device)
-    return with_guidance(denoiser, uncond, guidance_scale, guidance_rescale, parts.prediction)
+    return with_guidance(denoiser, uncond, guidance_scale, guidance_rescale, parts.prediction,
+                         interval=cutters.guidance_interval)
 
 
 def chain_hooks(*hooks: OnStep | None) -> OnStep | None:
@@ -241,6 +260,7 @@ class GenerationParams:
     batch_index: int = 0  # which image of the seed's batch this is
     model: str | None = None
     class_label: str | None = None  # class-conditional models trained here (an index or a class name)
+    guidance_interval: tuple[float, float] | None = None  # StepCutters' fields
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the pipeline functions (``batch_index`` and ``model`` are not among them)."""
@@ -249,7 +269,14 @@ class GenerationParams:
             d.pop(key)
         if d["strength"] is None:
             d.pop("strength")
+        d["cutters"] = self.cutters()
+        for key in CUTTER_FIELDS:
+            d.pop(key)
         return d
+
+    def cutters(self) -> StepCutters:
+        """The step cutters these parameters ask for."""
+        return StepCutters(**{key: getattr(self, key) for key in CUTTER_FIELDS})
 
     def to_text(self) -> str:
         """AUTOMATIC1111's format: prompt, "Negative prompt: ..." line, then "Key: value, ..." pairs."""
@@ -272,6 +299,8 @@ class GenerationParams:
             items.append(("Chunked prompt", "True"))
         if self.paste_back:
             items.append(("Paste back", "True"))
+        if self.guidance_interval is not None:
+            items.append(("Guidance interval", ", ".join(_num(v) for v in self.guidance_interval)))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -297,7 +326,8 @@ class GenerationParams:
                        "CFG rescale phi": ("guidance_rescale", float), "Batch size": ("num_images", int),
                        "Batch pos": ("batch_index", int), "Model": ("model", str), "Class label": ("class_label", str),
                        "Chunked prompt": ("chunked", lambda v: v == "True"),
-                       "Paste back": ("paste_back", lambda v: v == "True")}
+                       "Paste back": ("paste_back", lambda v: v == "True"),
+                       "Guidance interval": ("guidance_interval", lambda v: tuple(float(x) for x in v.split(",")))}
         for key, (name, convert) in conversions.items():
             if key in settings:
                 setattr(p, name, convert(settings[key]))
@@ -391,11 +421,12 @@ def latent_shape(parts: ModelParts, batch: int, height: int, width: int) -> tupl
 
 def denoise_and_decode(parts: ModelParts, x: torch.Tensor, plan: SamplingPlan, cond: Slots, uncond: Slots, *,
                        sampler: str, guidance_scale: float, guidance_rescale: float, generator: torch.Generator,
-                       on_step: OnStep | None = None, vae_tiling: bool = False, progress: bool = True) -> torch.Tensor:
+                       on_step: OnStep | None = None, vae_tiling: bool = False, progress: bool = True,
+                       cutters: StepCutters | None = None) -> torch.Tensor:
     """Sample from ``x`` (at ``plan.sigmas[0]``) with guidance, then decode: images (B, 3, H, W) in [0, 1].
     The sampler's state is float32 whatever the network's dtype."""
     device, _ = module_device_dtype(parts.unet)
-    denoiser = guided_denoiser(parts, plan, uncond.to(device=device), guidance_scale, guidance_rescale)
+    denoiser = guided_denoiser(parts, plan, uncond.to(device=device), guidance_scale, guidance_rescale, cutters)
     latents = run_sampler(sampler, denoiser, x.to(device, torch.float32), plan, cond.to(device=device), generator,
                           on_step=on_step, progress=progress)
     return decode_latents(parts.vae, latents, tiling=vae_tiling)

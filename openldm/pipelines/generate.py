@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from openldm.conditioning.compose import RequestField
-from openldm.pipelines.common import GenerationParams
+from openldm.pipelines.common import CUTTER_FIELDS, GenerationParams, StepCutters
 
 ImageInput = Image.Image | str | Path
 
@@ -121,6 +121,11 @@ class GenerationRequest:
     clip_skip: int = 1
     chunked: bool = False
     vae_tiling: bool = False
+    guidance_interval: tuple[float, float] | None = None  # the step cutters (StepCutters' fields); off by default
+
+    def cutters(self) -> StepCutters:
+        """The step cutters this request asks for."""
+        return StepCutters(**{key: getattr(self, key) for key in CUTTER_FIELDS})
 
     def resolve(self, caps: Capabilities) -> "GenerationRequest":
         """A copy with every None setting filled from ``caps.recommended``, checked against ``caps``."""
@@ -154,6 +159,11 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
             raise RequestError(name, f"{name}={value!r} must be a finite number >= 0")
     if r.guidance_rescale > 1:
         raise RequestError("guidance_rescale", f"guidance_rescale={r.guidance_rescale} must be in [0, 1]")
+    for name in CUTTER_FIELDS:
+        try:
+            StepCutters(**{name: getattr(r, name)})
+        except ValueError as e:
+            raise RequestError(name, str(e)) from None
     if not isinstance(r.num_images, int) or r.num_images < 1:
         raise RequestError("num_images", f"num_images={r.num_images!r} must be an integer >= 1")
     if isinstance(r.seed, bool) or not isinstance(r.seed, int) or not 0 <= r.seed < 2**64:
@@ -236,7 +246,7 @@ def request_from_params(params: GenerationParams) -> GenerationRequest:
         seed=params.seed, sampler=params.sampler, karras=params.karras, steps=params.steps,
         guidance_scale=params.guidance_scale, guidance_rescale=params.guidance_rescale, width=params.width,
         height=params.height, num_images=params.num_images, strength=params.strength, paste_back=params.paste_back,
-        clip_skip=params.clip_skip, chunked=params.chunked)
+        clip_skip=params.clip_skip, chunked=params.chunked, **{key: getattr(params, key) for key in CUTTER_FIELDS})
 
 
 OnProgress = Callable[[Progress], None]
@@ -280,7 +290,8 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
         guidance_scale=float(request.guidance_scale), guidance_rescale=float(request.guidance_rescale),
         seed=request.seed, height=height, width=width, num_images=count, clip_skip=request.clip_skip,
         chunked=request.chunked, strength=request.strength, paste_back=request.paste_back, model=model,
-        class_label=None if request.class_label is None else str(request.class_label))
+        class_label=None if request.class_label is None else str(request.class_label),
+        **{key: getattr(request.cutters(), key) for key in CUTTER_FIELDS})
     return [replace(base, batch_index=i) for i in range(count)]
 
 

@@ -61,7 +61,8 @@ class SDGenerator:
         common = dict(negative_prompt=r.negative_prompt, sampler=r.sampler, karras=r.karras, steps=r.steps,
                       guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, seed=r.seed,
                       num_images=r.num_images, clip_skip=r.clip_skip, chunked=r.chunked, vae_tiling=r.vae_tiling,
-                      progress=progress, on_step=progress_hook(total, on_progress, should_stop))
+                      progress=progress, on_step=progress_hook(total, on_progress, should_stop),
+                      cutters=r.cutters())
         interrupted = False
         try:
             if r.mask is not None:
