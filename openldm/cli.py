@@ -140,6 +140,9 @@ def _cutter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("SIGMA_LO", "SIGMA_HI"),
                    help="guide only at noise levels sigma_lo <= sigma <= sigma_hi, one conditional network call "
                         "elsewhere (Kynkaanniemi et al. 2024; e.g. 0.28 5.42)")
+    p.add_argument("--deepcache", type=int, default=1, metavar="N",
+                   help="DeepCache (Ma et al. 2023): a full UNet pass every N network calls, only the shallow "
+                        "branch on the kept deep features in between (default 1 = off)")
 
 
 def _trained_args(p: argparse.ArgumentParser) -> None:
@@ -206,7 +209,8 @@ def _request(args: argparse.Namespace, inputs: dict):
         mask=args.mask, paste_back=getattr(args, "paste_back", False), inputs=inputs,
         clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
         vae_tiling=getattr(args, "vae_tiling", False),
-        guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval))
+        guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
+        deepcache_interval=args.deepcache)
 
 
 def _check_output(out: str) -> None:

@@ -140,12 +140,18 @@ class StepCutters:
     """Training-free ways to spend fewer network evaluations on an image (issue 16), all off by default.
 
     ``guidance_interval``: (sigma_lo, sigma_hi); classifier-free guidance only at noise levels inside it, one
-    conditional network call of batch B elsewhere (Kynkaanniemi et al. 2024)."""
+    conditional network call of batch B elsewhere (Kynkaanniemi et al. 2024).
+    ``deepcache_interval``: a full UNet pass every N calls, the shallow branch on the kept deep features in between
+    (DeepCache, Ma et al. 2023; 1 = off)."""
 
     guidance_interval: tuple[float, float] | None = None
+    deepcache_interval: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
+        n = self.deepcache_interval
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"deepcache interval {n!r} must be an integer >= 1 (1 = off)")
 
 
 CUTTER_FIELDS = tuple(f.name for f in fields(StepCutters))  # the same names in requests and PNG parameters
@@ -162,7 +168,12 @@ def guided_denoiser(parts: ModelParts, plan: SamplingPlan, uncond: Slots, guidan
         from openldm.diffusion.schedules import make_alphas_cumprod
         alphas_cumprod = make_alphas_cumprod(schedule)
     device, _ = module_device_dtype(parts.unet)
-    denoiser = DiscreteDenoiser(_AtNetworkDtype(parts.unet), alphas_cumprod, prediction=parts.prediction,
+    net = parts.unet
+    if cutters.deepcache_interval > 1:
+        from openldm.models.deepcache import DeepCacheUNet
+
+        net = DeepCacheUNet(net, cutters.deepcache_interval)
+    denoiser = DiscreteDenoiser(_AtNetworkDtype(net), alphas_cumprod, prediction=parts.prediction,
                                 quantize=not plan.timesteps.is_floating_point()).to(device)
     return with_guidance(denoiser, uncond, guidance_scale, guidance_rescale, parts.prediction,
                          interval=cutters.guidance_interval)
@@ -261,6 +272,7 @@ class GenerationParams:
     model: str | None = None
     class_label: str | None = None  # class-conditional models trained here (an index or a class name)
     guidance_interval: tuple[float, float] | None = None  # StepCutters' fields
+    deepcache_interval: int = 1
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the pipeline functions (``batch_index`` and ``model`` are not among them)."""
@@ -301,6 +313,8 @@ class GenerationParams:
             items.append(("Paste back", "True"))
         if self.guidance_interval is not None:
             items.append(("Guidance interval", ", ".join(_num(v) for v in self.guidance_interval)))
+        if self.deepcache_interval != 1:
+            items.append(("DeepCache interval", self.deepcache_interval))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -327,7 +341,8 @@ class GenerationParams:
                        "Batch pos": ("batch_index", int), "Model": ("model", str), "Class label": ("class_label", str),
                        "Chunked prompt": ("chunked", lambda v: v == "True"),
                        "Paste back": ("paste_back", lambda v: v == "True"),
-                       "Guidance interval": ("guidance_interval", lambda v: tuple(float(x) for x in v.split(",")))}
+                       "Guidance interval": ("guidance_interval", lambda v: tuple(float(x) for x in v.split(","))),
+                       "DeepCache interval": ("deepcache_interval", int)}
         for key, (name, convert) in conversions.items():
             if key in settings:
                 setattr(p, name, convert(settings[key]))

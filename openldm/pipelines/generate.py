@@ -122,6 +122,7 @@ class GenerationRequest:
     chunked: bool = False
     vae_tiling: bool = False
     guidance_interval: tuple[float, float] | None = None  # the step cutters (StepCutters' fields); off by default
+    deepcache_interval: int = 1
 
     def cutters(self) -> StepCutters:
         """The step cutters this request asks for."""
