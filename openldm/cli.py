@@ -143,6 +143,11 @@ def _cutter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deepcache", type=int, default=1, metavar="N",
                    help="DeepCache (Ma et al. 2023): a full UNet pass every N network calls, only the shallow "
                         "branch on the kept deep features in between (default 1 = off)")
+    p.add_argument("--tome", type=float, default=0.0, metavar="RATIO",
+                   help="token merging (ToMe for SD, Bolya & Hoffman 2023): merge this share of the tokens before "
+                        "self-attention at the top level, in [0, 1) (default 0 = off; e.g. 0.5)")
+    p.add_argument("--tome-max-downsample", type=int, default=1, metavar="K",
+                   help="with --tome: merge at levels up to K times below the latent size (1, 2, 4, ...; default 1)")
 
 
 def _trained_args(p: argparse.ArgumentParser) -> None:
@@ -210,7 +215,8 @@ def _request(args: argparse.Namespace, inputs: dict):
         clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
         vae_tiling=getattr(args, "vae_tiling", False),
         guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
-        deepcache_interval=args.deepcache)
+        deepcache_interval=args.deepcache, token_merging_ratio=args.tome,
+        token_merging_max_downsample=args.tome_max_downsample)
 
 
 def _check_output(out: str) -> None:

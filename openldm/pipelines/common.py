@@ -25,6 +25,7 @@ from openldm.diffusion.spacing import SamplingPlan, make_plan
 from openldm.models.autoencoder import LatentCodec
 from openldm.models.text_encoder import encode_prompts
 from openldm.nn.slots import Slots
+from openldm.nn.tome import TokenMergingNet, check_merging
 from openldm.registry import SAMPLERS
 from openldm.samplers.base import OnStep
 from openldm.samplers.guidance import check_interval, with_guidance
@@ -142,16 +143,31 @@ class StepCutters:
     ``guidance_interval``: (sigma_lo, sigma_hi); classifier-free guidance only at noise levels inside it, one
     conditional network call of batch B elsewhere (Kynkaanniemi et al. 2024).
     ``deepcache_interval``: a full UNet pass every N calls, the shallow branch on the kept deep features in between
-    (DeepCache, Ma et al. 2023; 1 = off)."""
+    (DeepCache, Ma et al. 2023; 1 = off).
+    ``token_merging_ratio``: the share of tokens merged before self-attention in the spatial transformers at most
+    ``token_merging_max_downsample`` times below the latent size (ToMe for SD, Bolya & Hoffman 2023; 0 = off)."""
 
     guidance_interval: tuple[float, float] | None = None
     deepcache_interval: int = 1
+    token_merging_ratio: float = 0.0
+    token_merging_max_downsample: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
         n = self.deepcache_interval
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"deepcache interval {n!r} must be an integer >= 1 (1 = off)")
+        check_merging(self.token_merging_ratio, self.token_merging_max_downsample)
+
+    def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        """``net`` with the network-side cutters (DeepCache, token merging): a new wrapper, ``net`` unchanged."""
+        if self.deepcache_interval > 1:
+            from openldm.models.deepcache import DeepCacheUNet
+
+            net = DeepCacheUNet(net, self.deepcache_interval)
+        if self.token_merging_ratio > 0:
+            net = TokenMergingNet(net, self.token_merging_ratio, self.token_merging_max_downsample)
+        return net
 
 
 CUTTER_FIELDS = tuple(f.name for f in fields(StepCutters))  # the same names in requests and PNG parameters
@@ -168,12 +184,7 @@ def guided_denoiser(parts: ModelParts, plan: SamplingPlan, uncond: Slots, guidan
         from openldm.diffusion.schedules import make_alphas_cumprod
         alphas_cumprod = make_alphas_cumprod(schedule)
     device, _ = module_device_dtype(parts.unet)
-    net = parts.unet
-    if cutters.deepcache_interval > 1:
-        from openldm.models.deepcache import DeepCacheUNet
-
-        net = DeepCacheUNet(net, cutters.deepcache_interval)
-    denoiser = DiscreteDenoiser(_AtNetworkDtype(net), alphas_cumprod, prediction=parts.prediction,
+    denoiser = DiscreteDenoiser(_AtNetworkDtype(cutters.wrap(parts.unet)), alphas_cumprod, prediction=parts.prediction,
                                 quantize=not plan.timesteps.is_floating_point()).to(device)
     return with_guidance(denoiser, uncond, guidance_scale, guidance_rescale, parts.prediction,
                          interval=cutters.guidance_interval)
@@ -273,6 +284,8 @@ class GenerationParams:
     class_label: str | None = None  # class-conditional models trained here (an index or a class name)
     guidance_interval: tuple[float, float] | None = None  # StepCutters' fields
     deepcache_interval: int = 1
+    token_merging_ratio: float = 0.0
+    token_merging_max_downsample: int = 1
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the pipeline functions (``batch_index`` and ``model`` are not among them)."""
@@ -315,6 +328,10 @@ class GenerationParams:
             items.append(("Guidance interval", ", ".join(_num(v) for v in self.guidance_interval)))
         if self.deepcache_interval != 1:
             items.append(("DeepCache interval", self.deepcache_interval))
+        if self.token_merging_ratio:
+            items.append(("Token merging ratio", _num(self.token_merging_ratio)))  # AUTOMATIC1111's name
+            if self.token_merging_max_downsample != 1:
+                items.append(("Token merging max downsample", self.token_merging_max_downsample))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -342,7 +359,9 @@ class GenerationParams:
                        "Chunked prompt": ("chunked", lambda v: v == "True"),
                        "Paste back": ("paste_back", lambda v: v == "True"),
                        "Guidance interval": ("guidance_interval", lambda v: tuple(float(x) for x in v.split(","))),
-                       "DeepCache interval": ("deepcache_interval", int)}
+                       "DeepCache interval": ("deepcache_interval", int),
+                       "Token merging ratio": ("token_merging_ratio", float),
+                       "Token merging max downsample": ("token_merging_max_downsample", int)}
         for key, (name, convert) in conversions.items():
             if key in settings:
                 setattr(p, name, convert(settings[key]))

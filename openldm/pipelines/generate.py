@@ -123,6 +123,8 @@ class GenerationRequest:
     vae_tiling: bool = False
     guidance_interval: tuple[float, float] | None = None  # the step cutters (StepCutters' fields); off by default
     deepcache_interval: int = 1
+    token_merging_ratio: float = 0.0
+    token_merging_max_downsample: int = 1
 
     def cutters(self) -> StepCutters:
         """The step cutters this request asks for."""
