@@ -214,9 +214,14 @@ def _request(args: argparse.Namespace, inputs: dict):
         mask=args.mask, paste_back=getattr(args, "paste_back", False), inputs=inputs,
         clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
         vae_tiling=getattr(args, "vae_tiling", False),
-        guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
-        deepcache_interval=args.deepcache, token_merging_ratio=args.tome,
-        token_merging_max_downsample=args.tome_max_downsample)
+        **_cutter_fields(args))
+
+
+def _cutter_fields(args: argparse.Namespace) -> dict:
+    """The step cutters' fields (StepCutters, GenerationRequest) from ``_cutter_args``' flags."""
+    return {"guidance_interval": None if args.guidance_interval is None else tuple(args.guidance_interval),
+            "deepcache_interval": args.deepcache, "token_merging_ratio": args.tome,
+            "token_merging_max_downsample": args.tome_max_downsample}
 
 
 def _check_output(out: str) -> None:
@@ -391,6 +396,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    _cutter_args(p)
 
 
 @command("evaluate", "measure a Fashion-MNIST generator: class accuracy, FID/KID in a classifier's features beside "
@@ -399,6 +405,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from openldm.evaluation.classifier import load_classifier
+    from openldm.pipelines.common import StepCutters
     from openldm.pipelines.evaluate import EvalSettings, evaluate_model, format_table
     from openldm.pipelines.trained import load_run
 
@@ -407,7 +414,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         args.model = str(bundled_dir())
     settings = EvalSettings(num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
-                            guidance_scales=args.guidance_scale, karras=args.karras, seed=args.seed, tasks=args.tasks)
+                            guidance_scales=args.guidance_scale, karras=args.karras, seed=args.seed, tasks=args.tasks,
+                            cutters=StepCutters(**_cutter_fields(args)))
     model = load_run(args.model, step=args.step)
     classifier = load_classifier(args.classifier, progress=not args.quiet)
     say = None if args.quiet else (lambda message: print(f"evaluating {message}", file=sys.stderr, flush=True))

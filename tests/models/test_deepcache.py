@@ -173,3 +173,5 @@ def test_cli_flag(tmp_path, capsys):
     assert read_png_params(out).deepcache_interval == 2
     assert main(["generate", "--class-label", "2", "--deepcache", "0", "--out", str(out), "--quiet"]) == 2
     assert "deepcache interval 0" in capsys.readouterr().err
+    assert main(["evaluate", "--deepcache", "0", "--quiet"]) == 2, "evaluate takes the step cutters too"
+    assert "deepcache interval 0" in capsys.readouterr().err
