@@ -184,7 +184,8 @@ def guided_denoiser(parts: ModelParts, plan: SamplingPlan, uncond: Slots, guidan
         from openldm.diffusion.schedules import make_alphas_cumprod
         alphas_cumprod = make_alphas_cumprod(schedule)
     device, _ = module_device_dtype(parts.unet)
-    denoiser = DiscreteDenoiser(_AtNetworkDtype(cutters.wrap(parts.unet)), alphas_cumprod, prediction=parts.prediction,
+    net = _AtNetworkDtype(cutters.wrap(parts.unet))
+    denoiser = DiscreteDenoiser(net, alphas_cumprod, prediction=parts.prediction,
                                 quantize=not plan.timesteps.is_floating_point()).to(device)
     return with_guidance(denoiser, uncond, guidance_scale, guidance_rescale, parts.prediction,
                          interval=cutters.guidance_interval)

@@ -96,7 +96,8 @@ def check_interval(interval: tuple[float, float] | None) -> tuple[float, float] 
     except (TypeError, ValueError):
         raise ValueError(f"guidance interval {interval!r} must be two noise levels (sigma_lo, sigma_hi)") from None
     if not 0.0 <= lo <= hi:
-        raise ValueError(f"guidance interval ({lo:g}, {hi:g}) must satisfy 0 <= sigma_lo <= sigma_hi; e.g. (0.28, 5.42)")
+        raise ValueError(f"guidance interval ({lo:g}, {hi:g}) must satisfy 0 <= sigma_lo <= sigma_hi; "
+                         "e.g. (0.28, 5.42)")
     return lo, hi
 
 
