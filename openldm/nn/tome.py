@@ -26,10 +26,10 @@ from torch import nn
 class TokenMerge:
     """One merge plan over (B, N, C) tokens: ``merge`` -> (B, N - r, C), ``unmerge`` -> (B, N, C).
 
-    ``src``/``dst`` are the token positions (N_src,)/(N_dst,) of the two sets; per sample ``kept`` (B, N_src - r) and
-    ``merged`` (B, r) index ``src`` (unmerged and merged sources), and ``into`` (B, r) indexes ``dst``."""
+    Token positions: ``dst`` (N_dst,) the destinations; per sample ``kept`` (B, N_src - r) the sources left alone
+    (most similar first) and ``merged`` (B, r) the sources averaged into destinations, ``into`` (B, r) indexing
+    ``dst``."""
 
-    src: torch.Tensor
     dst: torch.Tensor
     kept: torch.Tensor
     merged: torch.Tensor
@@ -38,10 +38,9 @@ class TokenMerge:
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """Unmerged sources, then destinations averaged with the sources merged into them: (B, N - r, C)."""
         C = x.shape[-1]
-        src, dst = x[:, self.src], x[:, self.dst]  # (B, N_src, C), (B, N_dst, C)
-        kept = src.gather(1, self.kept[..., None].expand(-1, -1, C))  # (B, N_src - r, C)
-        moved = src.gather(1, self.merged[..., None].expand(-1, -1, C))  # (B, r, C)
-        dst = dst.scatter_reduce(1, self.into[..., None].expand(-1, -1, C), moved, reduce="mean")
+        kept = x.gather(1, self.kept[..., None].expand(-1, -1, C))  # (B, N_src - r, C)
+        moved = x.gather(1, self.merged[..., None].expand(-1, -1, C))  # (B, r, C)
+        dst = x[:, self.dst].scatter_reduce(1, self.into[..., None].expand(-1, -1, C), moved, reduce="mean")
         return torch.cat([kept, dst], dim=1)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
@@ -49,11 +48,10 @@ class TokenMerge:
         B, _, C = y.shape
         n_kept = self.kept.shape[1]
         kept, dst = y[:, :n_kept], y[:, n_kept:]  # (B, N_src - r, C), (B, N_dst, C)
-        out = y.new_empty(B, self.src.numel() + self.dst.numel(), C)
+        out = y.new_empty(B, n_kept + self.merged.shape[1] + self.dst.numel(), C)
         out[:, self.dst] = dst
-        out.scatter_(1, self.src[self.kept][..., None].expand(-1, -1, C), kept)
-        out.scatter_(1, self.src[self.merged][..., None].expand(-1, -1, C),
-                     dst.gather(1, self.into[..., None].expand(-1, -1, C)))
+        out.scatter_(1, self.kept[..., None].expand(-1, -1, C), kept)
+        out.scatter_(1, self.merged[..., None].expand(-1, -1, C), dst.gather(1, self.into[..., None].expand(-1, -1, C)))
         return out
 
 
@@ -88,9 +86,9 @@ def bipartite_soft_matching(metric: torch.Tensor, height: int, width: int, r: in
         best, best_dst = scores.max(dim=-1)  # (B, N_src): each source's most similar destination
         order = best.argsort(dim=-1, descending=True)  # (B, N_src)
         r = min(r, src.numel())
-        merged, kept = order[:, :r], order[:, r:]
+        merged, kept = order[:, :r], order[:, r:]  # indices into src
         into = best_dst.gather(1, merged)  # (B, r)
-    return TokenMerge(src=src, dst=dst, kept=kept, merged=merged, into=into)
+    return TokenMerge(dst=dst, kept=src[kept], merged=src[merged], into=into)
 
 
 @dataclass

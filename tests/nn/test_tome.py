@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_four_tokens_by_hand():
     t = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.2]])[None]  # a 2x2 grid, (1, 4, 2)
     plan = bipartite_soft_matching(t, 2, 2, r=1)  # no generator: the cell's top-left token is the destination
-    assert plan.dst.tolist() == [0] and plan.src.tolist() == [1, 2, 3]
+    assert plan.dst.tolist() == [0] and plan.merged.tolist() == [[1]] and plan.kept.tolist() == [[2, 3]]
     merged = plan.merge(t)
     # token 1 is the most similar to token 0 and is averaged into it; 2 and 3 stay (most similar first)
     torch.testing.assert_close(merged, torch.stack([t[0, 2], t[0, 3], (t[0, 0] + t[0, 1]) / 2])[None])
