@@ -132,6 +132,22 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt/label; files get -0, -1, ... suffixes")
     p.add_argument("--out", default="out.png", help="output PNG path")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _cutter_args(p)
+
+
+def _cutter_args(p: argparse.ArgumentParser) -> None:
+    """Training-free step cutters (fewer or cheaper network evaluations; all off by default)."""
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("SIGMA_LO", "SIGMA_HI"),
+                   help="guide only at noise levels sigma_lo <= sigma <= sigma_hi, one conditional network call "
+                        "elsewhere (Kynkaanniemi et al. 2024; e.g. 0.28 5.42)")
+    p.add_argument("--deepcache", type=int, default=1, metavar="N",
+                   help="DeepCache (Ma et al. 2023): a full UNet pass every N network calls, only the shallow "
+                        "branch on the kept deep features in between (default 1 = off)")
+    p.add_argument("--tome", type=float, default=0.0, metavar="RATIO",
+                   help="token merging (ToMe for SD, Bolya & Hoffman 2023): merge this share of the tokens before "
+                        "self-attention at the top level, in [0, 1) (default 0 = off; e.g. 0.5)")
+    p.add_argument("--tome-max-downsample", type=int, default=1, metavar="K",
+                   help="with --tome: merge at levels up to K times below the latent size (1, 2, 4, ...; default 1)")
 
 
 def _trained_args(p: argparse.ArgumentParser) -> None:
@@ -224,7 +240,8 @@ def _request(args: argparse.Namespace, inputs: dict):
         height=args.height, num_images=args.num_images, init_image=args.init_image, strength=args.strength,
         mask=args.mask, paste_back=getattr(args, "paste_back", False), inputs=inputs,
         clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
-        prompt_weighting=getattr(args, "prompt_weighting", "none"), vae_tiling=getattr(args, "vae_tiling", False))
+        prompt_weighting=getattr(args, "prompt_weighting", "none"), vae_tiling=getattr(args, "vae_tiling", False),
+        **_cutter_fields(args))
 
 
 def _lora_args(args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -245,6 +262,14 @@ def _lora_args(args: argparse.Namespace) -> list[tuple[str, float]]:
     if lora_dir is not None and not Path(lora_dir).is_dir():
         raise ConfigError(f"--lora-dir {lora_dir!r} is not a folder")
     return loras
+
+
+
+def _cutter_fields(args: argparse.Namespace) -> dict:
+    """The step cutters' fields (StepCutters, GenerationRequest) from ``_cutter_args``' flags."""
+    return {"guidance_interval": None if args.guidance_interval is None else tuple(args.guidance_interval),
+            "deepcache_interval": args.deepcache, "token_merging_ratio": args.tome,
+            "token_merging_max_downsample": args.tome_max_downsample}
 
 
 def _check_output(out: str) -> None:
@@ -439,6 +464,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    _cutter_args(p)
 
 
 @command("evaluate", "measure a Fashion-MNIST generator: class accuracy, FID/KID in a classifier's features beside "
@@ -447,6 +473,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from openldm.evaluation.classifier import load_classifier
+    from openldm.pipelines.common import StepCutters
     from openldm.pipelines.evaluate import EvalSettings, evaluate_model, format_table
     from openldm.pipelines.trained import load_run
 
@@ -455,7 +482,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         args.model = str(bundled_dir())
     settings = EvalSettings(num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
-                            guidance_scales=args.guidance_scale, karras=args.karras, seed=args.seed, tasks=args.tasks)
+                            guidance_scales=args.guidance_scale, karras=args.karras, seed=args.seed, tasks=args.tasks,
+                            cutters=StepCutters(**_cutter_fields(args)))
     model = load_run(args.model, step=args.step)
     classifier = load_classifier(args.classifier, progress=not args.quiet)
     say = None if args.quiet else (lambda message: print(f"evaluating {message}", file=sys.stderr, flush=True))

@@ -177,6 +177,17 @@ class UNet(nn.Module):
 
         Slots (see the module docstring) must be given exactly when the config declares them.
         """
+        h, inputs = self.stem(x, timesteps, vector=vector, context=context, context_mask=context_mask, concat=concat)
+        h, skips = self.run_down(h, inputs, self.down)
+        h = self.run_mid(h, inputs)
+        return self.head(self.run_up(h, skips, inputs, self.up))
+
+    # The forward's pieces, also for wrappers that run part of the network (openldm.models.deepcache).
+
+    def stem(self, x: torch.Tensor, timesteps: torch.Tensor | float, *, vector: torch.Tensor | None = None,
+             context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+             concat: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """``conv_in`` of the checked input (B, C, H, W), and the extra inputs the blocks consume."""
         self._check_slots(x, vector, context, context_mask, concat)
         t = _batch_timesteps(timesteps, x.shape[0], x.device)  # (B,)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4*C)
@@ -186,18 +197,29 @@ class UNet(nn.Module):
             x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, in + concat, H, W)
         if context is not None:
             context = context.to(x.dtype)
+        return self.conv_in(x), {"emb": emb, "context": context, "context_mask": context_mask}
 
-        inputs = {"emb": emb, "context": context, "context_mask": context_mask}
-        h = self.conv_in(x)  # (B, C, H, W)
+    def run_down(self, h: torch.Tensor, inputs: dict, blocks) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``blocks`` (the first of ``self.down``) from the stem's output: the last feature map and the skips
+        (the stem's output, then every block's), in push order."""
         skips = [h]
-        for block in self.down:
+        for block in blocks:
             h = self._run(block, h, inputs)
             skips.append(h)
-        h = self._run(self.mid, h, inputs)
-        for block in self.up:
+        return h, skips
+
+    def run_mid(self, h: torch.Tensor, inputs: dict) -> torch.Tensor:
+        return self._run(self.mid, h, inputs)
+
+    def run_up(self, h: torch.Tensor, skips: list[torch.Tensor], inputs: dict, blocks) -> torch.Tensor:
+        """``blocks`` (consecutive ``self.up`` blocks), each on ``h`` joined with the skip it pops off ``skips``."""
+        for block in blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C_h + C_skip, H_l, W_l)
             size = skips[-1].shape[-2:] if skips else None  # an Upsample ends the level: match the next skip
             h = self._run(block, h, {**inputs, "size": size})
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, H, W)
 
     def _run(self, block: EmbedSequential, h: torch.Tensor, inputs: dict) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from openldm.nn.attention import Attention
 from openldm.nn.norm import group_norm
+from openldm.nn.tome import TokenMerge, active_merging
 
 
 class GEGLUFeedForward(nn.Module):
@@ -50,9 +51,12 @@ class TransformerBlock(nn.Module):
         self.ff = GEGLUFeedForward(dim, dropout=dropout)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+        merge: TokenMerge | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.norm_self(x))  # (B, T, dim)
+        """``merge``: self-attention on merged tokens, unmerged after (ToMe, see openldm.nn.tome)."""
+        h = self.norm_self(x)
+        x = x + (self.self_attn(h) if merge is None else merge.unmerge(self.self_attn(merge.merge(h))))  # (B, T, dim)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
         return x + self.ff(self.norm_ff(x))
@@ -96,7 +100,8 @@ class SpatialTransformer(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C)
         h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, H*W, inner)
+        merging = active_merging()  # token merging of the network call in progress, if any
         for block in self.blocks:
-            h = block(h, context, context_mask)
+            h = block(h, context, context_mask, merging.plan(h, H, W) if merging is not None else None)
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, H*W, C)
         return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping, Protocol, Sequence
 
@@ -26,9 +26,10 @@ from openldm.diffusion.spacing import SamplingPlan, make_plan
 from openldm.models.autoencoder import LatentCodec
 from openldm.models.text_encoder import encode_prompts
 from openldm.nn.slots import Slots
+from openldm.nn.tome import TokenMergingNet, check_merging
 from openldm.registry import SAMPLERS
 from openldm.samplers.base import OnStep
-from openldm.samplers.guidance import with_guidance
+from openldm.samplers.guidance import check_interval, with_guidance
 
 # Stable Diffusion's sampling defaults (diffusers' and A1111's): SD weights' recommended settings and the defaults of
 # the SD pipeline functions. Models trained here have theirs in io/run_dir.py (TRAINED_SAMPLING).
@@ -162,18 +163,59 @@ class _AtNetworkDtype(torch.nn.Module):
         return self.net(x.to(dtype), t, **slots)
 
 
+@dataclass(frozen=True)
+class StepCutters:
+    """Training-free ways to spend fewer network evaluations on an image (issue 16), all off by default.
+
+    ``guidance_interval``: (sigma_lo, sigma_hi); classifier-free guidance only at noise levels inside it, one
+    conditional network call of batch B elsewhere (Kynkaanniemi et al. 2024).
+    ``deepcache_interval``: a full UNet pass every N calls, the shallow branch on the kept deep features in between
+    (DeepCache, Ma et al. 2023; 1 = off).
+    ``token_merging_ratio``: the share of tokens merged before self-attention in the spatial transformers at most
+    ``token_merging_max_downsample`` times below the latent size (ToMe for SD, Bolya & Hoffman 2023; 0 = off)."""
+
+    guidance_interval: tuple[float, float] | None = None
+    deepcache_interval: int = 1
+    token_merging_ratio: float = 0.0
+    token_merging_max_downsample: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
+        n = self.deepcache_interval
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"deepcache interval {n!r} must be an integer >= 1 (1 = off)")
+        check_merging(self.token_merging_ratio, self.token_merging_max_downsample)
+
+    def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        """``net`` with the network-side cutters (DeepCache, token merging): a new wrapper, ``net`` unchanged."""
+        if self.deepcache_interval > 1:
+            from openldm.models.deepcache import DeepCacheUNet
+
+            net = DeepCacheUNet(net, self.deepcache_interval)
+        if self.token_merging_ratio > 0:
+            net = TokenMergingNet(net, self.token_merging_ratio, self.token_merging_max_downsample)
+        return net
+
+
+CUTTER_FIELDS = tuple(f.name for f in fields(StepCutters))  # the same names in requests and PNG parameters
+
+
 def guided_denoiser(parts: ModelParts, plan: SamplingPlan, uncond: Slots, guidance_scale: float,
-                    guidance_rescale: float = 0.0) -> torch.nn.Module:
-    """The UNet as ``D(x, sigma, cond)``, with classifier-free guidance (``with_guidance``'s rule)."""
+                    guidance_rescale: float = 0.0, cutters: StepCutters | None = None) -> torch.nn.Module:
+    """The UNet as ``D(x, sigma, cond)``, with classifier-free guidance (``with_guidance``'s rule) and the
+    ``cutters`` asked for (a fresh wrapper per call: the shared UNet is never changed)."""
+    cutters = cutters or StepCutters()
     schedule = parts.schedule
     alphas_cumprod = schedule if isinstance(schedule, torch.Tensor) else None
     if alphas_cumprod is None:
         from openldm.diffusion.schedules import make_alphas_cumprod
         alphas_cumprod = make_alphas_cumprod(schedule)
     device, _ = module_device_dtype(parts.unet)
-    denoiser = DiscreteDenoiser(_AtNetworkDtype(parts.unet), alphas_cumprod, prediction=parts.prediction,
+    net = _AtNetworkDtype(cutters.wrap(parts.unet))
+    denoiser = DiscreteDenoiser(net, alphas_cumprod, prediction=parts.prediction,
                                 quantize=not plan.timesteps.is_floating_point()).to(device)
-    return with_guidance(denoiser, uncond, guidance_scale, guidance_rescale, parts.prediction)
+    return with_guidance(denoiser, uncond, guidance_scale, guidance_rescale, parts.prediction,
+                         interval=cutters.guidance_interval)
 
 
 def chain_hooks(*hooks: OnStep | None) -> OnStep | None:
@@ -269,6 +311,10 @@ class GenerationParams:
     batch_index: int = 0  # which image of the seed's batch this is
     model: str | None = None
     class_label: str | None = None  # class-conditional models trained here (an index or a class name)
+    guidance_interval: tuple[float, float] | None = None  # StepCutters' fields
+    deepcache_interval: int = 1
+    token_merging_ratio: float = 0.0
+    token_merging_max_downsample: int = 1
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the pipeline functions (``batch_index`` and ``model`` are not among them)."""
@@ -277,7 +323,14 @@ class GenerationParams:
             d.pop(key)
         if d["strength"] is None:
             d.pop("strength")
+        d["cutters"] = self.cutters()
+        for key in CUTTER_FIELDS:
+            d.pop(key)
         return d
+
+    def cutters(self) -> StepCutters:
+        """The step cutters these parameters ask for."""
+        return StepCutters(**{key: getattr(self, key) for key in CUTTER_FIELDS})
 
     def to_text(self) -> str:
         """AUTOMATIC1111's format: prompt, "Negative prompt: ..." line, then "Key: value, ..." pairs."""
@@ -302,6 +355,14 @@ class GenerationParams:
             items.append(("Prompt weighting", self.prompt_weighting))
         if self.paste_back:
             items.append(("Paste back", "True"))
+        if self.guidance_interval is not None:
+            items.append(("Guidance interval", ", ".join(_num(v) for v in self.guidance_interval)))
+        if self.deepcache_interval != 1:
+            items.append(("DeepCache interval", self.deepcache_interval))
+        if self.token_merging_ratio:
+            items.append(("Token merging ratio", _num(self.token_merging_ratio)))  # AUTOMATIC1111's name
+            if self.token_merging_max_downsample != 1:
+                items.append(("Token merging max downsample", self.token_merging_max_downsample))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -328,7 +389,11 @@ class GenerationParams:
                        "Batch pos": ("batch_index", int), "Model": ("model", str), "Class label": ("class_label", str),
                        "Chunked prompt": ("chunked", lambda v: v == "True"),
                        "Prompt weighting": ("prompt_weighting", str),
-                       "Paste back": ("paste_back", lambda v: v == "True")}
+                       "Paste back": ("paste_back", lambda v: v == "True"),
+                       "Guidance interval": ("guidance_interval", lambda v: tuple(float(x) for x in v.split(","))),
+                       "DeepCache interval": ("deepcache_interval", int),
+                       "Token merging ratio": ("token_merging_ratio", float),
+                       "Token merging max downsample": ("token_merging_max_downsample", int)}
         for key, (name, convert) in conversions.items():
             if key in settings:
                 setattr(p, name, convert(settings[key]))
@@ -422,11 +487,12 @@ def latent_shape(parts: ModelParts, batch: int, height: int, width: int) -> tupl
 
 def denoise_and_decode(parts: ModelParts, x: torch.Tensor, plan: SamplingPlan, cond: Slots, uncond: Slots, *,
                        sampler: str, guidance_scale: float, guidance_rescale: float, generator: torch.Generator,
-                       on_step: OnStep | None = None, vae_tiling: bool = False, progress: bool = True) -> torch.Tensor:
+                       on_step: OnStep | None = None, vae_tiling: bool = False, progress: bool = True,
+                       cutters: StepCutters | None = None) -> torch.Tensor:
     """Sample from ``x`` (at ``plan.sigmas[0]``) with guidance, then decode: images (B, 3, H, W) in [0, 1].
     The sampler's state is float32 whatever the network's dtype."""
     device, _ = module_device_dtype(parts.unet)
-    denoiser = guided_denoiser(parts, plan, uncond.to(device=device), guidance_scale, guidance_rescale)
+    denoiser = guided_denoiser(parts, plan, uncond.to(device=device), guidance_scale, guidance_rescale, cutters)
     latents = run_sampler(sampler, denoiser, x.to(device, torch.float32), plan, cond.to(device=device), generator,
                           on_step=on_step, progress=progress)
     return decode_latents(parts.vae, latents, tiling=vae_tiling)

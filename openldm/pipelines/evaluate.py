@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -33,6 +33,7 @@ from openldm.data.captions import SILHOUETTE_LEVEL, image_attributes
 from openldm.data.transforms import crop_center
 from openldm.evaluation.classifier import ImageClassifier, classify
 from openldm.evaluation.metrics import fid, kid, mask_iou, psnr, ssim
+from openldm.pipelines.common import StepCutters
 from openldm.pipelines.trained import TrainedModel, sample_trained
 
 REFERENCE = slice(5000, 10000)
@@ -51,6 +52,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 250
     tasks: list[str] | None = None  # None: every task the model's conditions allow
+    cutters: StepCutters = field(default_factory=StepCutters)  # training-free step cutters (off by default)
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_samples <= 5000:
@@ -134,7 +136,7 @@ def evaluate_model(model: TrainedModel, classifier: ImageClassifier, settings: E
 
     def sample(guidance: float, part: slice, **conditions) -> torch.Tensor:
         return sample_trained(model, **conditions, sampler=s.sampler, steps=s.steps, karras=s.karras,
-                              guidance_scale=guidance, seed=s.seed + part.start)
+                              guidance_scale=guidance, seed=s.seed + part.start, cutters=s.cutters)
 
     for task in wanted:
         # guidance needs a condition to guide towards; super-resolution is judged against the truth, unguided
@@ -143,7 +145,7 @@ def evaluate_model(model: TrainedModel, classifier: ImageClassifier, settings: E
             say(f"{task} (guidance {guidance})")
             row = _run_task(task, guidance, model, classifier, data, reference, n, s, sample)
             rows.append({"task": task, "guidance": guidance, **row, "seconds": time.perf_counter() - t0})
-    return {"settings": {k: getattr(s, k) for k in s.__dataclass_fields__}, "rows": rows}
+    return {"settings": asdict(s), "rows": rows}
 
 
 def _conditioner_for(model: TrainedModel, task: str):

@@ -30,7 +30,15 @@ import torch
 from PIL import Image
 
 from openldm.conditioning.compose import RequestField
-from openldm.pipelines.common import SD_GUIDANCE_SCALE, SD_SAMPLER, SD_SIZE, SD_STEPS, GenerationParams
+from openldm.pipelines.common import (
+    CUTTER_FIELDS,
+    SD_GUIDANCE_SCALE,
+    SD_SAMPLER,
+    SD_SIZE,
+    SD_STEPS,
+    GenerationParams,
+    StepCutters,
+)
 
 ImageInput = Image.Image | str | Path
 
@@ -132,6 +140,14 @@ class GenerationRequest:
     prompt_weighting: str = "none"
     vae_tiling: bool = False
     loras: list[tuple[str | Path, float]] = field(default_factory=list)
+    guidance_interval: tuple[float, float] | None = None  # the step cutters (StepCutters' fields); off by default
+    deepcache_interval: int = 1
+    token_merging_ratio: float = 0.0
+    token_merging_max_downsample: int = 1
+
+    def cutters(self) -> StepCutters:
+        """The step cutters this request asks for."""
+        return StepCutters(**{key: getattr(self, key) for key in CUTTER_FIELDS})
 
     def resolve(self, caps: Capabilities) -> "GenerationRequest":
         """A copy with every None setting filled from ``caps.recommended``, checked against ``caps``."""
@@ -165,6 +181,11 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
             raise RequestError(name, f"{name}={value!r} must be a finite number >= 0")
     if r.guidance_rescale > 1:
         raise RequestError("guidance_rescale", f"guidance_rescale={r.guidance_rescale} must be in [0, 1]")
+    for name in CUTTER_FIELDS:
+        try:
+            StepCutters(**{name: getattr(r, name)})
+        except ValueError as e:
+            raise RequestError(name, str(e)) from None
     if not isinstance(r.num_images, int) or r.num_images < 1:
         raise RequestError("num_images", f"num_images={r.num_images!r} must be an integer >= 1")
     if isinstance(r.seed, bool) or not isinstance(r.seed, int) or not 0 <= r.seed < 2**64:
@@ -256,7 +277,8 @@ def request_from_params(params: GenerationParams) -> GenerationRequest:
         seed=params.seed, sampler=params.sampler, karras=params.karras, steps=params.steps,
         guidance_scale=params.guidance_scale, guidance_rescale=params.guidance_rescale, width=params.width,
         height=params.height, num_images=params.num_images, strength=params.strength, paste_back=params.paste_back,
-        clip_skip=params.clip_skip, chunked=params.chunked, prompt_weighting=params.prompt_weighting)
+        clip_skip=params.clip_skip, chunked=params.chunked, prompt_weighting=params.prompt_weighting,
+        **{key: getattr(params, key) for key in CUTTER_FIELDS})
 
 
 OnProgress = Callable[[Progress], None]
@@ -301,7 +323,8 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
         seed=request.seed, height=height, width=width, num_images=count, clip_skip=request.clip_skip,
         chunked=request.chunked, prompt_weighting=request.prompt_weighting, strength=request.strength,
         paste_back=request.paste_back, model=model,
-        class_label=None if request.class_label is None else str(request.class_label))
+        class_label=None if request.class_label is None else str(request.class_label),
+        **{key: getattr(request.cutters(), key) for key in CUTTER_FIELDS})
     return [replace(base, batch_index=i) for i in range(count)]
 
 

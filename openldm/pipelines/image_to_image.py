@@ -13,6 +13,7 @@ from openldm.pipelines.common import (
     SD_SAMPLER,
     SD_STEPS,
     ModelParts,
+    StepCutters,
     decode_latents,
     denoise_and_decode,
     draw_noise,
@@ -36,7 +37,7 @@ def image_to_image(parts: ModelParts, prompt: str | Sequence[str], image: Image.
                    clip_skip: int = 1, chunked: bool = False, prompt_weighting: str = "none",
                    embeddings: Mapping[str, torch.Tensor] | None = None, device: str | torch.device | None = None,
                    dtype: str | torch.dtype | None = None, vae_tiling: bool = False, progress: bool = True,
-                   on_step: OnStep | None = None) -> list[Image.Image]:
+                   on_step: OnStep | None = None, cutters: StepCutters | None = None) -> list[Image.Image]:
     """``image`` redrawn after ``prompt``, as diffusers' StableDiffusionImg2ImgPipeline with the same seed: of
     ``steps`` steps the last ``int(steps * strength)`` run. ``strength=0`` returns the autoencoder round trip of
     the image. ``height``/``width`` resize the image (default: its own size, a multiple of 8)."""
@@ -56,5 +57,5 @@ def image_to_image(parts: ModelParts, prompt: str | Sequence[str], image: Image.
     x = plan.noised_input(known.to(noise.device, noise.dtype), noise)
     images = denoise_and_decode(parts, x, plan, cond, uncond, sampler=sampler, guidance_scale=guidance_scale,
                                 guidance_rescale=guidance_rescale, generator=generator, on_step=on_step,
-                                vae_tiling=vae_tiling, progress=progress)
+                                vae_tiling=vae_tiling, progress=progress, cutters=cutters)
     return to_pil(images)

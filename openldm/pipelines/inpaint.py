@@ -23,6 +23,7 @@ from openldm.pipelines.common import (
     SD_SAMPLER,
     SD_STEPS,
     ModelParts,
+    StepCutters,
     chain_hooks,
     denoise_and_decode,
     draw_noise,
@@ -48,7 +49,8 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
             seed: int = 0, height: int | None = None, width: int | None = None, num_images: int = 1, clip_skip: int = 1, chunked: bool = False,
             prompt_weighting: str = "none", embeddings: Mapping[str, torch.Tensor] | None = None,
             device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-            vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None) -> list[Image.Image]:
+            vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None,
+            cutters: StepCutters | None = None) -> list[Image.Image]:
     """``image`` with the white region of ``mask`` (grey levels binarised at 0.5) redrawn, as diffusers'
     StableDiffusionInpaintPipeline with the same seed. The kind of UNet (4 or 9 input channels) picks the method."""
     if not 0.0 < strength <= 1.0:
@@ -91,7 +93,7 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
         hooks.insert(0, blend_known(known, small, noise))
     images = denoise_and_decode(parts, x, plan, cond, uncond, sampler=sampler, guidance_scale=guidance_scale,
                                 guidance_rescale=guidance_rescale, generator=generator, on_step=chain_hooks(*hooks),
-                                vae_tiling=vae_tiling, progress=progress)
+                                vae_tiling=vae_tiling, progress=progress, cutters=cutters)
     if paste_back:
         images = paste_unmasked(images, (init + 1) / 2, fill)
     return to_pil(images)

@@ -88,7 +88,8 @@ class SDGenerator:
                       guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, seed=r.seed,
                       num_images=r.num_images, clip_skip=r.clip_skip, chunked=r.chunked,
                       prompt_weighting=r.prompt_weighting, embeddings=self.embeddings, vae_tiling=r.vae_tiling,
-                      progress=progress, on_step=progress_hook(total, on_progress, should_stop))
+                      progress=progress, on_step=progress_hook(total, on_progress, should_stop),
+                      cutters=r.cutters())
         interrupted = False
         try:
             if r.mask is not None:

@@ -12,6 +12,7 @@ from openldm.pipelines.common import (
     SD_SIZE,
     SD_STEPS,
     ModelParts,
+    StepCutters,
     denoise_and_decode,
     draw_noise,
     encode_text,
@@ -32,7 +33,8 @@ def text_to_image(parts: ModelParts, prompt: str | Sequence[str], *, negative_pr
                   num_images: int = 1, clip_skip: int = 1, chunked: bool = False,
                   prompt_weighting: str = "none", embeddings: Mapping[str, torch.Tensor] | None = None,
                   device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                  vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None) -> list[Image.Image]:
+                  vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None,
+                  cutters: StepCutters | None = None) -> list[Image.Image]:
     """Images for ``prompt`` (``num_images`` per prompt), the same as diffusers' StableDiffusionPipeline with the
     matching scheduler and ``generator=torch.Generator("cpu").manual_seed(seed)``.
 
@@ -47,5 +49,5 @@ def text_to_image(parts: ModelParts, prompt: str | Sequence[str], *, negative_pr
     x = plan.initial_sample(draw_noise(shape, generator, *module_device_dtype(parts.unet)))
     images = denoise_and_decode(parts, x, plan, cond, uncond, sampler=sampler, guidance_scale=guidance_scale,
                                 guidance_rescale=guidance_rescale, generator=generator, on_step=on_step,
-                                vae_tiling=vae_tiling, progress=progress)
+                                vae_tiling=vae_tiling, progress=progress, cutters=cutters)
     return to_pil(images)

@@ -44,6 +44,7 @@ from openldm.io.run_dir import DiffusionTrainConfig, base_resources, load_base_m
 from openldm.models.autoencoder import LatentCodec, latent_channels
 from openldm.nn.slots import Slots
 from openldm.pipelines.common import (
+    StepCutters,
     chain_hooks,
     check_size,
     draw_noise,
@@ -257,7 +258,8 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
                    guidance_scale: float = runs.TRAINED_SAMPLING["guidance_scale"],
                    guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None,
                    width: int | None = None, crop: bool = True, progress: bool = False,
-                   on_step: OnStep | None = None, inputs: dict[str, Any] | None = None) -> torch.Tensor:
+                   on_step: OnStep | None = None, inputs: dict[str, Any] | None = None,
+                   cutters: StepCutters | None = None) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] from a trained model; B = ``num_images`` per class label / prompt (a list of
     labels or prompts gives ``num_images`` each, label-major). Samples at the training size come back cropped to
     the dataset's own size when its images were padded (Fashion-MNIST 28 px padded to 32), unless ``crop=False``.
@@ -312,7 +314,7 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
             raise ValueError("strength < 1 is for image-to-image; an inpainting model redraws the mask from noise")
         x = plan.initial_sample(noise)
     # no condition given: cond == uncond, and guidance would change nothing
-    denoiser = guided_denoiser(model, plan, uncond, guidance_scale if given else 1.0, guidance_rescale)
+    denoiser = guided_denoiser(model, plan, uncond, guidance_scale if given else 1.0, guidance_rescale, cutters)
     out = run_sampler(sampler, denoiser, x, plan, cond, generator, on_step=chain_hooks(*hooks), progress=progress)
     images = decode(model, out)
     return crop_output(model, images) if crop else images

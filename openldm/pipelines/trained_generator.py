@@ -68,7 +68,8 @@ class TrainedGenerator:
                 init_image=r.init_image, strength=strength,
                 num_images=r.num_images, sampler=r.sampler, karras=r.karras, steps=r.steps,
                 guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, seed=r.seed, height=r.height,
-                width=r.width, progress=progress, on_step=progress_hook(total, on_progress, should_stop))
+                width=r.width, progress=progress, on_step=progress_hook(total, on_progress, should_stop),
+                cutters=r.cutters())
             return images, False
         except Stopped as stop:
             return crop_output(self.model, decode(self.model, stop.denoised)), True
