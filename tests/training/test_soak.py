@@ -48,6 +48,8 @@ try:
     import torch.utils.tensorboard
 except ImportError:
     pass
+torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the first optimiser imports torch._dynamo (seconds)
+assert len(os.listdir("/proc/self/task")) == 1  # one thread: safe to fork
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
@@ -107,7 +109,7 @@ class Plain(Process):
     """``python -m openldm.cli train ...`` as a subprocess."""
 
     def __init__(self, argv: list[str], log: Path):
-        self.log, self.file = log, open(log, "wb")
+        self.log, self.file = log, open(log, "wb")  # noqa: SIM115 (closed by wait)
         self.proc = subprocess.Popen([sys.executable, "-m", "openldm.cli", *argv], cwd=REPO, env=ENV,
                                      stdout=self.file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -297,6 +299,7 @@ def soak(tmp_path: Path, *, kills: int, steps: int, save_every: int, seed: int, 
             latest = run / CHECKPOINTS / LATEST
             resume = latest.is_file()
             report.resumed_from.append(int(latest.read_text().strip()[5:]) if resume else 0)
+            remaining = steps - report.resumed_from[-1]
             argv = ["train", "--config", str(config), "--resume" if resume else "--overwrite"]
             log = logs / f"start_{report.starts:03d}.log"
             started = time.monotonic()
@@ -306,8 +309,8 @@ def soak(tmp_path: Path, *, kills: int, steps: int, save_every: int, seed: int, 
             if report.kills < kills:
                 if rng.random() < 0.2:  # a kill before the loop: in start-up, cleaning or resume loading
                     target = started + rng.uniform(0, setup)
-                else:
-                    after = rng.uniform(0, 3 * step_time)  # a few steps into the loop (most of a step is its save)
+                else:  # a few steps into the loop (with save_every=1 much of a step is its save), before the end
+                    after = rng.uniform(0, min(2 * save_every + 1, remaining - 0.5) * step_time)
             reached = False
             while proc.alive():
                 if not reached and training(proc):
