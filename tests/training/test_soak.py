@@ -387,5 +387,5 @@ def test_kill_9_soak(tmp_path):
 def test_kill_9_soak_plain_processes(tmp_path):
     """More kills, every start a fresh `python -m openldm.cli train`, saving every 3rd step (killed runs redo
     steps and their logged lines are dropped)."""
-    report = soak(tmp_path, kills=50, steps=150, save_every=3, seed=1, forked=False)
+    report = soak(tmp_path, kills=50, steps=100, save_every=3, seed=1, forked=False)
     assert report.kills == 50 and report.mid_write > 0
