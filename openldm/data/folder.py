@@ -14,8 +14,8 @@ Masks: ``masks`` names a folder (absolute, or relative to the root) that mirrors
 
 Unreadable files never stop an epoch: at index time every file is checked (PIL ``verify()``, cheap; ``verify="full"``
 decodes everything; an image above ``max_image_pixels`` that a reduced JPEG decode cannot bring within it is
-refused from its header) and bad ones are left out, listed in ``skipped`` and reported in one warning; a file that still
-fails in ``__getitem__`` (a truncated JPEG passes ``verify()``) is recorded in ``failed``, reported, and replaced
+refused from its header) and bad ones are left out, listed in ``skipped`` and reported in one warning; a file that
+still fails in ``__getitem__`` (a truncated JPEG passes ``verify()``) is recorded in ``failed``, reported, and replaced
 by the next readable item. With DataLoader workers, ``failed`` fills in each worker's copy; the warnings show all.
 """
 from __future__ import annotations
@@ -101,7 +101,8 @@ def _read_caption_table(path: Path) -> dict[str, str]:
     surrogate escapes (see :func:`utf8_problem`), so only the entries holding them are lost."""
     rows: list[dict] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding=CAPTION_ENCODING, errors="surrogateescape").splitlines(), 1):
+        text = path.read_text(encoding=CAPTION_ENCODING, errors="surrogateescape")
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))

@@ -1,11 +1,11 @@
 """Reading and writing images with Pillow: files -> float tensors, label maps -> integer tensors, tensors -> PIL.
 
-Decoding lives here and nowhere else; resizing lives in :mod:`openldm.data.transforms`. Every mode Pillow opens is
-brought to 8-bit "RGB" or "L" on its full range: 16-bit ("I;16", "I;16B", ...) and 32-bit integer ("I") images are
-scaled from their sample range (0..65535, or 0..2^31-1 for 32-bit TIFFs), floats ("F") are taken as 0..1, "1" as
-0/255, "CMYK" converted, transparency composited over white. ``max_pixels`` bounds what is decoded: a JPEG above it is
-decoded at a reduced scale (PIL's draft mode, 1/2 to 1/8) when that fits, any other image above it is refused from
-its header, before a pixel is decoded; PIL's own decompression-bomb guard then never fires first.
+Decoding lives here and nowhere else; resizing lives in :mod:`openldm.data.transforms`. Every mode Pillow opens
+is brought to 8-bit "RGB" or "L" on its full range: 16-bit ("I;16", "I;16B", ...) and 32-bit integer ("I") images
+are scaled from their sample range (0..65535, or 0..2^31-1 for 32-bit TIFFs), floats ("F") are taken as 0..1, "1"
+as 0/255, "CMYK" converted, transparency composited over white. ``max_pixels`` bounds what is decoded: a JPEG above
+it is decoded at a reduced scale (PIL's draft mode, 1/2 to 1/8) when that fits, any other image above it is refused
+from its header, before a pixel is decoded; PIL's own decompression-bomb guard then never fires first.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def _fit(img: Image.Image, path: str | Path, max_pixels: int | None, min_size: i
     if img.format == "JPEG":
         if min_size is not None:
             scale = max(s for s in DRAFT_SCALES if s == 1 or min(w // min_size, h // min_size) >= s)
-        while max_pixels is not None and scale < DRAFT_SCALES[-1] and math.ceil(w / scale) * math.ceil(h / scale) > max_pixels:
+        while (max_pixels is not None and scale < DRAFT_SCALES[-1]
+               and math.ceil(w / scale) * math.ceil(h / scale) > max_pixels):
             scale *= 2
         if scale > 1:
             img.draft(img.mode, (w // scale, h // scale))
