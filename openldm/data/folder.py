@@ -5,15 +5,17 @@ Captions, looked up per image in this order:
    (relative to the root) and the caption under "caption" or "text";
 2. ``captions.csv`` at the root, with a header naming the same columns;
 3. a sidecar text file beside the image with the same stem (``cat.png`` -> ``cat.txt``);
-otherwise the caption is "".
+otherwise the caption is "". Caption files are UTF-8 (a leading byte-order mark is allowed); an image whose
+caption is not valid UTF-8 is left out like an unreadable image.
 
 Masks: ``masks`` names a folder (absolute, or relative to the root) that mirrors the image tree; the mask of
 ``a/b/cat.jpg`` is ``a/b/cat.png`` there (any image extension, .png first). They are label maps (see
 :func:`openldm.data.image_io.load_label_map`).
 
 Unreadable files never stop an epoch: at index time every file is checked (PIL ``verify()``, cheap; ``verify="full"``
-decodes everything) and bad ones are left out, listed in ``skipped`` and reported in one warning; a file that still
-fails in ``__getitem__`` (a truncated JPEG passes ``verify()``) is recorded in ``failed``, reported, and replaced
+decodes everything; an image above ``max_image_pixels`` that a reduced JPEG decode cannot bring within it is
+refused from its header) and bad ones are left out, listed in ``skipped`` and reported in one warning; a file that
+still fails in ``__getitem__`` (a truncated JPEG passes ``verify()``) is recorded in ``failed``, reported, and replaced
 by the next readable item. With DataLoader workers, ``failed`` fills in each worker's copy; the warnings show all.
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ VERIFY = ("quick", "full", "none")
 MASK_KINDS = ("labels", "binary")
 MAX_SUBSTITUTES = 16
 REPORT_FIRST = 5
+CAPTION_ENCODING = "utf-8-sig"  # UTF-8, a leading byte-order mark (Windows editors) dropped
 
 
 class UnreadableImageWarning(UserWarning):
@@ -53,7 +56,9 @@ class ImageFolderConfig:
     horizontal ``flip`` (do not flip when captions say left/right), [-1, 1]. ``channels``: 3 (RGB) or 1 (grey).
     ``captions``: "auto" (see the module doc), or "none". ``masks``: folder of label maps or null; ``mask_kind``:
     "labels" (long ids) or "binary" (float 1.0 where the id is not 0). ``labels_from_folders``: "label" = index of
-    the image's top-level folder name in sorted order. ``verify``: "quick", "full" or "none"."""
+    the image's top-level folder name in sorted order. ``verify``: "quick", "full" or "none". ``max_image_pixels``:
+    the most pixels decoded of one image (JPEGs above it decode at 1/2..1/8 scale, other images above it are
+    skipped; null: no limit)."""
 
     root: str
     size: int = 256
@@ -65,6 +70,7 @@ class ImageFolderConfig:
     mask_kind: str = "labels"
     labels_from_folders: bool = False
     verify: str = "quick"
+    max_image_pixels: int | None = 4096 * 4096
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -76,20 +82,34 @@ class ImageFolderConfig:
             raise ValueError(f"ImageFolderConfig.channels={self.channels}; choose 1 or 3")
         if self.size < 1:
             raise ValueError(f"ImageFolderConfig.size={self.size}; must be >= 1")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ValueError(f"ImageFolderConfig.max_image_pixels={self.max_image_pixels}; must be >= 1, or null "
+                             "for no limit")
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` (decoded with errors="surrogateescape") was not valid UTF-8, or None when it was."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return f"not valid UTF-8 (byte 0x{ord(text[e.start]) - 0xDC00:02x} at character {e.start})"
 
 
 def _read_caption_table(path: Path) -> dict[str, str]:
-    """captions.jsonl / captions.csv -> {relative posix path: caption}."""
+    """captions.jsonl / captions.csv -> {relative posix path: caption}; bytes that are not UTF-8 are kept as
+    surrogate escapes (see :func:`utf8_problem`), so only the entries holding them are lost."""
     rows: list[dict] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = path.read_text(encoding=CAPTION_ENCODING, errors="surrogateescape")
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     else:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding=CAPTION_ENCODING, errors="surrogateescape") as f:
             rows = list(csv.DictReader(f))
     table = {}
     for n, row in enumerate(rows, 1):
@@ -145,7 +165,7 @@ class ImageFolderDataset(Dataset):
         for rel in tqdm(candidates, desc=f"checking {self.root.name}", disable=len(candidates) < 2000 or None):
             problem, mask = None, None
             if c.verify != "none":
-                problem = verify_image(self.root / rel, full=c.verify == "full")
+                problem = verify_image(self.root / rel, full=c.verify == "full", max_pixels=c.max_image_pixels)
             if problem is None and self.mask_root is not None:
                 mask = self._find_mask(rel)
                 problem = None if mask is not None else f"no mask {Path(rel).with_suffix('.png')} in {self.mask_root}"
@@ -154,6 +174,7 @@ class ImageFolderDataset(Dataset):
                 continue
             self.files.append(rel)
             self.mask_files.append(mask)
+        self.captions = self._load_captions() if c.captions == "auto" and self.files else None
         if self.skipped:
             first = "; ".join(f"{p} ({why})" for p, why in self.skipped[:REPORT_FIRST])
             warnings.warn(f"{self.root}: skipped {len(self.skipped)} of {len(candidates)} image files that cannot be "
@@ -162,7 +183,6 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"none of the {len(candidates)} image files under {str(self.root)!r} can be read; "
                              f"first problem: {self.skipped[0][0]} ({self.skipped[0][1]})")
 
-        self.captions = self._load_captions() if c.captions == "auto" else None
         self.class_names: list[str] = []
         self.labels: list[int] | None = None
         if c.labels_from_folders:
@@ -185,22 +205,33 @@ class ImageFolderDataset(Dataset):
         return None
 
     def _load_captions(self) -> list[str]:
-        table: dict[str, str] = {}
+        """The caption of each image; an image whose caption is not UTF-8 moves from ``files`` to ``skipped``."""
+        table: dict[str, tuple[str, str]] = {}  # relative path -> (caption, the table it came from)
         for name in CAPTION_FILES:
             if (self.root / name).is_file():
                 for key, caption in _read_caption_table(self.root / name).items():
-                    table.setdefault(key, caption)
+                    table.setdefault(key, (caption, name))
         unmatched = set(table) - set(self.files) - {rel for rel, _ in self.skipped}
         if unmatched:
             warnings.warn(f"{self.root}: {len(unmatched)} caption entries name no image file, e.g. "
                           f"{sorted(unmatched)[:REPORT_FIRST]}", stacklevel=3)
-        captions = []
-        for rel in self.files:
-            if rel in table:
-                captions.append(table[rel])
-                continue
+        captions, files, mask_files = [], [], []
+        for rel, mask in zip(self.files, self.mask_files):
             sidecar = (self.root / rel).with_suffix(".txt")
-            captions.append(sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else "")
+            if rel in table:
+                caption, source = table[rel][0], f"its caption in {table[rel][1]}"
+            else:
+                caption, source = "", f"its caption file {sidecar.name}"
+                if sidecar.is_file():
+                    caption = sidecar.read_text(encoding=CAPTION_ENCODING, errors="surrogateescape").strip()
+            problem = utf8_problem(caption)
+            if problem is not None:
+                self.skipped.append((rel, f"{source} is {problem}"))
+                continue
+            captions.append(caption)
+            files.append(rel)
+            mask_files.append(mask)
+        self.files, self.mask_files = files, mask_files
         return captions
 
     def __len__(self) -> int:
@@ -214,7 +245,8 @@ class ImageFolderDataset(Dataset):
         c = self.config
         mask_file = self.mask_files[index]
         # JPEG draft decoding shrinks the image; with a mask we keep full size to check the two sizes agree
-        image = load_image_tensor(self.root / self.files[index], c.channels, min_size=None if mask_file else c.size)
+        image = load_image_tensor(self.root / self.files[index], c.channels, min_size=None if mask_file else c.size,
+                                  max_pixels=c.max_image_pixels)
         sample: Sample = {"image": image}
         if mask_file is not None:
             mask = load_label_map(mask_file)

@@ -226,6 +226,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _discard(path: Path) -> None:
+    """Delete a folder so that a kill midway leaves nothing under its name (a half-deleted checkpoint looks like
+    a broken one): renamed to ``.NAME.old.tmp`` first, which the next start's clean-up removes if this cannot."""
+    doomed = path.with_name(f".{path.name}.old.tmp")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _step_of(path: Path) -> int | None:
     name = path.name
     return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
@@ -272,9 +282,7 @@ class Checkpoints:
             _fsync(p)
         final = self.root / name
         if final.exists():  # a step saved again (after a fall back past it): the old folder goes first
-            old = self.root / f".{name}.old.tmp"
-            os.replace(final, old)
-            shutil.rmtree(old)
+            _discard(final)
         os.replace(tmp, final)
         _fsync(self.root)
         with atomic_path(self.root / LATEST) as pointer:
@@ -283,7 +291,7 @@ class Checkpoints:
         _fsync(self.root)
         self.publish(final)
         for stale in self.steps()[self.keep:]:
-            shutil.rmtree(stale, ignore_errors=True)
+            _discard(stale)
         return final
 
     def publish(self, folder: Path) -> None:
@@ -344,7 +352,8 @@ class Checkpoints:
     def remove_run(self) -> None:
         """``overwrite``: the previous run's checkpoints, logs, samples and top-level state go (caches stay)."""
         for name in (CHECKPOINTS, "samples", "snapshots", "tensorboard"):
-            shutil.rmtree(self.out_dir / name, ignore_errors=True)
+            if (self.out_dir / name).is_dir():
+                _discard(self.out_dir / name)
         for name in ("metrics.jsonl", STATE_FILE):
             (self.out_dir / name).unlink(missing_ok=True)
 

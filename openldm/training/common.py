@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from openldm.config import PRECISIONS, DataSpec, to_dict  # noqa: F401  (re-exported)
+from openldm.data.transforms import item_generator
 from openldm.io.run_dir import write_config  # noqa: F401  (re-exported: every loop writes config.yaml through it)
 from openldm.training.distributed import DistInfo, ShardedSampler
 
@@ -75,8 +76,11 @@ class BatchStream:
             self.sampler.epoch, self.sampler.start = self.epoch, self.position
             if hasattr(self.dataset, "set_epoch"):  # per-epoch random transforms (flips, crops, captions)
                 self.dataset.set_epoch(self.epoch)
+            # the loader's base seed (its workers' seeds) from (seed, epoch), not drawn from the global torch RNG:
+            # a stream rebuilt on resume leaves that RNG (dropout draws from it) as the uninterrupted run does
             loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                                num_workers=self.num_workers, drop_last=True)
+                                num_workers=self.num_workers, drop_last=True,
+                                generator=item_generator(self.sampler.seed, self.epoch, -1))
             for batch in loader:
                 self.position += self.batch_size * self.info.world_size
                 yield batch

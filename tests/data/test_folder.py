@@ -205,3 +205,42 @@ def test_fingerprint_follows_files_and_config(tmp_path: Path):
     assert fp != ImageFolderDataset(ImageFolderConfig(root=str(tmp_path), size=16)).fingerprint()
     (tmp_path / "a.txt").write_text("a caption appears")
     assert fp != ImageFolderDataset(ImageFolderConfig(root=str(tmp_path), size=8)).fingerprint()
+
+
+def test_captions_that_are_not_utf8_skip_their_image_and_are_reported(tmp_path: Path):
+    for name, color in [("a.png", "red"), ("b.png", "green"), ("c.png", "blue"), ("d.png", "white"), ("e.png", "red")]:
+        save(solid(color), tmp_path / name)
+    (tmp_path / "a.txt").write_bytes("café".encode("latin-1"))  # not UTF-8
+    (tmp_path / "b.txt").write_bytes("\ufeffgrün, naïve".encode("utf-8"))  # UTF-8 with a byte-order mark
+    (tmp_path / "captions.jsonl").write_bytes(b'{"file": "c.png", "caption": "bad \xff byte"}\n'
+                                              b'{"file": "d.png", "caption": "fine"}\n')
+    (tmp_path / "captions.csv").write_bytes(b"file,caption\ne.png,\x80oops\n")
+    with pytest.warns(UnreadableImageWarning) as record:
+        ds = ImageFolderDataset(ImageFolderConfig(root=str(tmp_path), size=8))
+    message = str(record[0].message)
+    assert "skipped 3 of 5" in message and all(n in message for n in ("a.png", "c.png", "e.png"))
+    assert dict(ds.skipped) == {"a.png": "its caption file a.txt is not valid UTF-8 (byte 0xe9 at character 3)",
+                                "c.png": "its caption in captions.jsonl is not valid UTF-8 (byte 0xff at character 4)",
+                                "e.png": "its caption in captions.csv is not valid UTF-8 (byte 0x80 at character 0)"}
+    assert dict(zip(ds.files, ds.captions)) == {"b.png": "grün, naïve", "d.png": "fine"}
+    assert [item_color(ds[i]) for i in range(len(ds))] == ["green", "white"] and ds[0]["caption"] == "grün, naïve"
+    assert ImageFolderDataset(ImageFolderConfig(root=str(tmp_path), size=8, captions="none")).files == [
+        "a.png", "b.png", "c.png", "d.png", "e.png"]  # without captions nothing is skipped
+
+
+def test_images_above_max_image_pixels_are_reduced_or_skipped(tmp_path: Path):
+    save(Image.fromarray(np.full((48, 64, 3), (0, 0, 255), np.uint8)), tmp_path / "big.jpg", "JPEG")
+    save(solid("red", (40, 40)), tmp_path / "big.png")
+    save(solid("green"), tmp_path / "small.png")
+    with pytest.warns(UnreadableImageWarning, match=r"skipped 1 of 3.*big.png.*above max_image_pixels=1000"):
+        ds = ImageFolderDataset(ImageFolderConfig(root=str(tmp_path), size=8, max_image_pixels=1000))
+    assert ds.files == ["big.jpg", "small.png"]  # the JPEG fits at 1/2 scale (32x24 = 768 pixels)
+    assert [item_color(ds[i]) for i in range(2)] == ["blue", "green"]
+    unchecked = ImageFolderDataset(ImageFolderConfig(root=str(tmp_path), size=8, max_image_pixels=1000, verify="none"))
+    with pytest.warns(UnreadableImageWarning, match="above max_image_pixels"):
+        assert item_color(unchecked[1]) == "green"  # the PNG fails when read and is replaced
+    assert list(unchecked.failed) == ["big.png"]
+    assert len(ImageFolderDataset(ImageFolderConfig(root=str(tmp_path), size=8)).files) == 3  # default 4096*4096
+    assert len(ImageFolderDataset(ImageFolderConfig(root=str(tmp_path), size=8, max_image_pixels=None)).files) == 3
+    with pytest.raises(ConfigError, match="max_image_pixels=0"):
+        build_dataset("image_folder", {"root": str(tmp_path), "max_image_pixels": 0})
