@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from openldm.data.image_io import load_image, load_label_map, pil_to_tensor
+from openldm.data.image_io import load_image, load_label_map, pil_to_tensor, to_channels
 
 ImageInput = Image.Image | str | Path | torch.Tensor
 
@@ -33,7 +33,7 @@ def as_images(image: ImageInput, channels: int, size: tuple[int, int] | None, wh
         if size is not None and tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
         return x
-    img = load_image(image, channels) if isinstance(image, (str, Path)) else image.convert("RGB" if channels == 3 else "L")
+    img = load_image(image, channels) if isinstance(image, (str, Path)) else to_channels(image, channels)
     if size is not None and img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
     return pil_to_tensor(img)[None] * 2 - 1

@@ -113,12 +113,20 @@ def load_image(path: str | Path, channels: int = 3, min_size: int | None = None,
         _fit(img, path, max_pixels, min_size)
         img.load()
         full_scale = _sample_scale(img)  # from the file's tags, which a transposed copy lacks
-        img = to_8bit(ImageOps.exif_transpose(img), full_scale)
-        if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
-            rgba = img.convert("RGBA")
-            img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img.alpha_composite(rgba)
-        return img.convert(MODES[channels])
+        return to_channels(ImageOps.exif_transpose(img), channels, full_scale)
+
+
+def to_channels(img: Image.Image, channels: int = 3, full_scale: float | None = None) -> Image.Image:
+    """An image of any mode -> "RGB" (``channels=3``) or "L" (``channels=1``) on its full range (:func:`to_8bit`),
+    transparency composited over white: what :func:`load_image` makes of a file, for images already in memory."""
+    if channels not in MODES:
+        raise ValueError(f"channels={channels}; choose 1 (grey) or 3 (RGB)")
+    img = to_8bit(img, full_scale)
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img.alpha_composite(rgba)
+    return img.convert(MODES[channels])
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

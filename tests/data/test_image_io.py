@@ -162,3 +162,15 @@ def test_pil_decompression_bomb_guard_is_handled(tmp_path: Path, monkeypatch):
         with pytest.raises(ValueError, match=r"refused.png' is too large to decode"):
             load_image(tmp_path / "refused.png")
         assert "too large" in verify_image(tmp_path / "refused.png")
+
+
+def test_images_in_memory_get_the_same_range_and_background_as_files():
+    """What a PIL image passed to a pipeline becomes (conditioning.inputs.as_images): a 16-bit ramp equals its 8-bit
+    version, and a transparent pixel is white, as load_image makes of the same image in a file."""
+    from openldm.conditioning.inputs import as_images
+
+    wide, narrow = Image.fromarray(RAMP8.astype(np.uint16) * 257), Image.fromarray(RAMP8)
+    for channels in (1, 3):
+        assert torch.equal(as_images(wide, channels, None, "image"), as_images(narrow, channels, None, "image"))
+    clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert torch.equal(as_images(clear, 3, None, "image"), torch.ones(1, 3, 8, 8))
