@@ -87,6 +87,11 @@ def place(parts: ModelParts, device: str | torch.device | None, dtype: str | tor
         module = getattr(parts, name)
         module_dtype = torch.float32 if (name == "vae" and dtype == torch.float16) else dtype
         module.to(device=device, dtype=module_dtype)
+        if name != "text_encoder":
+            # channels_last convolution weights: oneDNN then keeps activations in that layout instead of reordering
+            # them around every convolution (2.3x faster SD v1 UNet steps in bf16 on a 2-core AVX512-BF16 CPU, 6% in
+            # float32, same outputs; benchmarks/sd15.py)
+            module.to(memory_format=torch.channels_last)
 
 
 def module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
