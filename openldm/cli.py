@@ -185,6 +185,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from openldm.bundled import bundled_dir
     from openldm.pipelines.demo import run_demo
 
+    if args.update_bundle and not args.retrain:
+        raise ConfigError("--update-bundle replaces the bundled model with a retrained one; give --retrain too")
     model_dir = bundled_dir()
     if args.retrain:
         from openldm.pipelines.trained import export_run
@@ -350,8 +352,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     from openldm.data.image_io import pil_to_tensor
     from openldm.evaluation.grid import tile
-    from openldm.pipelines import read_png_params, save_images
     from openldm.io.run_dir import resolve_source
+    from openldm.pipelines import read_png_params, save_images
     from openldm.pipelines.generate import load_generator, request_from_params
 
     if args.model is not None:

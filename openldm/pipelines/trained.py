@@ -161,9 +161,10 @@ def _load_autoencoder(path: Path, device: str | torch.device, dtype: torch.dtype
     """The autoencoder file of a run (or given in its place, ``--vae``); one error naming it when it is none."""
     from safetensors import SafetensorError
 
+    if path.is_dir():
+        raise ValueError(f"autoencoder {str(path)!r} is a directory; give an openldm autoencoder .safetensors file")
     if not path.is_file():
-        raise FileNotFoundError(f"autoencoder {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir()
-                                                                                else ""))
+        raise FileNotFoundError(f"autoencoder {str(path)!r} does not exist")
     try:
         ae = load_model(path, device=device, dtype=dtype)
     except SafetensorError as e:
