@@ -498,12 +498,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from openldm.pipelines.evaluate import EvalSettings, evaluate_model, format_table
     from openldm.pipelines.trained import load_run
 
+    from openldm.io.run_dir import resolve_source
+
+    args.model = str(resolve_source(args.model))  # None: the bundled model; a missing one is named first
     if args.out is not None:
         _check_out_file(args.out)
-    if args.model is None:
-        from openldm.bundled import bundled_dir
-
-        args.model = str(bundled_dir())
     settings = EvalSettings(num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
                             guidance_scales=args.guidance_scale, karras=args.karras, seed=args.seed, tasks=args.tasks)
     model = load_run(args.model, step=args.step)
