@@ -328,9 +328,14 @@ def _check_image_file(value: str, flag: str) -> None:
         raise ConfigError(f"{flag} {value!r} does not exist")
     try:
         with Image.open(value) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ConfigError(f"{flag} {value!r} is not a readable image ({e.__class__.__name__}); give a PNG or JPEG")
+            img.verify()  # the file's structure and checksums
+        with Image.open(value) as img:
+            img.load()  # the pixels themselves decode
+    except Image.DecompressionBombError as e:
+        raise ConfigError(f"{flag} {value!r} is too large to read ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ConfigError(f"{flag} {value!r} is not a readable image ({e.__class__.__name__}); give a PNG or "
+                          "JPEG") from None
 
 
 def _input_value(text: str):

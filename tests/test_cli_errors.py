@@ -18,15 +18,18 @@ BUNDLED = bundled_dir()
 NO_CUDA = not torch.cuda.is_available()
 
 # (command line, a piece of text the one error line must contain). {tmp}: a folder holding notes.txt (not an
-# image), img.png (an image without parameters), bad.yaml (a flow sequence opened on line 2 and never closed),
-# indent.yaml (a mapping where none may be, line 2), binary.yaml (not text) and ok.yaml (steps: 2);
-# {bundled}: the bundled model's folder.
+# image), img.png (an image without parameters), short.png (its pixels cut short), bomb.png (3.6 gigapixels),
+# bad.yaml (a flow sequence opened on line 2 and never closed), indent.yaml (a mapping where none may be, line 2),
+# binary.yaml (not text) and ok.yaml (steps: 2); {bundled}: the bundled model's folder.
 BAD = [
     # generate: inputs and outputs, checked before sampling
     ("generate --from-png {tmp}/notes.txt", "not a readable image"),
     ("generate --from-png {tmp}/img.png", "no 'parameters'"),
     ("generate --from-png {tmp}/nothing.png", "nothing.png"),
     ("generate --init-image {tmp}/notes.txt --class-label 1", "notes.txt"),
+    ("generate --init-image {tmp}/short.png --strength 0.5", "'{tmp}/short.png' is not a readable image"),
+    ("generate --from-png {tmp}/short.png", "'{tmp}/short.png' is not a readable image"),
+    ("generate --init-image {tmp}/bomb.png --strength 0.5", "'{tmp}/bomb.png' is too large to read"),
     ("generate --mask {tmp}/notes.txt", "notes.txt"),
     ("generate --low-res {tmp}/notes.txt", "notes.txt"),
     ("generate --out {tmp}", "is a directory"),
@@ -142,10 +145,25 @@ def files(tmp_path_factory) -> Path:
     (tmp / "notes.txt").write_text("not an image")
     Image.new("L", (32, 32)).save(tmp / "img.png")
     (tmp / "bad.yaml").write_text("steps: 2\nsave_every: [1, 2\n")
+    _write_png(tmp / "short.png", 32, b"\x00" * 10)  # valid checksums, too few pixels
+    _write_png(tmp / "bomb.png", 60000, b"\x00" * 1000)  # claims 3.6 gigapixels
     (tmp / "indent.yaml").write_text("steps: 2\n  bad: 3\n")
     (tmp / "binary.yaml").write_bytes(b"\xff\xfe\x00")
     (tmp / "ok.yaml").write_text("steps: 2\n")
     return tmp
+
+
+def _write_png(path: Path, size: int, pixels: bytes) -> None:
+    """A greyscale PNG whose header says ``size`` x ``size`` and whose one IDAT chunk holds ``pixels``."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixels))
+                     + chunk(b"IEND", b""))
 
 
 def _argv(line: str, tmp: Path) -> list[str]:
