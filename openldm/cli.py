@@ -384,6 +384,8 @@ def _generate(args: argparse.Namespace) -> int:
         if name == "help":
             for f in caps.inputs:
                 print(f"{f.name:<14} {f.type:<10} {f.help}")
+            if not caps.inputs:
+                print(f"model {caps.name!r} takes no other inputs")
             return 0
         inputs[name] = _input_value(value)
     for flag in ("low_res", "noise_level"):
@@ -505,9 +507,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from openldm.io.run_dir import resolve_source
 
+    from openldm.registry import SAMPLERS
+
     args.model = str(resolve_source(args.model))  # None: the bundled model; a missing one is named first
     if args.out is not None:
         _check_out_file(args.out)
+    SAMPLERS.get(args.sampler)  # before a classifier is trained or an image drawn
     settings = EvalSettings(num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
                             guidance_scales=args.guidance_scale, karras=args.karras, seed=args.seed, tasks=args.tasks)
     model = load_run(args.model, step=args.step)

@@ -86,6 +86,7 @@ BAD = [
     ("evaluate --model {tmp}/nothing --out {tmp}/missing/r.json", "model '{tmp}/nothing' does not exist"),
     ("evaluate --steps 0", "--steps"),
     ("evaluate --seed -2", "seed=-2"),
+    ("evaluate --sampler nope", "unknown sampler 'nope'"),
     # train: configs and overrides
     ("train --config {tmp}/bad.yaml", "'{tmp}/bad.yaml' is not valid YAML at line 3, column 1: expected ',' or ']'"),
     ("train --config {tmp}/indent.yaml", "'{tmp}/indent.yaml' is not valid YAML at line 2, column 6"),
@@ -319,6 +320,9 @@ def test_memory_estimate_refuses_what_cannot_fit_and_passes_what_can(monkeypatch
     with pytest.raises(RequestError) as info:
         GenerationRequest(width=4096, height=4096, num_images=2).resolve(caps)
     assert info.value.field == "num_images" and "4096x4096" in str(info.value) and "1.0 GiB free" in str(info.value)
+    with pytest.raises(RequestError) as info:  # no size given: the init image's
+        GenerationRequest(init_image=Image.new("L", (8192, 4096)), strength=0.5).resolve(caps)
+    assert info.value.field == "init_image" and "8192x4096" in str(info.value)
     assert generate.free_memory("cpu") > 0
 
 

@@ -224,15 +224,32 @@ def _check_memory(r: GenerationRequest, caps: Capabilities) -> None:
     bound: the larger of sampling's and decoding's bytes per output pixel, times the pixels of all images; a tiled
     decode needs only a tile)."""
     per_pixel = max(caps.sample_bytes_per_pixel, 0.0 if r.vae_tiling else caps.decode_bytes_per_pixel)
-    if r.width is None or r.height is None or not per_pixel:
+    width, height = r.width, r.height
+    if (width is None or height is None) and r.init_image is not None:  # the size of the init image
+        width, height = _image_size(r.init_image) or (width, height)
+    if width is None or height is None or not per_pixel:
         return
-    need = per_pixel * r.width * r.height * r.num_images
+    need = per_pixel * width * height * r.num_images
     free = free_memory(caps.device)
     if free is not None and need > free:
-        raise RequestError("num_images" if r.num_images > 1 else "width",
-                           f"{r.num_images} image(s) of {r.width}x{r.height} (width x height) need at least "
+        raise RequestError("num_images" if r.num_images > 1 else "init_image" if r.width is None else "width",
+                           f"{r.num_images} image(s) of {width}x{height} (width x height) need at least "
                            f"{_gib(need)} of memory to sample; {caps.device} has {_gib(free)} free. Ask for fewer "
                            "or smaller images")
+
+
+def _image_size(image: Any) -> tuple[int, int] | None:
+    """(width, height) of an image input without decoding it; None for tensors and unreadable files (those are
+    reported where they are read)."""
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as img:
+                return img.size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return None
+    return None
 
 
 def _gib(n: float) -> str:
