@@ -259,8 +259,9 @@ def _gib(n: float) -> str:
 def free_memory(device: str | torch.device) -> int | None:
     """Bytes free on ``device`` now (CPU: MemAvailable of /proc/meminfo, capped by a cgroup limit), None if unknown."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":  # free, plus what PyTorch's allocator holds unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + cached)
     if device.type != "cpu":
         return None
     free = None
@@ -270,11 +271,13 @@ def free_memory(device: str | torch.device) -> int | None:
                 free = int(line.split()[1]) * 1024
     except OSError:
         return None
-    try:  # a container's limit (cgroup v2)
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    try:  # a container's limit (cgroup v2); its usage counts page cache, of which the inactive part is reclaimable
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            free = min(free if free is not None else 2**63, int(limit) - used)
+            used = int((cgroup / "memory.current").read_text())
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+            free = min(free if free is not None else 2**63, int(limit) - used + int(stat.get("inactive_file", 0)))
     except (OSError, ValueError):
         pass
     return free
