@@ -271,7 +271,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     _trained_args(p)
     p.add_argument("--init-image", default=None, help="image-to-image (or inpainting) input image")
     p.add_argument("--strength", type=float, default=None, help="how much of the init image to redraw, in [0, 1] "
-                                                               "(default: 0.75; inpainting 1)")
+                                                               "(default: Stable Diffusion 0.75, inpainting 1; "
+                                                               "models trained here 1)")
     p.add_argument("--mask", default=None, help="inpainting mask (white = redraw); needs --init-image. Models trained "
                                                 "here: alone, a segmentation mask")
     p.add_argument("--paste-back", action="store_true", help="inpainting: paste the unmasked original pixels back")
@@ -502,11 +503,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from openldm.evaluation.classifier import load_classifier
+    from openldm.io.run_dir import resolve_source
     from openldm.pipelines.evaluate import EvalSettings, evaluate_model, format_table
     from openldm.pipelines.trained import load_run
-
-    from openldm.io.run_dir import resolve_source
-
     from openldm.registry import SAMPLERS
 
     args.model = str(resolve_source(args.model))  # None: the bundled model; a missing one is named first
