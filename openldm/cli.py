@@ -58,15 +58,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low``."""
+def _int_in(low: int, high: int | None = None, what: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (and <= ``high``)."""
     def convert(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        if value < low or (high is not None and value > high):
+            accepted = f">= {low}" if high is None else f"in {low}..{high:,}" if high >= 10**6 else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"{(what + ' ') if what else ''}{value} must be {accepted}")
         return value
     return convert
 
@@ -79,14 +80,6 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"seed={value} must be an integer in [0, 2^64)")
-    return value
-
-
-def _port(text: str) -> int:
-    """An argparse type: a TCP port, 0..65535."""
-    value = _int_at_least(0)(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"port {value} must be in 0..65535")
     return value
 
 
@@ -167,7 +160,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo.png", help="output name: writes demo-classes.png and demo-prompts.png")
-    p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM steps")
+    p.add_argument("--steps", type=_int_in(1), default=50, help="DDIM steps")
     p.add_argument("--guidance-scale", type=_guidance, default=None,
                    help="classifier-free guidance scale (default: the model's recommended, 2 for the bundled model)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed")
@@ -209,9 +202,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _toy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=_int_at_least(1), nargs="+", default=[10, 25, 100],
+    p.add_argument("--steps", type=_int_in(1), nargs="+", default=[10, 25, 100],
                    help="sampling step counts to compare")
-    p.add_argument("--samples", type=_int_at_least(1), default=8000, help="number of points drawn per sampler")
+    p.add_argument("--samples", type=_int_in(1, 10**7), default=8000, help="number of points drawn per sampler "
+                                                                         "(at most 10,000,000)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed")
 
 
@@ -447,14 +441,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                                                            "diffusers folders; a folder serves every model under it; "
                                                            "default: the bundled Fashion-MNIST model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_port, default=7860, help="port (default 7860, as AUTOMATIC1111)")
+    p.add_argument("--port", type=_int_in(0, 65535, "port"), default=7860, help="port (default 7860, as AUTOMATIC1111)")
     p.add_argument("--api-auth", default=None, help="USER:PASS[,USER:PASS]: HTTP Basic auth on every route "
                                                     "(default: none, open)")
     p.add_argument("--cors-allow-origins", default=None, help="comma-separated origins allowed by CORS "
                                                               "(default: none)")
-    p.add_argument("--max-batch", type=_int_at_least(1), default=8, help="most images one request may ask for "
+    p.add_argument("--max-batch", type=_int_in(1), default=8, help="most images one request may ask for "
                                                                          "(default 8)")
-    p.add_argument("--max-pixels", type=_int_at_least(1), default=1024 * 1024,
+    p.add_argument("--max-pixels", type=_int_in(1), default=1024 * 1024,
                    help="most pixels (width x height x images) one request may ask for (default 1048576)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -480,11 +474,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="run directory of `openldm train` on Fashion-MNIST (default: the "
                                                  "bundled model)")
-    p.add_argument("--step", type=_int_at_least(0), default=None, help="evaluate the EMA snapshot of this training "
+    p.add_argument("--step", type=_int_in(0), default=None, help="evaluate the EMA snapshot of this training "
                                                                        "step (default: the last weights)")
     p.add_argument("--num-samples", type=int, default=1000, help="generated (and real) images per task and scale")
     p.add_argument("--sampler", default="ddim", help="sampler name (see `openldm samplers`)")
-    p.add_argument("--steps", type=_int_at_least(1), default=50, help="sampling steps")
+    p.add_argument("--steps", type=_int_in(1), default=50, help="sampling steps")
     p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels")
     p.add_argument("--guidance-scale", type=_guidance, nargs="+", default=[1.0, 3.0],
                    help="classifier-free guidance scales to evaluate (1 = off)")

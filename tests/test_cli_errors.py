@@ -71,7 +71,7 @@ BAD = [
     ("sample --model fashion_mnist --steps 0", "steps=0"),
     ("sample --model fashion_mnist --prompt 'a bag' --num-images 0", "num_images=0"),
     # serve (refused before the server starts)
-    ("serve --port 70000", "70000"),
+    ("serve --port 70000", "port 70000 must be in 0..65535"),
     ("serve --port http", "'http'"),
     ("serve --max-batch 0", "--max-batch"),
     ("serve --max-pixels -5", "--max-pixels"),
@@ -121,6 +121,7 @@ BAD = [
     ("demo --guidance-scale -1", "-1"),
     ("demo --update-bundle", "--retrain"),
     ("toy --samples 0", "--samples"),
+    ("toy --samples 100000000000", "100000000000 must be in 1..10,000,000"),
     ("toy --steps 10 0", "--steps"),
     ("toy --seed 18446744073709551616", "seed=18446744073709551616"),
     ("nosuchcommand", "'nosuchcommand'"),
