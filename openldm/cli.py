@@ -281,7 +281,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unsafe-load", action="store_true", help="allow .ckpt files that need full unpickling "
                                                               "(only for files you trust)")
     p.add_argument("--from-png", default=None, help="regenerate with the parameters stored in this PNG (its model "
-                                                    "too, unless --model is given)")
+                                                    "too); flags given beside it replace the stored values")
 
 
 @command("generate", "generate images: the bundled Fashion-MNIST model by default (--prompt or --class-label), a "
@@ -302,6 +302,20 @@ def _request(args: argparse.Namespace, inputs: dict):
         mask=args.mask, paste_back=getattr(args, "paste_back", False), inputs=inputs,
         clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
         vae_tiling=getattr(args, "vae_tiling", False))
+
+
+def _explicit(args: argparse.Namespace) -> set[str]:
+    """The destinations of the flags written on the command line (not left at their defaults)."""
+    parser = args._parser
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(args._argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(given))
 
 
 def _check_output(out: str) -> None:
@@ -387,13 +401,18 @@ def _generate(args: argparse.Namespace) -> int:
         if getattr(args, flag, None) is not None and flag not in inputs:
             raise ConfigError(f"--{flag.replace('_', '-')} is not an input of model {caps.name!r}; its inputs: "
                               f"{', '.join(f.name for f in caps.inputs) or 'none'}")
-    request = request_from_params(stored) if stored is not None else _request(args, inputs)
+    request = _request(args, inputs)
+    if stored is not None:  # the PNG's parameters, with the flags given beside --from-png in their place
+        explicit = _explicit(args) | ({"inputs"} if inputs else set())
+        given = {name: value for name, value in vars(request).items() if name in explicit}
+        request = replace(request_from_params(stored), **given)
+        pick = stored.batch_index if stored.num_images > 1 and "num_images" not in given else None
     if caps.kind == "stable-diffusion" and request.prompt is None:
         raise ConfigError("--prompt is required for Stable Diffusion weights")
     result = generator.generate(request, progress=not args.quiet)
     images, params = result.images, result.params
-    if stored is not None and stored.num_images > 1:
-        images, params = [images[stored.batch_index]], [replace(params[stored.batch_index], num_images=1)]
+    if stored is not None and pick is not None:
+        images, params = [images[pick]], [replace(params[pick], num_images=1)]
     if args.grid:
         images = [tile(torch.stack([pil_to_tensor(im) * 2 - 1 for im in images]))]
         params = [replace(params[0], num_images=1)]
@@ -614,8 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args, extra = parser.parse_known_args(argv)
+        args._argv = argv[1:]  # the command's own arguments
         if extra:  # overrides may come anywhere on a training command line: argparse takes only their first run
             if getattr(args, "overrides", None) is None or any(a.startswith("-") for a in extra):
                 getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")

@@ -336,3 +336,17 @@ def test_training_overrides_may_come_anywhere_on_the_command_line(tmp_path, monk
     assert main(["train", "--config", str(config), "steps=3", "--resume", f"out_dir={run}", "--quiet"]) == 0
     steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 3
+
+
+def test_flags_given_beside_from_png_replace_the_stored_values(tmp_path):
+    made = tmp_path / "made.png"
+    assert main(["generate", "--class-label", "3", "--seed", "5", "--steps", "2", "--out", str(made), "--quiet"]) == 0
+    again = tmp_path / "again.png"  # --seed 0 is the flag's default, and still replaces the stored seed 5
+    assert main(["generate", "--from-png", str(made), "--steps", "3", "--seed", "0", "--out", str(again),
+                 "--quiet"]) == 0
+    params = read_png_params(again)
+    assert (params.steps, params.seed, params.class_label) == (3, 0, "3")
+    direct = tmp_path / "direct.png"
+    assert main(["generate", "--class-label", "3", "--seed", "0", "--steps", "3", "--out", str(direct), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(direct)))
+    assert not np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))
