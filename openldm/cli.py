@@ -23,10 +23,110 @@ def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None
     return deco
 
 
+# --- parsing: one-line errors, every default in --help, checked values -----------------------------------------
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help: the value, "off" for a flag, "none" when unset; help that already says
+    its default (``default: ...``) is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or action.dest == "help" or action.required:
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text  # a required positional
+        default = action.default
+        if action.nargs == 0:
+            shown = "on" if default else "off"
+        elif default is None or default == [] or default == "":
+            shown = "none"
+        elif isinstance(default, (list, tuple)):
+            shown = " ".join(str(v) for v in default)
+        else:
+            shown = "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line, ``openldm CMD: error: MSG``, and exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_in(low: int, high: int | None = None, what: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (and <= ``high``)."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            accepted = f">= {low}" if high is None else f"in {low}..{high:,}" if high >= 10**6 else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"{(what + ' ') if what else ''}{value} must be {accepted}")
+        return value
+    return convert
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed, an integer in [0, 2^64) (what a torch.Generator takes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"seed={value} must be an integer in [0, 2^64)")
+    return value
+
+
+def _guidance(text: str) -> float:
+    """An argparse type: a finite guidance scale >= 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"guidance scale {text} must be a finite number >= 0")
+    return value
+
+
+def _check_device(device: str, flag: str = "--device") -> None:
+    """The device must exist here (CUDA asked for on a machine without it is an error, not a traceback)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"{flag} {device!r} is not a device; use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{flag} {device!r}: no CUDA device is available here; use cpu")
+
+
+def _check_out_file(out: str, flag: str = "--out", suffixes: tuple[str, ...] = ()) -> None:
+    """Before any work: an output file path in an existing folder (with one of ``suffixes``, when given)."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {out!r} is a directory; give a file name such as "
+                          f"{str(path / ('out' + (suffixes[0] if suffixes else '')))!r}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag} {out!r}: the folder {str(path.parent)!r} does not exist; create it first")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"{flag} {out!r} must end in {' or '.join(suffixes)}")
+
+
 # --- openldm models ---------------------------------------------------------------------------------------------
 
 def _models_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", default=None, help="only presets of this model kind (e.g. unet, autoencoder_kl)")
+    p.add_argument("--kind", default=None, help="only presets of this model kind (e.g. unet, autoencoder_kl; "
+                                                "default: every kind)")
 
 
 @command("models", "list every model preset with its parameter count", _models_args)
@@ -60,10 +160,10 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo.png", help="output name: writes demo-classes.png and demo-prompts.png")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--steps", type=_int_in(1), default=50, help="DDIM steps")
+    p.add_argument("--guidance-scale", type=_guidance, default=None,
                    help="classifier-free guidance scale (default: the model's recommended, 2 for the bundled model)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed")
     p.add_argument("--retrain", action="store_true", help="train the model from scratch with the recipes in configs/ "
                                                           "first (about an hour on a 2-core CPU), then sample it")
     p.add_argument("--work-dir", default="runs/demo", help="where --retrain keeps its runs (resumable)")
@@ -78,6 +178,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from openldm.bundled import bundled_dir
     from openldm.pipelines.demo import run_demo
 
+    if args.update_bundle and not args.retrain:
+        raise ConfigError("--update-bundle replaces the bundled model with a retrained one; give --retrain too")
     model_dir = bundled_dir()
     if args.retrain:
         from openldm.pipelines.trained import export_run
@@ -100,9 +202,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _toy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 100], help="sampling step counts to compare")
-    p.add_argument("--samples", type=int, default=8000, help="number of points drawn per sampler")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--steps", type=_int_in(1), nargs="+", default=[10, 25, 100],
+                   help="sampling step counts to compare")
+    p.add_argument("--samples", type=_int_in(1, 10**7), default=8000, help="number of points drawn per sampler "
+                                                                         "(at most 10,000,000)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed")
 
 
 @command("toy", "sample a known 2-D Gaussian mixture with every sampler and report how close each gets", _toy_args)
@@ -121,7 +225,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     said = "default: the model's recommended setting"
     p.add_argument("--sampler", default=None, help=f"sampler name (see `openldm samplers`; {said})")
     p.add_argument("--karras", action="store_true", default=None,
-                   help="Karras et al. 2022 noise levels (sigma-space samplers)")
+                   help=f"Karras et al. 2022 noise levels (sigma-space samplers; {said})")
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps ({said})")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help=f"classifier-free guidance scale, 1 = off ({said})")
@@ -130,7 +234,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help=f"image height in pixels ({said})")
     p.add_argument("--width", type=int, default=None, help=f"image width in pixels ({said})")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt/label; files get -0, -1, ... suffixes")
-    p.add_argument("--out", default="out.png", help="output PNG path")
+    p.add_argument("--out", default="out.png", help="output PNG path (the PNG carries the parameters)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _cutter_args(p)
 
@@ -155,10 +259,12 @@ def _trained_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-label", default=None, help="class index or name (class-conditional models; the bundled "
                                                        "Fashion-MNIST model: 0-9 or a name such as 'ankle boot')")
     p.add_argument("--low-res", default=None, help="low-resolution image to upscale (super-resolution models)")
-    p.add_argument("--noise-level", type=int, default=None, help="noise augmentation level of --low-res")
+    p.add_argument("--noise-level", type=int, default=None, help="noise augmentation level of --low-res "
+                                                                 "(default: the model's)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--vae", default=None, help="decode through this autoencoder file instead of the run's (one with "
-                                               "the same encoder, e.g. a decoder fine-tuned with decoder_only)")
+                                               "the same encoder, e.g. a decoder fine-tuned with decoder_only; "
+                                               "default: the run's own)")
     p.add_argument("--grid", action="store_true", help="write all images as one grid PNG instead of one file each")
     p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
                    help="a value for another condition of the model, by its declared name (e.g. brightness=0.8; "
@@ -194,33 +300,41 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="SD v1 / 2.x checkpoint (.safetensors/.ckpt single file, diffusers "
                                                  "folder or openldm folder) or a run directory of `openldm train`; "
                                                  "default: the bundled Fashion-MNIST model")
-    p.add_argument("--prompt", default=None, help="what to draw")
+    p.add_argument("--prompt", default=None, help="what to draw (default: none)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional branch of CFG)")
     _sampling_args(p)
     _trained_args(p)
     p.add_argument("--init-image", default=None, help="image-to-image (or inpainting) input image")
-    p.add_argument("--strength", type=float, default=None, help="how much of the init image to redraw, in [0, 1]")
+    p.add_argument("--strength", type=float, default=None, help="how much of the init image to redraw, in [0, 1] "
+                                                               "(default: Stable Diffusion 0.75, inpainting 1; "
+                                                               "models trained here 1)")
     p.add_argument("--mask", default=None, help="inpainting mask (white = redraw); needs --init-image. Models trained "
                                                 "here: alone, a segmentation mask")
     p.add_argument("--paste-back", action="store_true", help="inpainting: paste the unmasked original pixels back")
-    p.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111 count)")
-    p.add_argument("--chunked", action="store_true", help="encode prompts over 75 tokens in chunks (A1111)")
+    p.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111 count; "
+                                                            "Stable Diffusion weights)")
+    p.add_argument("--chunked", action="store_true", help="encode prompts over 75 tokens in chunks (A1111; Stable "
+                                                          "Diffusion weights)")
     p.add_argument("--prompt-weighting", default="none", choices=["none", "a1111"],
                    help="a1111: read A1111's prompt syntax, (word:1.3) [word] BREAK, over 75-token chunks (default "
                         "none: the prompt as diffusers reads it)")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings (.pt, .safetensors, "
-                                                          ".bin; A1111 or diffusers layout) that prompts use by name")
-    p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles")
+                                                          ".bin; A1111 or diffusers layout) that prompts use by name "
+                                                          "(default: none)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles (Stable "
+                                                             "Diffusion weights)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     _dtype_arg(p)
     p.add_argument("--unsafe-load", action="store_true", help="allow .ckpt files that need full unpickling "
                                                               "(only for files you trust)")
     _prediction_arg(p)
-    p.add_argument("--from-png", default=None, help="regenerate with the parameters stored in this PNG")
+    p.add_argument("--from-png", default=None, help="regenerate with the parameters stored in this PNG (its model "
+                                                    "too); flags given beside it replace the stored values")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="apply this LoRA (.safetensors, kohya/A1111 or diffusers layout) with WEIGHT (default 1, may "
-                        "be negative), SD weights only; repeatable")
-    p.add_argument("--lora-dir", default=None, help="folder where prompt tags <lora:NAME:WEIGHT> find NAME.safetensors")
+                        "be negative), SD weights only; repeatable (default: none)")
+    p.add_argument("--lora-dir", default=None, help="folder where prompt tags <lora:NAME:WEIGHT> find NAME.safetensors "
+                                                   "(default: none)")
 
 
 @command("generate", "generate images: the bundled Fashion-MNIST model by default (--prompt or --class-label), a "
@@ -272,17 +386,28 @@ def _cutter_fields(args: argparse.Namespace) -> dict:
             "token_merging_max_downsample": args.tome_max_downsample}
 
 
+def _explicit(args: argparse.Namespace) -> set[str]:
+    """The destinations of the flags written on the command line (not left at their defaults)."""
+    parser = args._parser
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(args._argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(given))
+
+
 def _check_output(out: str) -> None:
     """Before any work: the output must be a PNG path in an existing folder (PNGs carry the parameters)."""
     from pathlib import Path
 
-    path = Path(out)
-    if path.is_dir():
-        raise ConfigError(f"--out {out!r} is a directory; give a file name such as {str(path / 'out.png')!r}")
-    if not path.parent.is_dir():
-        raise ConfigError(f"--out {out!r}: the folder {str(path.parent)!r} does not exist; create it first")
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"--out {out!r} must end in .png (the images carry their parameters in a PNG text chunk)")
+    _check_out_file(out)
+    if Path(out).suffix.lower() != ".png":
+        raise ConfigError(f"--out {out!r} must end in .png (the images carry their parameters in a PNG text chunk; "
+                          "convert the PNG for other formats)")
 
 
 def _check_image_file(value: str, flag: str) -> None:
@@ -294,9 +419,14 @@ def _check_image_file(value: str, flag: str) -> None:
         raise ConfigError(f"{flag} {value!r} does not exist")
     try:
         with Image.open(value) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ConfigError(f"{flag} {value!r} is not a readable image ({e.__class__.__name__}); give a PNG or JPEG")
+            img.verify()  # the file's structure and checksums
+        with Image.open(value) as img:
+            img.load()  # the pixels themselves decode
+    except Image.DecompressionBombError as e:
+        raise ConfigError(f"{flag} {value!r} is too large to read ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ConfigError(f"{flag} {value!r} is not a readable image ({e.__class__.__name__}); give a PNG or "
+                          "JPEG") from None
 
 
 def _input_value(text: str):
@@ -318,12 +448,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     from openldm.data.image_io import pil_to_tensor
     from openldm.evaluation.grid import tile
+    from openldm.io.run_dir import resolve_source
     from openldm.pipelines import read_png_params, save_images
     from openldm.pipelines.generate import load_generator, request_from_params
 
+    if args.model is not None:
+        resolve_source(args.model)  # a missing model is named first, before any other flag
     _check_output(args.out)
-    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
+    _check_device(getattr(args, "device", "cpu"))
     for flag in ("from_png", "init_image", "mask", "low_res"):
         value = getattr(args, flag, None)
         if value is not None:
@@ -348,13 +480,20 @@ def _generate(args: argparse.Namespace) -> int:
         if name == "help":
             for f in caps.inputs:
                 print(f"{f.name:<14} {f.type:<10} {f.help}")
+            if not caps.inputs:
+                print(f"model {caps.name!r} takes no other inputs")
             return 0
         inputs[name] = _input_value(value)
     for flag in ("low_res", "noise_level"):
         if getattr(args, flag, None) is not None and flag not in inputs:
             raise ConfigError(f"--{flag.replace('_', '-')} is not an input of model {caps.name!r}; its inputs: "
                               f"{', '.join(f.name for f in caps.inputs) or 'none'}")
-    request = request_from_params(stored) if stored is not None else _request(args, inputs)
+    request = _request(args, inputs)
+    if stored is not None:  # the PNG's parameters, with the flags given beside --from-png in their place
+        explicit = _explicit(args) | ({"inputs"} if inputs else set())
+        given = {name: value for name, value in vars(request).items() if name in explicit}
+        request = replace(request_from_params(stored), **given)
+        pick = stored.batch_index if stored.num_images > 1 and "num_images" not in given else None
     request.loras = loras
     if caps.kind == "stable-diffusion" and request.prompt is None:
         raise ConfigError("--prompt is required for Stable Diffusion weights")
@@ -365,8 +504,8 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"LoRA {generator.loras.read(path).summary()}; weight {weight:g}", file=sys.stderr)
     result = generator.generate(request, progress=not args.quiet)
     images, params = result.images, result.params
-    if stored is not None and stored.num_images > 1:
-        images, params = [images[stored.batch_index]], [replace(params[stored.batch_index], num_images=1)]
+    if stored is not None and pick is not None:
+        images, params = [images[pick]], [replace(params[pick], num_images=1)]
     if args.grid:
         images = [tile(torch.stack([pil_to_tensor(im) * 2 - 1 for im in images]))]
         params = [replace(params[0], num_images=1)]
@@ -378,12 +517,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _train_args_for(config: str, example: str) -> Callable[[argparse.ArgumentParser], None]:
     """The flags every training command takes: its config file, --resume, --quiet and dotted overrides."""
     def add(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", default=None, help=f"YAML file of a {config} (e.g. {example})")
+        p.add_argument("--config", default=None, help=f"YAML file of a {config} (e.g. {example}; default: the "
+                                                      f"{config} defaults)")
         p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
         p.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds a run "
                        "(its checkpoints and metrics are deleted)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=2000 optim.lr=3e-4 batch_size=64")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, anywhere on the command line, e.g. "
+                                                    "steps=2000 optim.lr=3e-4 batch_size=64")
     return add
 
 
@@ -394,7 +535,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, help="caption (text-conditional models)")
     p.add_argument("--mask", default=None, help="segmentation mask image, or the inpainting mask with --init-image")
     p.add_argument("--init-image", default=None, help="image to inpaint (with --mask) or redraw (with --strength)")
-    p.add_argument("--strength", type=float, default=None, help="image-to-image strength in (0, 1]")
+    p.add_argument("--strength", type=float, default=None, help="image-to-image strength in (0, 1] (default: 1)")
     _trained_args(p)
     _sampling_args(p)
 
@@ -412,11 +553,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                                                            "diffusers folders; a folder serves every model under it; "
                                                            "default: the bundled Fashion-MNIST model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860, as AUTOMATIC1111)")
-    p.add_argument("--api-auth", default=None, help="USER:PASS[,USER:PASS]: HTTP Basic auth on every route")
-    p.add_argument("--cors-allow-origins", default=None, help="comma-separated origins allowed by CORS")
-    p.add_argument("--max-batch", type=int, default=8, help="most images one request may ask for (default 8)")
-    p.add_argument("--max-pixels", type=int, default=1024 * 1024,
+    p.add_argument("--port", type=_int_in(0, 65535, "port"), default=7860, help="port (default 7860, as AUTOMATIC1111)")
+    p.add_argument("--api-auth", default=None, help="USER:PASS[,USER:PASS]: HTTP Basic auth on every route "
+                                                    "(default: none, open)")
+    p.add_argument("--cors-allow-origins", default=None, help="comma-separated origins allowed by CORS "
+                                                              "(default: none)")
+    p.add_argument("--max-batch", type=_int_in(1), default=8, help="most images one request may ask for "
+                                                                         "(default 8)")
+    p.add_argument("--max-pixels", type=_int_in(1), default=1024 * 1024,
                    help="most pixels (width x height x images) one request may ask for (default 1048576)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     _dtype_arg(p)
@@ -433,6 +577,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from openldm.web.app import serve
 
+    _check_device(args.device)
     origins = [o.strip() for o in args.cors_allow_origins.split(",") if o.strip()] if args.cors_allow_origins else None
     if args.api_auth is not None and any(":" not in pair for pair in args.api_auth.split(",")):
         raise ConfigError("--api-auth takes USER:PASS pairs separated by commas")
@@ -450,19 +595,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="run directory of `openldm train` on Fashion-MNIST (default: the "
                                                  "bundled model)")
-    p.add_argument("--step", type=int, default=None, help="evaluate the EMA snapshot of this training step")
+    p.add_argument("--step", type=_int_in(0), default=None, help="evaluate the EMA snapshot of this training "
+                                                                       "step (default: the last weights)")
     p.add_argument("--num-samples", type=int, default=1000, help="generated (and real) images per task and scale")
     p.add_argument("--sampler", default="ddim", help="sampler name (see `openldm samplers`)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--steps", type=_int_in(1), default=50, help="sampling steps")
     p.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels")
-    p.add_argument("--guidance-scale", type=float, nargs="+", default=[1.0, 3.0],
+    p.add_argument("--guidance-scale", type=_guidance, nargs="+", default=[1.0, 3.0],
                    help="classifier-free guidance scales to evaluate (1 = off)")
     p.add_argument("--tasks", nargs="+", default=None, help="class, text, mask, super_resolution, inpaint, "
                                                             "unconditional (default: all the model supports)")
     p.add_argument("--classifier", default=None, help="classifier file (default: trained once and cached under "
                                                       "$OPENLDM_CACHE, ~/.cache/openldm)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--out", default=None, help="also write the report as JSON here")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed")
+    p.add_argument("--out", default=None, help="also write the report as JSON here (default: print it only)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     _cutter_args(p)
 
@@ -473,14 +619,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from openldm.evaluation.classifier import load_classifier
+    from openldm.io.run_dir import resolve_source
     from openldm.pipelines.common import StepCutters
     from openldm.pipelines.evaluate import EvalSettings, evaluate_model, format_table
     from openldm.pipelines.trained import load_run
+    from openldm.registry import SAMPLERS
 
-    if args.model is None:
-        from openldm.bundled import bundled_dir
-
-        args.model = str(bundled_dir())
+    args.model = str(resolve_source(args.model))  # None: the bundled model; a missing one is named first
+    if args.out is not None:
+        _check_out_file(args.out)
+    SAMPLERS.get(args.sampler)  # before a classifier is trained or an image drawn
     settings = EvalSettings(num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
                             guidance_scales=args.guidance_scale, karras=args.karras, seed=args.seed, tasks=args.tasks,
                             cutters=StepCutters(**_cutter_fields(args)))
@@ -510,6 +658,7 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
     from openldm.training.autoencoder import AutoencoderTrainConfig, train_autoencoder
 
     cfg = load(AutoencoderTrainConfig, args.config, args.overrides)
+    _check_device(cfg.device, "device=")
     out = train_autoencoder(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(f"step {out['step']}; latent scale factor {out['scaling_factor']:.5f}; autoencoder saved as {out['autoencoder']}")
     return 0
@@ -524,6 +673,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     from openldm.training.clip import CLIPTrainConfig, summary, train_clip
 
     cfg = load(CLIPTrainConfig, args.config, args.overrides)
+    _check_device(cfg.device, "device=")
     out = train_clip(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if out["retrieval"] is None:
         print(f"stopped at step {out['step']}; CLIP saved as {out['clip']}; continue with --resume")
@@ -569,6 +719,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
 
     cfg = load(DiffusionTrainConfig, args.config, args.overrides)
+    _check_device(cfg.device, "device=")
     out = train_diffusion(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     last = out["history"][-1] if out["history"] else {}
     print(f"step {out['step']}" + (f", loss {last['loss']:.4f}" if last else "") + f"; run saved in {cfg.out_dir}")
@@ -625,18 +776,27 @@ def cmd_train_embedding(args: argparse.Namespace) -> int:
 # --- entry point ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openldm", description="Latent diffusion from scratch: train, sample, run SD v1 weights.")
+    parser = _Parser(prog="openldm", description="Latent diffusion from scratch: train, sample, run SD v1 weights.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (fn, add_args, help) in _COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
         add_args(p)
-        p.set_defaults(_fn=fn)
+        p.set_defaults(_fn=fn, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        args._argv = argv[1:]  # the command's own arguments
+        if extra:  # overrides may come anywhere on a training command line: argparse takes only their first run
+            if getattr(args, "overrides", None) is None or any(a.startswith("-") for a in extra):
+                getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides += extra
+    except SystemExit as e:  # a bad command line (one line on stderr) or --help
+        return int(e.code or 0)
     if not getattr(args, "_fn", None):
         parser.print_help()
         return 2

@@ -170,12 +170,27 @@ def load_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{_yaml_where(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}); give a YAML file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return data
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """' at line L, column C: PROBLEM (CONTEXT at line L2)' of a YAML syntax error, lines counted from 1."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem is None or mark is None:
+        return f": {e}"
+    text = f" at {at(mark)}: {problem}"
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and context_mark is not None and context_mark.line != mark.line:
+        text += f" ({context} at {at(context_mark)})"
+    return text
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -105,6 +105,8 @@ def default_root() -> str:
 def fetch_packages(folder: str | Path, npm: str = "npm") -> Path:
     """``npm pack`` every package the data set needs into ``folder`` (those already there are kept)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{str(folder)!r} is not a folder: the npm tarballs go in a folder")
     folder.mkdir(parents=True, exist_ok=True)
     for file in {f.package: f for f in [*(a.file for a in ART.values()), INDEX, NAMES, KEYWORDS]}.values():
         if (folder / file.tarball).is_file():

@@ -105,6 +105,9 @@ class DiffusionTrainConfig:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
+        for name in ("steps", "log_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.snapshot_every < 0:
             raise ValueError(f"snapshot_every={self.snapshot_every} must be >= 0 (0 = no snapshots)")
         if self.sample_every < 0 or self.sample_steps < 1:

@@ -95,6 +95,13 @@ class Capabilities:
     max_steps: int = 1000
     prompt_weightings: tuple[str, ...] = ("none",)  # how it can read prompts (see GenerationRequest)
     embeddings: tuple[str, ...] = ()  # textual-inversion names its prompts may use
+    max_clip_skip: int = 1  # clip_skip may be 1..this (1: the model has no CLIP layers to skip)
+    chunked_prompts: bool = False  # takes prompts over 75 tokens in chunks (A1111's ``chunked``)
+    vae_tiling: bool = False  # can decode in overlapping tiles
+    device: str = "cpu"  # where the modules are: whose free memory bounds a request
+    # working memory one output pixel of one image needs at least (estimates): sampling, decoding
+    sample_bytes_per_pixel: float = 0.0
+    decode_bytes_per_pixel: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -198,6 +205,15 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
     if r.prompt_weighting not in caps.prompt_weightings:
         raise RequestError("prompt_weighting", f"prompt_weighting={r.prompt_weighting!r}; model {caps.name!r} takes "
                            f"{', '.join(caps.prompt_weightings)}")
+    _check_memory(r, caps)
+    if isinstance(r.clip_skip, bool) or not isinstance(r.clip_skip, int) or not 1 <= r.clip_skip <= caps.max_clip_skip:
+        raise RequestError("clip_skip", f"clip_skip={r.clip_skip!r} must be 1 (model {caps.name!r} has no CLIP text "
+                           "encoder layers to skip)" if caps.max_clip_skip == 1 else
+                           f"clip_skip={r.clip_skip!r} must be in 1..{caps.max_clip_skip} (the text encoder's layers)")
+    for name, able, what in (("chunked", caps.chunked_prompts, "chunked prompt encoding"),
+                             ("vae_tiling", caps.vae_tiling, "tiled decoding")):
+        if getattr(r, name) and not able:
+            raise RequestError(name, f"{name}=True: model {caps.name!r} has no {what} (Stable Diffusion weights do)")
     if r.prompt and not caps.prompt:
         raise RequestError("prompt", f"model {caps.name!r} takes no prompt" + _alternatives(caps))
     if r.negative_prompt and not caps.negative_prompt:
@@ -242,6 +258,83 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
             raise RequestError("loras", f"loras entry {item!r} must be a (file, weight) pair with a finite weight")
     if caps.kind == "stable-diffusion" and not r.prompt and r.prompt != "":
         r.prompt = ""
+
+
+def _check_memory(r: GenerationRequest, caps: Capabilities) -> None:
+    """Refuse, before anything is allocated, a request whose images cannot fit in the device's free memory (a lower
+    bound: the larger of sampling's and decoding's bytes per output pixel, times the pixels of all images; a tiled
+    decode needs only a tile)."""
+    per_pixel = max(caps.sample_bytes_per_pixel, 0.0 if r.vae_tiling else caps.decode_bytes_per_pixel)
+    width, height = r.width, r.height
+    if (width is None or height is None) and r.init_image is not None:  # the size of the init image
+        width, height = _image_size(r.init_image) or (width, height)
+    if width is None or height is None or not per_pixel:
+        return
+    need = per_pixel * width * height * r.num_images
+    free = free_memory(caps.device)
+    if free is not None and need > free:
+        raise RequestError("num_images" if r.num_images > 1 else "init_image" if r.width is None else "width",
+                           f"{r.num_images} image(s) of {width}x{height} (width x height) need at least "
+                           f"{_gib(need)} of memory to sample; {caps.device} has {_gib(free)} free. Ask for fewer "
+                           "or smaller images")
+
+
+def _image_size(image: Any) -> tuple[int, int] | None:
+    """(width, height) of an image input without decoding it; None for tensors and unreadable files (those are
+    reported where they are read)."""
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as img:
+                return img.size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return None
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def free_memory(device: str | torch.device) -> int | None:
+    """Bytes free on ``device`` now (CPU: MemAvailable of /proc/meminfo, capped by a cgroup limit), None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":  # free, plus what PyTorch's allocator holds unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + cached)
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:  # a container's limit (cgroup v2); its usage counts page cache, of which the inactive part is reclaimable
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((cgroup / "memory.current").read_text())
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+            free = min(free if free is not None else 2**63, int(limit) - used + int(stat.get("inactive_file", 0)))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def bytes_per_pixel(unet: torch.nn.Module, autoencoder: torch.nn.Module | None) -> dict[str, float]:
+    """Lower bounds of the working memory one output pixel of one image needs, as Capabilities fields: sampling
+    holds three activations of the UNet's first level per latent pixel, for the conditional and the unconditional
+    pass; decoding three of the decoder's last level, at full resolution."""
+    f = 1 if autoencoder is None else int(autoencoder.downsampling_factor)
+    sample = 2 * 3 * unet.config.model_channels * next(unet.parameters()).element_size() / f**2
+    decode = 0.0
+    if autoencoder is not None:
+        cfg = autoencoder.config
+        decode = 3 * cfg.channels * cfg.channel_mult[0] * next(autoencoder.parameters()).element_size()
+    return {"sample_bytes_per_pixel": sample, "decode_bytes_per_pixel": decode}
 
 
 def _alternatives(caps: Capabilities) -> str:
@@ -341,11 +434,10 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
     Diffusion weights: ``prediction`` (eps | v) overrides what the model says (``openldm.io.sd.load_sd``);
     ``lora_dir`` is where prompt tags ``<lora:NAME:WEIGHT>`` find ``NAME.safetensors``;
     ``embeddings_dir`` holds textual-inversion embeddings its prompts may name."""
-    from openldm.bundled import DEFAULT
     from openldm.io.run_dir import is_run_dir, resolve_source
 
     path = resolve_source(source)
-    label = DEFAULT if source is None else str(source)  # what PNGs record: the source as given
+    label = _bundled_name(path) or str(source)  # what PNGs record: a bundled model's name, else the source as given
     if is_run_dir(path):
         if prediction is not None:
             raise ValueError("prediction= is for Stable Diffusion weights; a run directory's config says what its "
@@ -363,6 +455,13 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
 
     return SDGenerator.load(path, label, device=device, dtype=dtype, unsafe_load=unsafe_load, prediction=prediction,
                             lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+
+
+def _bundled_name(path: Path) -> str | None:
+    """The name of the bundled model at ``path`` (however it was spelled), so that PNGs name it portably."""
+    from openldm.bundled import BUNDLED, bundled_dir
+
+    return next((name for name in BUNDLED if path.resolve() == bundled_dir(name, must_exist=False).resolve()), None)
 
 
 __all__ = ["Capabilities", "GenerationRequest", "GenerationResult", "Generator", "InputField", "Progress",

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from openldm.pipelines.common import decode_latents, place, sampling_plan, to_pil
+from openldm.pipelines.common import decode_latents, module_device_dtype, place, sampling_plan, to_pil
 from openldm.pipelines.generate import (
     Capabilities,
     GenerationRequest,
@@ -16,6 +16,7 @@ from openldm.pipelines.generate import (
     RequestError,
     ShouldStop,
     Stopped,
+    bytes_per_pixel,
     params_for,
     progress_hook,
 )
@@ -48,7 +49,9 @@ class SDGenerator:
             image_to_image=True, inpainting=True, channels=3, size_multiple=int(parts.vae.downsampling_factor),
             samplers=tuple(SAMPLERS.names()), recommended=Recommended(),
             max_steps=int(getattr(parts.schedule, "num_train_steps", 1000)), prompt_weightings=PROMPT_WEIGHTINGS,
-            embeddings=tuple(sorted(self.embeddings)))
+            embeddings=tuple(sorted(self.embeddings)),
+            max_clip_skip=int(parts.text_encoder.config.num_hidden_layers), chunked_prompts=True, vae_tiling=True,
+            device=str(module_device_dtype(parts.unet)[0]), **bytes_per_pixel(parts.unet, parts.vae))
 
     @classmethod
     def load(cls, path: str | Path, source: str | None = None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",

@@ -137,7 +137,7 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
                                                                           "steps_offset": sd.steps_offset}
     elif autoencoder is not None or cfg.autoencoder is not None:
         ae_path = Path(autoencoder) if autoencoder is not None else runs.find_in_run(cfg.autoencoder, run_dir)
-        ae = load_model(ae_path, device=device, dtype=dtype).eval()
+        ae = _load_autoencoder(ae_path, device, dtype)
     conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
     cond_path = weights_dir / runs.CONDITIONER_FILE
     if cond_path.is_file():
@@ -161,6 +161,24 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
                         class_names=facts.get("class_names"), run_dir=run_dir, ema=ema,
                         image_channels=facts.get("image_channels"), crop_size=tuple(crop) if crop else None,
                         **spacing)
+
+
+def _load_autoencoder(path: Path, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """The autoencoder file of a run (or given in its place, ``--vae``); one error naming it when it is none."""
+    from safetensors import SafetensorError
+
+    if path.is_dir():
+        raise ValueError(f"autoencoder {str(path)!r} is a directory; give an openldm autoencoder .safetensors file")
+    if not path.is_file():
+        raise FileNotFoundError(f"autoencoder {str(path)!r} does not exist")
+    try:
+        ae = load_model(path, device=device, dtype=dtype)
+    except SafetensorError as e:
+        raise ValueError(f"autoencoder {str(path)!r} is not a model file (safetensors: {e}); give an openldm "
+                         "autoencoder .safetensors") from None
+    if not hasattr(ae, "downsampling_factor"):
+        raise ValueError(f"autoencoder {str(path)!r} holds a {type(ae).__name__}, not an autoencoder")
+    return ae.eval()
 
 
 # ---------------------------------------------------------------------------------------------------- inputs

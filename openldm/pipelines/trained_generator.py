@@ -9,7 +9,7 @@ from PIL import Image
 
 from openldm.data.image_io import tensor_to_pil
 from openldm.io import run_dir as runs
-from openldm.pipelines.common import resolve_dtype, sampling_plan
+from openldm.pipelines.common import module_device_dtype, resolve_dtype, sampling_plan
 from openldm.pipelines.generate import (
     Capabilities,
     GenerationRequest,
@@ -18,6 +18,7 @@ from openldm.pipelines.generate import (
     Recommended,
     ShouldStop,
     Stopped,
+    bytes_per_pixel,
     params_for,
     progress_hook,
 )
@@ -46,7 +47,8 @@ class TrainedGenerator:
             class_names=tuple(model.class_names) if classes and model.class_names else None,
             inputs=tuple(inputs.values()), image_to_image=True, inpainting=True, channels=model.channels,
             size_multiple=_size_multiple(model), samplers=tuple(SAMPLERS.names()), recommended=recommended,
-            max_steps=int(model.schedule.num_train_steps))
+            max_steps=int(model.schedule.num_train_steps), device=str(module_device_dtype(model.unet)[0]),
+            **bytes_per_pixel(model.unet, model.autoencoder))
 
     @classmethod
     def load(cls, path: str | Path, source: str | None = None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
