@@ -109,6 +109,9 @@ def worker(side: str, args: argparse.Namespace) -> dict:
                                                         safety_checker=None, requires_safety_checker=False)
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.to(args.device)
+        if args.diffusers_layout == "channels_last":  # diffusers' documented CPU set-up (ours always uses it)
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
         pipe.set_progress_bar_config(disable=True)
         sync(args.device)
 
@@ -140,7 +143,7 @@ def worker(side: str, args: argparse.Namespace) -> dict:
 def run_worker(side: str, args: argparse.Namespace, dtype: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--dtype", dtype, "--size", str(args.size), "--steps",
            str(args.steps), "--device", args.device, "--cache", str(args.cache), "--repeats", str(args.repeats),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), "--diffusers-layout", args.diffusers_layout]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} worker ({dtype}) failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -207,6 +210,9 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="also UNet iterations/s at 512x512, batch 2, bf16 (CUDA)")
     parser.add_argument("--gpu-iters", type=int, default=20, help="UNet calls per timed GPU run")
     parser.add_argument("--gpu-repeats", type=int, default=5, help="timed GPU runs per model")
+    parser.add_argument("--diffusers-layout", choices=["channels_last", "nchw"], default="channels_last",
+                        help="diffusers' UNet/VAE memory format (default channels_last, its documented CPU set-up; "
+                             "ours is always channels_last)")
     parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2:
@@ -219,7 +225,7 @@ def main() -> None:
     build_cache(args.cache)
     print(f"device={args.device} size={args.size}x{args.size} steps={args.steps} sampler=euler guidance=7.5 "
           f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats} warmup={args.warmup} "
-          f"rounds={args.rounds}", flush=True)
+          f"rounds={args.rounds} diffusers_layout={args.diffusers_layout}", flush=True)
     rows = []
     for dtype in args.dtype:
         results: dict[str, list[dict]] = {"ours": [], "diffusers": []}

@@ -5,7 +5,9 @@ Errors meant for the user (bad values, missing files) become one line on stderr 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from openldm.config import ConfigError
@@ -301,6 +303,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                                                  "folder or openldm folder) or a run directory of `openldm train`; "
                                                  "default: the bundled Fashion-MNIST model")
     p.add_argument("--prompt", default=None, help="what to draw (default: none)")
+    p.add_argument("--prompts-file", default=None,
+                   help="one prompt per line (blank lines skipped): an image each, prompt i with seed SEED + i, "
+                        "written as OUT-i.png; under `torchrun --nproc_per_node N` the prompts are shared out over "
+                        "the processes and every image is written once (default: none)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional branch of CFG)")
     _sampling_args(p)
     _trained_args(p)
@@ -342,6 +348,29 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
          _generate_args)
 def cmd_generate(args: argparse.Namespace) -> int:
     return _generate(args)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """``--prompts-file``'s prompts, one a line (blank lines skipped)."""
+    if args.prompt is not None or getattr(args, "from_png", None) is not None:
+        raise ConfigError("--prompts-file gives the prompts; drop --prompt / --from-png")
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise ConfigError(f"--prompts-file {args.prompts_file!r}: no such file")
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--prompts-file {args.prompts_file!r} is not UTF-8 text ({e.reason} at byte {e.start})")
+    if not prompts:
+        raise ConfigError(f"--prompts-file {args.prompts_file!r} holds no prompt")
+    return prompts
+
+
+def _process_device(args: argparse.Namespace) -> str:
+    """``--device``; under torchrun, "cuda" is this process's GPU (LOCAL_RANK)."""
+    device = getattr(args, "device", "cpu")
+    local = os.environ.get("LOCAL_RANK")
+    return f"cuda:{local}" if device == "cuda" and local is not None else device
 
 
 def _request(args: argparse.Namespace, inputs: dict):
@@ -450,11 +479,13 @@ def _generate(args: argparse.Namespace) -> int:
     from openldm.evaluation.grid import tile
     from openldm.io.run_dir import resolve_source
     from openldm.pipelines import read_png_params, save_images
-    from openldm.pipelines.generate import load_generator, request_from_params
+    from openldm.pipelines.common import output_paths
+    from openldm.pipelines.generate import load_generator, process_share, request_from_params
 
     if args.model is not None:
         resolve_source(args.model)  # a missing model is named first, before any other flag
     _check_output(args.out)
+    prompts = _read_prompts(args) if getattr(args, "prompts_file", None) else None
     _check_device(getattr(args, "device", "cpu"))
     for flag in ("from_png", "init_image", "mask", "low_res"):
         value = getattr(args, flag, None)
@@ -463,7 +494,7 @@ def _generate(args: argparse.Namespace) -> int:
     loras = _lora_args(args)
     stored = read_png_params(args.from_png) if getattr(args, "from_png", None) else None
     model = args.model or (stored.model if stored is not None else None)
-    generator = load_generator(model, device=getattr(args, "device", "cpu"), dtype=_chosen_dtype(args),
+    generator = load_generator(model, device=_process_device(args), dtype=_chosen_dtype(args),
                                unsafe_load=getattr(args, "unsafe_load", False), ema=not args.raw_weights,
                                vae=args.vae, prediction=getattr(args, "prediction_type", None),
                                lora_dir=getattr(args, "lora_dir", None),
@@ -495,6 +526,8 @@ def _generate(args: argparse.Namespace) -> int:
         request = replace(request_from_params(stored), **given)
         pick = stored.batch_index if stored.num_images > 1 and "num_images" not in given else None
     request.loras = loras
+    if prompts is not None:
+        request.prompt = prompts[0]
     if caps.kind == "stable-diffusion" and request.prompt is None:
         raise ConfigError("--prompt is required for Stable Diffusion weights")
     if caps.kind == "stable-diffusion" and not args.quiet:
@@ -502,6 +535,14 @@ def _generate(args: argparse.Namespace) -> int:
 
         for path, weight in request_loras([request.prompt, request.negative_prompt], loras, generator.lora_dir)[1]:
             print(f"LoRA {generator.loras.read(path).summary()}; weight {weight:g}", file=sys.stderr)
+    if prompts is not None:  # prompt i with seed + i, to OUT-i.png; this process's share of them under torchrun
+        outs = output_paths(args.out, len(prompts))
+        for i in process_share(len(prompts)):
+            result = generator.generate(replace(request, prompt=prompts[i], seed=request.seed + i),
+                                        progress=not args.quiet)
+            for path in save_images(result.images, outs[i], result.params[0]):
+                print(path)
+        return 0
     result = generator.generate(request, progress=not args.quiet)
     images, params = result.images, result.params
     if stored is not None and pick is not None:

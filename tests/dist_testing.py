@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 
-def torchrun(script: Path, *args: str, nproc: int = 2, timeout_s: int = 90) -> subprocess.CompletedProcess:
-    """``script args`` under torchrun (gloo, one thread each) in its own process group, killed whole if it
+def torchrun(script: Path | str, *args: str, nproc: int = 2, timeout_s: int = 90) -> subprocess.CompletedProcess:
+    """``script args`` (a file, or "-m" and a module) under torchrun (gloo, one thread each) in its own process group, killed whole if it
     outlives ``timeout_s``; stdout and stderr together."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -104,3 +104,27 @@ def test_dtype_auto_picks_what_the_cpu_computes_and_says_so(tmp_path, capsys):
     assert main([*common, "--dtype", expected, "--out", str(tmp_path / "named.png")]) == 0
     auto, named = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("auto", "named"))
     assert np.array_equal(auto, named)
+
+
+def test_torchrun_shares_a_prompts_file_and_writes_every_image_once(tmp_path, capsys):
+    """2 gloo processes split 5 prompts (rank 0: 0, 2, 4; rank 1: 1, 3) and write the images one process writes."""
+    import numpy as np
+    from dist_testing import torchrun
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dress\n\na bag\nan ankle boot\na shirt\na sneaker\n", encoding="utf-8")
+    common = ["generate", "--prompts-file", str(prompts), "--steps", "2", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "one" / "x.png")]) == 0
+    one = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert one == [f"x-{i}.png" for i in range(5)]
+    done = torchrun("-m", "openldm.cli", *common, "--out", str(tmp_path / "two" / "x.png"), nproc=2, timeout_s=180)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == one
+    assert sum(line.endswith(".png") for line in done.stdout.splitlines()) == 5  # each written once
+    for name in one:
+        a, b = (np.asarray(Image.open(tmp_path / d / name)) for d in ("one", "two"))
+        assert np.array_equal(a, b), name
+    assert "Seed: 3" in Image.open(tmp_path / "one" / "x-3.png").text["parameters"]  # prompt i: seed 0 + i
+    assert main([*common, "--prompt", "x", "--out", str(tmp_path / "y.png")]) == 2
+    assert "--prompts-file gives the prompts" in capsys.readouterr().err

@@ -141,6 +141,7 @@ def accuracy(model: ImageClassifier, images: Tensor, labels: Tensor, batch_size:
     return float((predicted == labels.to(predicted.device)).double().mean())
 
 
+@torch.enable_grad()  # also when called under no_grad (a benchmark, an evaluation)
 def train_classifier(*, root: str | Path = FASHION_MNIST_ROOT, epochs: int = 3, batch_size: int = 128,
                      lr: float = 3e-3, seed: int = 0, limit: int | None = None, progress: bool = True,
                      config: ClassifierConfig | None = None,

@@ -423,6 +423,17 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
 
 # ------------------------------------------------------------------------------------------------- loading
 
+def process_share(count: int) -> range:
+    """The items of ``count`` this process makes under ``torchrun`` (its RANK of WORLD_SIZE: items rank, rank +
+    world, ...), so that N processes make every item once; all of them without torchrun."""
+    import os
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
+    return range(rank, count, world)
+
+
 def load_generator(source: str | Path | None = None, *, device: str | torch.device = "cpu",
                    dtype: str | torch.dtype = "float32", unsafe_load: bool = False, ema: bool = True,
                    vae: str | Path | None = None, step: int | None = None,
