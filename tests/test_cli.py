@@ -106,8 +106,9 @@ def test_dtype_auto_picks_what_the_cpu_computes_and_says_so(tmp_path, capsys):
     assert np.array_equal(auto, named)
 
 
-def test_torchrun_shares_a_prompts_file_and_writes_every_image_once(tmp_path, capsys):
-    """2 gloo processes split 5 prompts (rank 0: 0, 2, 4; rank 1: 1, 3) and write the images one process writes."""
+def test_torchrun_shares_a_prompts_file_and_writes_every_image_once(tmp_path, capsys, one_thread):
+    """2 processes split 5 prompts (rank 0: 0, 2, 4; rank 1: 1, 3) and write the images one process writes (one
+    thread each, as torchrun sets them, so the sums are the same)."""
     import numpy as np
     from dist_testing import torchrun
     from PIL import Image
@@ -115,6 +116,7 @@ def test_torchrun_shares_a_prompts_file_and_writes_every_image_once(tmp_path, ca
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a dress\n\na bag\nan ankle boot\na shirt\na sneaker\n", encoding="utf-8")
     common = ["generate", "--prompts-file", str(prompts), "--steps", "2", "--quiet"]
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
     assert main([*common, "--out", str(tmp_path / "one" / "x.png")]) == 0
     one = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert one == [f"x-{i}.png" for i in range(5)]
