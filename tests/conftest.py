@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # shared helpers: sd_testing.py, dist_testing.py
+sys.path.insert(0, str(Path(__file__).parent))  # shared helpers: sd_testing.py, dist_testing.py, model_testing.py
 
 torch.set_num_threads(2)
 

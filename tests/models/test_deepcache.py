@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from model_testing import randomize
 
 from openldm.cli import main
 from openldm.diffusion.denoiser import DiscreteDenoiser
@@ -26,18 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=2,
                     attention_levels=(0, 1), num_heads=2, context_dim=12, norm_groups=8)
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (the zero-initialised output convs would make the checks trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g) + float("norm" in name and name.endswith("weight")))
-    return model
 
 
 @pytest.fixture(scope="module")

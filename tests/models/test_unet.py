@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from model_testing import randomize
 from torch.nn import functional as F
 
 from openldm.config import ConfigError, from_dict
@@ -15,18 +16,6 @@ from openldm.registry import MODELS, PRESETS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 UNET_PRESETS = [name for name in PRESETS.names() if PRESETS.get(name)()[0] == "unet"]
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (zero-initialised output convs would make most checks trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g) + float("norm" in name and name.endswith("weight")))
-    return model
 
 
 def conditioned() -> UNetConfig:

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from model_testing import randomize
 from torch.nn import functional as F
 
 from openldm.cli import main
@@ -58,17 +59,6 @@ def test_merge_then_unmerge_is_lossless_for_identical_tokens(r):
 
 CONFIG = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                     attention_levels=(0, 1), num_heads=2, context_dim=12, norm_groups=8)
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g) + float("norm" in name and name.endswith("weight")))
-    return model
 
 
 @pytest.fixture(scope="module")
