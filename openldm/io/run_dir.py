@@ -41,9 +41,11 @@ from openldm.conditioning.compose import ConditionConfig, Resources
 from openldm.config import PRECISIONS, DataSpec, LoRAConfig, OptimConfig, from_dict, to_dict
 from openldm.diffusion.objectives import PREDICTION_TYPES
 from openldm.diffusion.schedules import ScheduleConfig
+from openldm.io.components import read_tensors
 from openldm.io.files import atomic_path
 from openldm.io.lora import save_kohya_lora
 from openldm.io.native import load_model, read_metadata, save_model
+from openldm.io.tensor_files import check_finite
 
 CONFIG_FILE = "config.yaml"
 UNET_FILE = "unet.safetensors"
@@ -230,6 +232,16 @@ def weights_dir(run_dir: Path, step: int | None, ema: bool) -> Path:
     return path
 
 
+def read_conditioner_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A run's ``conditioner.safetensors`` (raw and ``ema.``-prefixed tensors), its header checked first and every
+    floating tensor finite: a damaged file is one ValueError naming it."""
+    tensors, _ = read_tensors(path)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            check_finite(tensor, name, str(path))
+    return tensors
+
+
 def read_scaling_factor(unet_path: Path) -> float:
     """The autoencoder ``scaling_factor`` a run trained with (1 for pixel-space runs), from its UNet file's
     metadata."""
@@ -366,7 +378,6 @@ def load_base_run(cfg: DiffusionTrainConfig, path: str | Path, *, device: torch.
                   dtype: torch.dtype = torch.float32) -> BaseRun:
     """The run directory ``path`` as :class:`BaseRun`, weights at ``dtype`` (an exported run may store float16).
     Raises when ``cfg``'s schedule, prediction or conditions (kinds, names, options) are not the run's."""
-    from safetensors.torch import load_file
 
     path = Path(path)
     base = read_config(path)
@@ -383,7 +394,7 @@ def load_base_run(cfg: DiffusionTrainConfig, path: str | Path, *, device: torch.
     unet = load_model(folder / UNET_EMA_FILE, device=device, dtype=dtype)
     cond_path = folder / CONDITIONER_FILE
     cond = {k: v.to(dtype) if v.is_floating_point() else v
-            for k, v in (load_file(str(cond_path)) if cond_path.is_file() else {}).items()}
+            for k, v in (read_conditioner_weights(cond_path) if cond_path.is_file() else {}).items()}
     vae = None
     if base.autoencoder is not None:
         vae = load_model(find_in_run(base.autoencoder, path), device=device, dtype=dtype).eval().requires_grad_(False)

@@ -23,7 +23,6 @@ from typing import Any, Sequence
 
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -141,7 +140,7 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
     cond_path = weights_dir / runs.CONDITIONER_FILE
     if cond_path.is_file():
-        state = load_file(str(cond_path))
+        state = runs.read_conditioner_weights(cond_path)
         prefix = "ema." if ema else ""
         picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and (ema or not k.startswith("ema."))}
         conditioner.load_state_dict(picked, strict=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import shutil
 import struct
@@ -514,3 +515,23 @@ def test_a_good_sd_file_converts_bit_identically(sd_parts, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert meta_a == meta_b
 
+
+
+CONDITIONER_CASES = {
+    "truncated": (lambda d: d[: len(d) - 100], r"truncated|corrupt"),
+    "random_bytes": (lambda d: random.Random(0).randbytes(4096), r"safetensors"),
+    "nan": (lambda d: retensor(d, poison(float("nan"))), r"non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONDITIONER_CASES))
+def test_a_malformed_conditioner_in_a_run_is_one_line(case, tmp_path, capsys):
+    """The bundled model (class label + caption) with its conditioner.safetensors damaged."""
+    from openldm.bundled import bundled_dir
+
+    make, match = CONDITIONER_CASES[case]
+    model = tmp_path / "model"
+    shutil.copytree(bundled_dir(), model)
+    bad = model / runs.CONDITIONER_FILE
+    bad.write_bytes(make(bad.read_bytes()))
+    assert_refused(generate(model, tmp_path / "x.png", "--class-label", "1"), bad, capsys, match)
