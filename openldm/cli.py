@@ -756,9 +756,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 @command("train", "train a (latent) diffusion model; conditions, data and UNet named in the config",
          _train_args_for("DiffusionTrainConfig", "configs/fmnist_class_text.yaml"))
 def cmd_train(args: argparse.Namespace) -> int:
-    from openldm.config import load
+    from openldm.config import apply_overrides, from_dict, load, load_file
     from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
 
+    data = apply_overrides(load_file(args.config) if args.config else {}, args.overrides)
+    if "textual_inversion" in data:  # a textual-inversion section: learn an embedding instead
+        from openldm.training.textual_inversion import TextualInversionConfig
+
+        if set(data) != {"textual_inversion"}:
+            raise ConfigError(f"a config with a textual_inversion section holds nothing else; also found "
+                              f"{sorted(set(data) - {'textual_inversion'})}")
+        ti = from_dict(TextualInversionConfig, data["textual_inversion"], where="textual_inversion")
+        return _train_embedding(ti, getattr(args, "device", "cpu"), args.quiet)
     cfg = load(DiffusionTrainConfig, args.config, args.overrides)
     _check_device(cfg.device, "device=")
     out = train_diffusion(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
@@ -803,10 +812,15 @@ def _train_embedding_args(p: argparse.ArgumentParser) -> None:
                             "saved in A1111's layout", _train_embedding_args)
 def cmd_train_embedding(args: argparse.Namespace) -> int:
     from openldm.config import load
-    from openldm.training.textual_inversion import TextualInversionConfig, train_embedding
+    from openldm.training.textual_inversion import TextualInversionConfig
 
-    cfg = load(TextualInversionConfig, args.config, args.overrides)
-    out = train_embedding(cfg, device=args.device, progress=not args.quiet)
+    return _train_embedding(load(TextualInversionConfig, args.config, args.overrides), args.device, args.quiet)
+
+
+def _train_embedding(cfg, device: str, quiet: bool) -> int:
+    from openldm.training.textual_inversion import train_embedding
+
+    out = train_embedding(cfg, device=device, progress=not quiet)
     losses = out["losses"]
     tail = losses[-max(1, len(losses) // 10):]
     print(f"{len(losses)} steps, mean loss of the last {len(tail)}: {sum(tail) / len(tail):.4f}; embedding "

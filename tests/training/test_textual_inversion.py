@@ -107,3 +107,23 @@ def test_cli_train_embedding(tiny, tmp_path, capsys):
     assert "exists; set overwrite=true" in capsys.readouterr().err
     assert main(args[:-1] + ["template=a photo", "--quiet"]) == 2
     assert "must contain [name]" in capsys.readouterr().err
+
+
+def test_openldm_train_with_a_textual_inversion_section_learns_the_same_embedding(tiny, tmp_path, capsys):
+    """`openldm train --config C` where C holds a textual_inversion section = `openldm train-embedding` with the
+    same settings, tensor for tensor; the section stands alone."""
+    import yaml
+
+    folder, _, images = tiny
+    settings = {"base_model": str(folder), "data": str(images), "name": "style", "size": 16, "steps": 3}
+    config = tmp_path / "ti.yaml"
+    config.write_text(yaml.safe_dump({"textual_inversion": {**settings, "out": str(tmp_path / "a" / "style.pt")}}))
+    assert main(["train", "--config", str(config), "--quiet"]) == 0
+    assert main(["train-embedding", *(f"{k}={v}" for k, v in settings.items()), f"out={tmp_path / 'b' / 'style.pt'}",
+                 "--quiet"]) == 0
+    (name_a, a), (name_b, b) = (read_embedding(tmp_path / d / "style.pt") for d in "ab")
+    assert name_a == name_b == "style" and torch.equal(a, b)
+    capsys.readouterr()
+    config.write_text(yaml.safe_dump({"textual_inversion": {**settings, "out": str(tmp_path / "c.pt")}, "steps": 4}))
+    assert main(["train", "--config", str(config)]) == 2
+    assert "holds nothing else; also found ['steps']" in capsys.readouterr().err
