@@ -112,8 +112,6 @@ def _check_device(device: str, flag: str = "--device") -> None:
 
 def _check_out_file(out: str, flag: str = "--out", suffixes: tuple[str, ...] = ()) -> None:
     """Before any work: an output file path in an existing folder (with one of ``suffixes``, when given)."""
-    from pathlib import Path
-
     path = Path(out)
     if path.is_dir():
         raise ConfigError(f"{flag} {out!r} is a directory; give a file name such as "
@@ -389,8 +387,6 @@ def _request(args: argparse.Namespace, inputs: dict):
 
 def _lora_args(args: argparse.Namespace) -> list[tuple[str, float]]:
     """``--lora FILE[:WEIGHT]`` values as (file, weight) pairs (weight 1 when left out); each file must exist."""
-    from pathlib import Path
-
     loras = []
     for value in getattr(args, "lora", []):
         path, _, weight = value.rpartition(":")
@@ -431,8 +427,6 @@ def _explicit(args: argparse.Namespace) -> set[str]:
 
 def _check_output(out: str) -> None:
     """Before any work: the output must be a PNG path in an existing folder (PNGs carry the parameters)."""
-    from pathlib import Path
-
     _check_out_file(out)
     if Path(out).suffix.lower() != ".png":
         raise ConfigError(f"--out {out!r} must end in .png (the images carry their parameters in a PNG text chunk; "
@@ -440,8 +434,6 @@ def _check_output(out: str) -> None:
 
 
 def _check_image_file(value: str, flag: str) -> None:
-    from pathlib import Path
-
     from PIL import Image, UnidentifiedImageError
 
     if not Path(value).is_file():
@@ -614,8 +606,6 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 @command("serve", "serve a web page and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1/...) over one job queue",
          _serve_args)
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from openldm.web.app import serve
 
     _check_device(args.device)
@@ -681,8 +671,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report["step"] = args.step
     print(format_table(report["rows"]))
     if args.out:
-        from pathlib import Path
-
         from openldm.io.files import atomic_path
 
         with atomic_path(Path(args.out)) as tmp:

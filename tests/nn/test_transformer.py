@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_testing import randomize
 from torch.nn import functional as F
 
 from openldm.nn.sequential import EmbedSequential, consumes
@@ -13,18 +14,6 @@ from openldm.nn.transformer import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (the zero-initialised proj_out would hide the attention path)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g) + float("norm" in name and name.endswith("weight")))
-    return module
 
 
 def diffusers_keys(depth: int) -> dict[str, str]:
