@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from openldm.data.image_io import to_channels
 from openldm.data.transforms import Normalize, Sample, item_generator
 from openldm.io.files import atomic_path
 from openldm.registry import DATASETS
@@ -194,9 +195,7 @@ def emoji_records(index: list[dict], names: dict, keywords: dict) -> Iterable[di
 def _on_white(data: bytes, size: int) -> np.ndarray:
     """An RGBA (or any mode) image composited on white and resized to size x size: (size, size, 3) uint8."""
     with Image.open(io.BytesIO(data)) as im:
-        rgba = im.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+        rgb = to_channels(im, 3)
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(rgb, dtype=np.uint8)
