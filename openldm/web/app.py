@@ -69,6 +69,10 @@ class JobRequest(BaseModel):
     inputs: dict[str, Any] = {}
     clip_skip: int = 1
     prompt_weighting: str = "none"
+    guidance_interval: tuple[float, float] | None = None  # the step cutters (issue 16): GenerationRequest's names
+    deepcache_interval: int = 1
+    token_merging_ratio: float = 0.0
+    token_merging_max_downsample: int = 1
 
 
 class PngInfoRequest(BaseModel):

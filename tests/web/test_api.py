@@ -13,7 +13,7 @@ from PIL import Image
 from sd_testing import tiny_pipeline
 
 from openldm.cli import main
-from openldm.pipelines.generate import GenerationRequest
+from openldm.pipelines.generate import GenerationRequest, load_generator
 from openldm.web.app import create_app
 
 
@@ -97,6 +97,27 @@ def test_native_job_with_a_class_label_and_progress(bundled):
     assert state["state"] == "done" and "Class label: 1" in state["infotexts"][0]
     assert any(0 < p < 1 for p in seen), seen
     assert bundled.get("/openldm/queue").json() == {"running": None, "queued": []}
+
+
+def _job_images(client, body: dict) -> list[np.ndarray]:
+    job = client.post("/openldm/jobs", json=body).json()
+    while (state := client.get(f"/openldm/jobs/{job['id']}").json())["state"] in ("queued", "running"):
+        time.sleep(0.02)
+    assert state["state"] == "done", state
+    return [np.asarray(unb64(image)) for image in state["images"]]
+
+
+def test_native_job_takes_the_step_cutters_as_the_python_api_does(bundled):
+    cut = {"guidance_interval": [0.5, 20.0], "deepcache_interval": 2, "token_merging_ratio": 0.5}
+    body = {"prompt": "a dark trouser", "seed": 7, "steps": 12, "guidance_scale": 3.0}
+    served = _job_images(bundled, {**body, **cut})
+    plain = _job_images(bundled, body)
+    request = GenerationRequest(**body, **{**cut, "guidance_interval": (0.5, 20.0)})
+    direct = np.asarray(load_generator().generate(request).images[0])
+    assert np.array_equal(served[0], direct)
+    assert np.abs(served[0].astype(int) - plain[0].astype(int)).max() > 0  # the cutters changed the image
+    bad = bundled.post("/openldm/jobs", json={**body, "deepcache_interval": 0})
+    assert bad.status_code == 422 and bad.json()["field"] == "deepcache_interval"
 
 
 def test_a1111_bookkeeping_routes(bundled):
