@@ -5,7 +5,8 @@ The tiny class-conditional run of test_diffusion_training (shapes at 16 px, glob
 per rank and accumulation step). They agree up to float reduction order (half-batch means averaged by the
 all-reduce, another thread count). Measured: logged losses and gradient norms within 1.3e-7 relative, every
 weight within 1.5e-7 absolute (about one float32 ulp at 1; AdamW moves a weight ~1e-3 per step). Asserted:
-1e-5 relative for losses and gradient norms, 1e-6 absolute + 1e-5 relative for weights. The gradient norm is the
+1e-5 relative for losses and gradient norms, 1e-6 absolute + 1e-5 relative for weights, but for at most 1 in 1,000
+whose gradient cancels to rounding level (see _assert_weights_agree). The gradient norm is the
 check that gradients are averaged, not summed: AdamW and clipping would hide a factor of two in the weights.
 
 The same holds for conditioners that draw randomness of their own: a low-res condition (noise level and noise
@@ -68,8 +69,26 @@ def test_two_gloo_processes_equal_one_process(tmp_path, over):
     for name in ("unet.safetensors", "unet_ema.safetensors", "conditioner.safetensors"):
         a, b = load_file(str(single_dir / name)), load_file(str(ddp_dir / name))
         assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+        _assert_weights_agree(a, b, name, lr=1e-3, steps=6)
+
+
+def _assert_weights_agree(a: dict, b: dict, name: str, lr: float, steps: int) -> None:
+    """Every weight within 1e-6 + 1e-5 relative, but for a few elements whose gradient all but cancels.
+
+    AdamW's first step moves each weight by lr times the sign of its gradient, whatever its size: where the summands
+    of one element's gradient cancel to the level of float reduction error, the two runs (other micro-batch shapes, so
+    other convolution kernels and summation orders) may take opposite signs and sit up to 2 lr per step apart. CI saw such
+    elements in up.3.0.conv1.weight. Those elements are allowed, at most 1 in 1,000 of a file and each within
+    the 2 lr x steps that AdamW can separate them (its bias-corrected step is at most 1.02 lr in 6 steps, by
+    Cauchy-Schwarz over the moment weights); a rank that trains other weights (no broadcast of the initial
+    weights, other data) moves nearly every element and fails both bounds."""
+    total = off = 0
+    for key in a:
+        diff = (b[key].double() - a[key].double()).abs()
+        loose = diff > 1e-6 + 1e-5 * a[key].double().abs()
+        total, off = total + diff.numel(), off + int(loose.sum())
+        assert float(diff.max()) <= 2 * lr * steps * 1.05, f"{name}: {key} off by {float(diff.max()):.3g}"
+    assert off <= total / 1000, f"{name}: {off} of {total} weights differ beyond float reduction error"
 
 
 def test_two_processes_encode_the_latent_cache_in_shares(tmp_path):
