@@ -345,6 +345,17 @@ class EmojiDataset(Dataset):
             parts.append(ART[r["style"]].tag)
         return ", ".join(parts)
 
+    def caption_texts(self) -> list[str]:
+        """Strings holding every word a caption of this set can use (names, skin tones, keywords, style tags, the
+        joining words, the sides a flip swaps): a small CLIP's vocabulary is built from them (``openldm train-clip``)."""
+        texts = {"the flag of", "a", "an", "with", ","} | {ART[s].tag for s in self.config.styles}
+        for r in self.records:
+            words = [r["name"], *r["alternatives"], *r["keywords"]]
+            texts.update(words + ([_swap_sides(w) for w in words] if r["flip"] else []))  # a flip swaps sides
+            if r["tone"]:
+                texts.add(r["tone"])
+        return sorted(texts)
+
     def __getitem__(self, index: int) -> Sample:
         c, r = self.config, self.records[index]
         image = torch.from_numpy(np.array(self.images[self.indices[index]])).permute(2, 0, 1).float().div_(255.0)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from openldm.data.captions import GarmentCaptioner
+from openldm.data.captions import GarmentCaptioner, all_captions
 from openldm.data.transforms import Normalize, Pad, RandomHorizontalFlip, Resize, Sample, crop_center, item_generator
 from openldm.io.files import atomic_path
 from openldm.registry import DATASETS
@@ -184,6 +184,12 @@ class IDXDataset(Dataset):
         for step in self._steps:
             sample = step(sample, generator)
         return self._normalize(sample)
+
+    def caption_texts(self) -> list[str]:
+        """Every caption this set can draw (``captions: true``), for a small CLIP's vocabulary."""
+        if self.captioner is None:
+            raise ValueError("this IDX data set has no captions; set captions: true")
+        return all_captions(len(self.class_names))
 
     @property
     def crop_size(self) -> tuple[int, int] | None:

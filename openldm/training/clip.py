@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from openldm.config import to_dict
 from openldm.data import build_dataset
-from openldm.data.captions import GARMENTS, all_captions, garment_phrase, image_attributes
+from openldm.data.captions import GARMENTS, GarmentCaptioner, all_captions, garment_phrase, image_attributes
 from openldm.io.files import atomic_path
 from openldm.io.native import load_model, save_model
 from openldm.models.contrastive import ContrastiveConfig, SmallCLIP, prompt_vocabulary
@@ -68,8 +68,8 @@ def _optim() -> OptimConfig:
 class CLIPTrainConfig:
     """``data``: a captioned dataset (items with "image", "label", "caption"). ``eval_data``: options merged over
     the data options for evaluation (default the test split). ``model``: the SmallCLIP; its ``image_shape``
-    follows the data. ``vocabulary``: "captions" keeps only the BPE tokens of the Fashion-MNIST captions
-    (openldm.data.captions.all_captions), "full" CLIP's 49,408. ``eval_every``: steps between retrieval reports in
+    follows the data. ``vocabulary``: "captions" keeps only the BPE tokens of the data set's captions
+    (its ``caption_texts()``), "full" CLIP's 49,408. ``eval_every``: steps between retrieval reports in
     metrics.jsonl (0 = only the final one). ``eval_pairs``: image-caption pairs of the image->text recall test.
     ``threads``: torch CPU threads during the run (0 = leave torch's setting; on a busy machine 1 is often fastest)."""
 
@@ -155,19 +155,34 @@ def _encode_dataset(model: SmallCLIP, dataset: Dataset, batch_size: int) -> tupl
     return torch.cat(embeds), torch.tensor(labels), captions, torch.cat(images)
 
 
+def _hit_chance(multiplicity: torch.Tensor, candidates: int, r: int) -> float:
+    """The mean chance that r of ``candidates`` drawn at random hold one of an item's ``multiplicity`` matches."""
+    r = min(r, candidates)
+    miss = torch.ones(len(multiplicity), dtype=torch.float64)
+    for j in range(r):  # C(P - m, r) / C(P, r) as a product
+        miss *= ((candidates - multiplicity - j) / (candidates - j)).clamp(min=0)
+    return float((1 - miss).mean())
+
+
 @torch.no_grad()
 def retrieval_report(model: SmallCLIP, dataset: Dataset, *, batch_size: int = 500, num_pairs: int = 1000,
                      top_k: int = 10, seed: int = 0) -> dict[str, Any]:
-    """Retrieval numbers of ``model`` on a captioned Fashion-MNIST ``dataset`` (items "image" in [-1, 1], "label",
-    "caption"):
+    """Retrieval numbers of ``model`` on a captioned ``dataset`` (items "image" in [-1, 1], "label", "caption").
+
+    On any captioned set, over ``num_pairs`` random (image, caption) pairs:
+
+    - ``image_to_text_recall_at_1`` / ``_at_5``: each image ranks the pairs' distinct captions; a hit when its own
+      caption string is among the first 1 / 5;
+    - ``text_to_image_recall_at_1`` / ``_at_5``: each distinct caption ranks the pairs' images; a hit when one of
+      the first 1 / 5 carries that caption.
+
+    On captioned Fashion-MNIST (openldm.data.captions) also:
 
     - ``zero_shot_accuracy``: each image classified as the nearest of the 10 plain class phrases ("a pullover");
     - ``text_to_image_precision``: for each of the 450 possible captions, the fraction of its ``top_k`` nearest
       images that are of the caption's class, averaged (and ``..._per_class``);
     - ``tone_accuracy`` / ``width_accuracy``: the fraction of classes whose "dark X" retrieves ``top_k`` images of
-      lower mean tone than "light X" (and "narrow X" narrower ones than "wide X"), with the mean gaps;
-    - ``image_to_text_recall_at_1`` / ``_at_5``: over ``num_pairs`` random (image, caption) pairs, each image ranks
-      the pairs' distinct captions; a hit when its own caption string is among the first 1 / 5.
+      lower mean tone than "light X" (and "narrow X" narrower ones than "wide X"), with the mean gaps.
     ``chance`` holds each number's value for a model that ranks at random.
     """
     was_training = model.training
@@ -175,77 +190,95 @@ def retrieval_report(model: SmallCLIP, dataset: Dataset, *, batch_size: int = 50
     image_embeds, labels, captions, images = _encode_dataset(model, dataset, batch_size)  # (N, E), (N,)
     if any(c is None for c in captions):
         raise ValueError("retrieval_report needs items with a 'caption' (e.g. fashion_mnist with captions: true)")
-    n, num_classes = len(labels), len(GARMENTS)
+    n = len(labels)
     k = min(top_k, n)
 
     def text(prompts: list[str]) -> torch.Tensor:
         return model.encode_text(prompts).float().cpu()  # (P, E)
 
-    # (a) zero-shot classification
-    class_prompts = [garment_phrase(c, []) for c in range(num_classes)]
-    predicted = (image_embeds @ text(class_prompts).T).argmax(dim=1)  # (N,)
-    zero_shot = float((predicted == labels).float().mean())
-
-    # (b) text -> image precision@k for every caption
-    precision: dict[int, list[float]] = {}
-    for c in range(num_classes):
-        top = (text(_captions_of_class(c)) @ image_embeds.T).topk(k, dim=1).indices  # (P, k)
-        precision[c] = (labels[top] == c).float().mean(dim=1).tolist()
-    per_class = [float(np.mean(precision[c])) for c in range(num_classes)]
-
-    # (c) attributes: tone and width of the images each attribute word retrieves
-    uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()  # (N, H, W)
-    tone, width = (torch.from_numpy(a).float() for a in image_attributes(uint8))
-    attributes = {}
-    for name, measure, (low, high) in (("tone", tone, ("dark", "light")), ("width", width, ("narrow", "wide"))):
-        prompts = [garment_phrase(c, [w]) for c in range(num_classes) for w in (low, high)]
-        top = (text(prompts) @ image_embeds.T).topk(k, dim=1).indices  # (2 * classes, k)
-        means = measure[top].mean(dim=1).view(num_classes, 2)  # (classes, [low, high])
-        attributes[f"{name}_accuracy"] = float((means[:, 0] < means[:, 1]).float().mean())
-        attributes[f"{name}_gap"] = float((means[:, 1] - means[:, 0]).mean())
-
-    # (d) image -> text recall over random pairs
+    # image -> text and text -> image recall over random pairs
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(n, generator=g)[: min(num_pairs, n)]
     pair_captions = [captions[i] for i in rows.tolist()]
     distinct = list(dict.fromkeys(pair_captions))
     where = {c: i for i, c in enumerate(distinct)}
     own = torch.tensor([where[c] for c in pair_captions])  # (P,)
-    ranked = (image_embeds[rows] @ text(distinct).T).argsort(dim=1, descending=True)  # (P, D)
-    recall = {f"image_to_text_recall_at_{r}": float((ranked[:, :r] == own[:, None]).any(dim=1).float().mean())
-              for r in (1, 5)}
+    similarity = image_embeds[rows] @ text(distinct).T  # (P, D)
+    ranked = similarity.argsort(dim=1, descending=True)  # (P, D)
+    ranked_images = similarity.T.argsort(dim=1, descending=True)  # (D, P)
+    multiplicity = torch.bincount(own, minlength=len(distinct))  # (D,) images per distinct caption
+    report: dict[str, Any] = {"num_images": n}
+    chance: dict[str, float] = {}
+    for r in (1, 5):
+        report[f"image_to_text_recall_at_{r}"] = float((ranked[:, :r] == own[:, None]).any(dim=1).float().mean())
+        chance[f"image_to_text_recall_at_{r}"] = min(1.0, r / len(distinct))
+        hits = (own[ranked_images[:, :r]] == torch.arange(len(distinct))[:, None]).any(dim=1)
+        report[f"text_to_image_recall_at_{r}"] = float(hits.float().mean())
+        chance[f"text_to_image_recall_at_{r}"] = _hit_chance(multiplicity, len(rows), r)
+    report.update({"num_pairs": len(rows), "num_distinct_captions_in_pairs": len(distinct), "top_k": k})
+    if isinstance(getattr(dataset, "captioner", None), GarmentCaptioner):
+        garments, garment_chance = _garment_probes(text, image_embeds, labels, images, k)
+        report.update(garments)
+        chance.update(garment_chance)
     model.train(was_training)
-    return {
-        "num_images": n,
-        "zero_shot_accuracy": zero_shot,
-        "text_to_image_precision": float(np.mean(per_class)),
-        "text_to_image_precision_per_class": per_class,
-        **attributes,
-        **recall,
-        "num_pairs": len(rows),
-        "num_distinct_captions_in_pairs": len(distinct),
-        "top_k": k,
-        "chance": {"zero_shot_accuracy": 1 / num_classes, "text_to_image_precision": 1 / num_classes,
-                   "tone_accuracy": 0.5, "width_accuracy": 0.5,
-                   "image_to_text_recall_at_1": 1 / len(distinct),
-                   "image_to_text_recall_at_5": min(1.0, 5 / len(distinct))},
-    }
+    return {**report, "chance": chance}
+
+
+def _garment_probes(text, image_embeds: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
+                    k: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """The Fashion-MNIST probes of :func:`retrieval_report`: zero-shot classes, precision@k, tone and width."""
+    num_classes = len(GARMENTS)
+    class_prompts = [garment_phrase(c, []) for c in range(num_classes)]
+    predicted = (image_embeds @ text(class_prompts).T).argmax(dim=1)  # (N,)
+    out: dict[str, Any] = {"zero_shot_accuracy": float((predicted == labels).float().mean())}
+
+    precision: dict[int, list[float]] = {}
+    for c in range(num_classes):
+        top = (text(_captions_of_class(c)) @ image_embeds.T).topk(k, dim=1).indices  # (P, k)
+        precision[c] = (labels[top] == c).float().mean(dim=1).tolist()
+    per_class = [float(np.mean(precision[c])) for c in range(num_classes)]
+    out["text_to_image_precision"] = float(np.mean(per_class))
+    out["text_to_image_precision_per_class"] = per_class
+
+    uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()  # (N, H, W)
+    tone, width = (torch.from_numpy(a).float() for a in image_attributes(uint8))
+    for name, measure, (low, high) in (("tone", tone, ("dark", "light")), ("width", width, ("narrow", "wide"))):
+        prompts = [garment_phrase(c, [w]) for c in range(num_classes) for w in (low, high)]
+        top = (text(prompts) @ image_embeds.T).topk(k, dim=1).indices  # (2 * classes, k)
+        means = measure[top].mean(dim=1).view(num_classes, 2)  # (classes, [low, high])
+        out[f"{name}_accuracy"] = float((means[:, 0] < means[:, 1]).float().mean())
+        out[f"{name}_gap"] = float((means[:, 1] - means[:, 0]).mean())
+    chance = {"zero_shot_accuracy": 1 / num_classes, "text_to_image_precision": 1 / num_classes,
+              "tone_accuracy": 0.5, "width_accuracy": 0.5}
+    return out, chance
 
 
 def summary(report: dict[str, Any]) -> str:
     """One line of the headline retrieval numbers."""
-    return (f"zero-shot acc {report['zero_shot_accuracy']:.3f}, text->image P@{report['top_k']} "
-            f"{report['text_to_image_precision']:.3f}, tone acc {report['tone_accuracy']:.2f}, width acc "
-            f"{report['width_accuracy']:.2f}, image->text R@1 {report['image_to_text_recall_at_1']:.3f} "
-            f"R@5 {report['image_to_text_recall_at_5']:.3f} ({report['num_distinct_captions_in_pairs']} captions)")
+    parts = []
+    if "zero_shot_accuracy" in report:
+        parts.append(f"zero-shot acc {report['zero_shot_accuracy']:.3f}, text->image P@{report['top_k']} "
+                     f"{report['text_to_image_precision']:.3f}, tone acc {report['tone_accuracy']:.2f}, width acc "
+                     f"{report['width_accuracy']:.2f}")
+    parts.append(f"image->text R@1 {report['image_to_text_recall_at_1']:.3f} "
+                 f"R@5 {report['image_to_text_recall_at_5']:.3f}, text->image R@1 "
+                 f"{report['text_to_image_recall_at_1']:.3f} R@5 {report['text_to_image_recall_at_5']:.3f} "
+                 f"({report['num_distinct_captions_in_pairs']} captions)")
+    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def build_clip(cfg: CLIPTrainConfig, image_shape: tuple[int, int, int]) -> SmallCLIP:
-    """The SmallCLIP of ``cfg.model`` with the data's image shape and the chosen vocabulary."""
-    vocabulary = prompt_vocabulary(all_captions()) if cfg.vocabulary == "captions" else []
+def build_clip(cfg: CLIPTrainConfig, image_shape: tuple[int, int, int], dataset: Dataset) -> SmallCLIP:
+    """The SmallCLIP of ``cfg.model`` with the data's image shape and the chosen vocabulary ("captions": the BPE
+    tokens of the strings ``dataset.caption_texts()`` gives)."""
+    vocabulary = []
+    if cfg.vocabulary == "captions":
+        if not hasattr(dataset, "caption_texts"):
+            raise ValueError(f"vocabulary: captions needs a data set that lists its caption words (caption_texts); "
+                             f"{type(dataset).__name__} does not: set vocabulary: full")
+        vocabulary = prompt_vocabulary(dataset.caption_texts())
     return SmallCLIP(dataclasses.replace(cfg.model, image_shape=tuple(image_shape), vocabulary=vocabulary))
 
 
@@ -280,7 +313,7 @@ def _train(cfg: CLIPTrainConfig, resume: bool | str, overwrite: bool, progress: 
         raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {cfg.batch_size}")
     eval_set = build_dataset(cfg.data.name, {**cfg.data.options, **cfg.eval_data})
     torch.manual_seed(cfg.seed)  # parameter initialisation
-    model = build_clip(cfg, tuple(first["image"].shape)).to(device)
+    model = build_clip(cfg, tuple(first["image"].shape), dataset).to(device)
     params = list(model.parameters())
     opt, sched = make_optimizer(_param_groups(model, cfg.optim.weight_decay), cfg.optim, cfg.steps)
     stream = BatchStream(dataset, cfg.batch_size, cfg.seed, cfg.num_workers)

@@ -73,15 +73,18 @@ def test_retrieval_report_fields_and_chance_levels(tmp_path):
     cfg = tiny(tmp_path)
     from openldm.training.clip import build_clip
 
-    model = build_clip(cfg, (1, 32, 32))
     dataset = build_dataset("fashion_mnist", {"split": "test", "size": 32, "captions": True, "limit": 64})
+    model = build_clip(cfg, (1, 32, 32), dataset)
     report = retrieval_report(model, dataset, num_pairs=32, batch_size=20)
     assert report["num_images"] == 64 and report["num_pairs"] == 32 and report["top_k"] == 10
     for key in ("zero_shot_accuracy", "text_to_image_precision", "tone_accuracy", "width_accuracy",
-                "image_to_text_recall_at_1", "image_to_text_recall_at_5"):
+                "image_to_text_recall_at_1", "image_to_text_recall_at_5", "text_to_image_recall_at_1",
+                "text_to_image_recall_at_5"):
         assert 0.0 <= report[key] <= 1.0 and key in report["chance"]
     assert len(report["text_to_image_precision_per_class"]) == 10
-    assert report["image_to_text_recall_at_1"] <= report["image_to_text_recall_at_5"]
+    for way in ("image_to_text", "text_to_image"):
+        assert report[f"{way}_recall_at_1"] <= report[f"{way}_recall_at_5"]
+        assert report["chance"][f"{way}_recall_at_1"] < report["chance"][f"{way}_recall_at_5"] <= 1.0
     no_captions = build_dataset("fashion_mnist", {"split": "test", "size": 32, "limit": 8})
     with pytest.raises(ValueError, match="caption"):
         retrieval_report(model, no_captions)
@@ -109,3 +112,26 @@ def test_errors(tmp_path):
         train_clip(tiny(tmp_path / "x", data=no_captions), progress=False)
     with pytest.raises(TrainingDiverged, match="step 2"):
         train_clip(tiny(tmp_path / "nan"), progress=False, fail_at_step=1)
+
+
+def test_trains_on_any_captioned_set_with_the_generic_report(tmp_path):
+    """Emoji (the fake packages of emoji_testing): the vocabulary comes from the set's caption_texts(), the report
+    holds the two recalls and no Fashion-MNIST probes, and the summary line reads it."""
+    from emoji_testing import make_packages
+
+    from openldm.data.emoji import build_emoji
+    from openldm.training.clip import summary
+
+    (tmp_path / "packages").mkdir()
+    make_packages(tmp_path / "packages")
+    root = build_emoji(tmp_path / "emoji", packages=tmp_path / "packages", npm="no-such-npm", progress=False)
+    data = {"name": "emoji", "options": {"root": str(root), "size": 32, "skin_tone_fraction": 1.0}}
+    out = train_clip(tiny(tmp_path / "run", data=data, eval_data={"split": "heldout_emoji", "empty_caption": 0.0},
+                          batch_size=32), progress=False)
+    report = out["retrieval"]
+    assert report["num_images"] == len(build_dataset("emoji", {**data["options"], "split": "heldout_emoji"}))
+    assert "zero_shot_accuracy" not in report and set(report["chance"]) == {
+        f"{way}_recall_at_{r}" for way in ("image_to_text", "text_to_image") for r in (1, 5)}
+    assert "text->image R@1" in summary(report) and "zero-shot" not in summary(report)
+    model = load_model(tmp_path / "run" / "clip.safetensors")
+    assert len(model.config.vocabulary) < 200  # the captions' tokens, not CLIP's 49,408
