@@ -3,6 +3,10 @@ so, when its run is missing):
 
 - autoencoders: reconstruction PSNR / SSIM of runs/emoji_autoencoder_kl_f4 and _f8 on the two held-out splits
   (unseen images of seen emoji; emoji never seen in training), the figures the factor was chosen by;
+- quality, per held-out split (unseen images of seen emoji; unseen emoji), on one sample per real image prompted by
+  its caption: style accuracy (a small CNN trained here on the three art styles judges "..., <style> emoji
+  style"), text-image agreement and FID / KID under the small CLIP of configs/emoji_clip.yaml (trained here on the
+  emoji, not the MiniLM encoder the model conditions on), each beside the real images' own figure;
 - text-to-image: a grid of samples from runs/emoji_text_minilm for seen emoji in the three styles, unseen emoji
   and novel combinations (docs/results/emoji-text.png).
 
@@ -14,11 +18,14 @@ import argparse
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 from openldm.data import build_dataset
+from openldm.data.emoji import ART
 from openldm.data.emoji import _article as _a
+from openldm.evaluation.classifier import ClassifierConfig, ImageClassifier, accuracy
 from openldm.evaluation.grid import image_grid
-from openldm.evaluation.metrics import psnr, ssim
+from openldm.evaluation.metrics import fid, kid, psnr, ssim
 from openldm.io.native import load_model
 from openldm.pipelines.trained import load_run, sample_trained
 
@@ -30,8 +37,101 @@ NOVEL = ("a blue apple", "a green heart", "a grinning face with dark skin tone",
 
 
 def heldout_images(split: str) -> torch.Tensor:
-    ds = build_dataset("emoji", {"split": split, "size": 64, "flip": False})
-    return torch.stack([ds[i]["image"] for i in range(len(ds))])  # (N, 3, 64, 64) in [-1, 1]
+    return split_images(split)[0]
+
+
+def split_images(split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All images of a split (N, 3, 64, 64) in [-1, 1], their style indices (N,) in ART's order and a caption
+    each as the data set draws them, never empty and always with the style tag ("a red apple, google emoji style")."""
+    ds = build_dataset("emoji", {"split": split, "size": 64, "flip": False, "empty_caption": 0.0, "drop_style": 0.0,
+                                 "keywords": 0.0})
+    styles = torch.tensor([list(ART).index(r["style"]) for r in ds.records])
+    items = [ds[i] for i in range(len(ds))]
+    return torch.stack([it["image"] for it in items]), styles, [it["caption"] for it in items]
+
+
+def train_style_judge(epochs: int = 2) -> ImageClassifier:
+    """A CNN of the three art styles on the train split (random flips), a judge the diffusion model never saw."""
+    x, y, _ = split_images("train")
+    model = ImageClassifier(ClassifierConfig(channels=[16, 32, 64, 64], num_classes=len(ART), image_size=64,
+                                             in_channels=3))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(epochs):
+        for rows in torch.randperm(len(x), generator=g).split(64):
+            batch = torch.where(torch.rand(len(rows), 1, 1, 1, generator=g) < 0.5, x[rows], x[rows].flip(-1))
+            loss = torch.nn.functional.cross_entropy(model(batch), y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def samples_for(model, prompts: list[str], *, steps: int, guidance_scale: float, chunk: int = 50) -> torch.Tensor:
+    """One sample per prompt (seed: the chunk's index)."""
+    return torch.cat([sample_trained(model, prompt=prompts[i:i + chunk], num_images=1, steps=steps,
+                                     guidance_scale=guidance_scale, seed=i // chunk)
+                      for i in range(0, len(prompts), chunk)])
+
+
+@torch.no_grad()
+def clip_embeddings(clip, images: torch.Tensor) -> torch.Tensor:
+    """The judge CLIP's image embeddings (N, E) of 64 px images, shrunk to its 32 px input (antialiased)."""
+    size = clip.config.image_shape[1:]
+    return torch.cat([clip.encode_image(F.interpolate(images[i:i + 256], size=size, mode="bilinear",
+                                                      antialias=True)) for i in range(0, len(images), 256)])
+
+
+def agreement(clip, embeds: torch.Tensor, prompts: list[str]) -> tuple[float, float]:
+    """(top-1 retrieval: the share of images whose nearest of the split's distinct prompts is their own, the mean
+    cosine of each image with its own prompt)."""
+    distinct = list(dict.fromkeys(prompts))
+    where = {p: i for i, p in enumerate(distinct)}
+    own = torch.tensor([where[p] for p in prompts])
+    with torch.no_grad():
+        text = torch.cat([clip.encode_text(distinct[i:i + 256]) for i in range(0, len(distinct), 256)])
+    similarity = embeds @ text.T  # (N, D)
+    top1 = float((similarity.argmax(dim=1) == own).float().mean())
+    return top1, float(similarity.gather(1, own[:, None]).mean())
+
+
+@torch.no_grad()
+def quality_table(judge: ImageClassifier, clip_path: Path, run: Path, *, steps: int,
+                  guidance_scale: float) -> list[str]:
+    """Per held-out split: the real images and one sample per real image, prompted by its caption (style tag
+    included). Style accuracy by the style judge; text-image agreement and FID / KID by the judge CLIP (trained
+    here on the emoji, apart from the MiniLM encoder the model conditions on); the real row's FID / KID compare a
+    random set of as many train-split images with the held-out ones."""
+    rows = ["| split | images | N | style accuracy | top-1 retrieval among the split's prompts | CLIP cosine | "
+            "FID (CLIP features) | KID x 1e3 |", "|---|---|---|---|---|---|---|---|"]
+    clip = load_model(clip_path).eval() if clip_path.is_file() else None
+    if clip is None:
+        print(f"no text-image agreement or FID: {clip_path} is missing (train it with configs/emoji_clip.yaml)")
+    model = load_run(run) if (run / "config.yaml").is_file() else None
+    train_x = split_images("train")[0] if clip is not None else None
+    g = torch.Generator().manual_seed(0)
+    for split in SPLITS:
+        x, styles, prompts = split_images(split)
+        sets = [("real", x)]
+        if model is not None:
+            sets.append(("samples", samples_for(model, prompts, steps=steps, guidance_scale=guidance_scale)))
+        real_embeds = clip_embeddings(clip, x) if clip is not None else None
+        for label, images in sets:
+            cells = [split, label, str(len(images)), f"{100 * accuracy(judge, images, styles):.1f}%"]
+            if clip is not None:
+                embeds = real_embeds if label == "real" else clip_embeddings(clip, images)
+                top1, cosine = agreement(clip, embeds, prompts)
+                other = embeds if label != "real" else clip_embeddings(
+                    clip, train_x[torch.randperm(len(train_x), generator=g)[: len(x)]])
+                mean, std = kid(other, real_embeds, subset_size=min(100, len(x)))
+                cells += [f"{100 * top1:.1f}% (chance {100 / len(set(prompts)):.1f}%)", f"{cosine:.3f}",
+                          f"{fid(other, real_embeds):.2f}", f"{1e3 * mean:.2f} +- {1e3 * std:.2f}"]
+            else:
+                cells += ["", "", "", ""]
+            rows.append("| " + " | ".join(cells) + " |")
+    return rows
 
 
 @torch.no_grad()
@@ -80,6 +180,11 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     print("\n".join(autoencoder_table(Path(args.runs))))
+    print()
+    judge = train_style_judge()
+    print("\n".join(quality_table(judge, Path(args.runs) / "emoji_clip" / "clip.safetensors",
+                                  Path(args.runs) / "emoji_text_minilm", steps=args.steps,
+                                  guidance_scale=args.guidance_scale)))
     prompts = text_grid(Path(args.runs) / "emoji_text_minilm", Path(args.out), steps=args.steps,
                         guidance_scale=args.guidance_scale)
     if prompts:
