@@ -172,11 +172,12 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-@command("demo", "sample grids from the bundled Fashion-MNIST model (classes and prompts); --retrain trains it first",
+@command("demo", "sample grids from the bundled models (Fashion-MNIST classes and prompts; colour emoji prompts); "
+                 "--retrain trains the Fashion-MNIST one first",
          _demo_args)
 def cmd_demo(args: argparse.Namespace) -> int:
-    from openldm.bundled import bundled_dir
-    from openldm.pipelines.demo import run_demo
+    from openldm.bundled import available, bundled_dir
+    from openldm.pipelines.demo import PROMPTS, run_demo
 
     if args.update_bundle and not args.retrain:
         raise ConfigError("--update-bundle replaces the bundled model with a retrained one; give --retrain too")
@@ -198,6 +199,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     guidance = read_sampling(model_dir)["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     for path in run_demo(model_dir, args.out, steps=args.steps, guidance_scale=guidance, seed=args.seed):
         print(path)
+    if "emoji" in available():  # the colour model's grid beside: demo-emoji-prompts.png
+        emoji, out = bundled_dir("emoji"), Path(args.out)
+        guidance = read_sampling(emoji)["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+        for path in run_demo(emoji, out.with_name(f"{out.stem}-emoji{out.suffix}"), steps=args.steps,
+                             guidance_scale=guidance, seed=args.seed, prompts=PROMPTS["emoji"]):
+            print(path)
     return 0
 
 

@@ -5,13 +5,22 @@ downloads. Each is an exported run directory (``openldm.pipelines.trained.export
   greyscale) with its KL autoencoder; prompts go through the bundled MiniLM encoder. Trained by
   ``configs/fmnist_autoencoder_kl.yaml``, ``configs/fmnist_autoencoder_kl_decoder.yaml`` (its decoder fine-tuned,
   encoder fixed) then ``configs/fmnist_class_text.yaml`` (``openldm demo --retrain``).
+- ``emoji``: a text-conditional latent diffusion model of 64x64 colour emoji in three art styles (Noto, Twemoji,
+  Fluent 3D; ``ATTRIBUTION.md`` beside it) with its KL-f4 autoencoder; prompts through the bundled MiniLM
+  encoder. Trained by ``configs/emoji_autoencoder_kl_f4.yaml`` then ``configs/emoji_text_minilm.yaml`` on
+  ``openldm data emoji``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-BUNDLED = ("fashion_mnist",)
+BUNDLED = ("fashion_mnist", "emoji")
 DEFAULT = "fashion_mnist"
+
+
+def available() -> list[str]:
+    """The bundled models whose files are present, the default first."""
+    return [name for name in BUNDLED if (Path(__file__).parent / name / "config.yaml").is_file()]
 
 
 def bundled_dir(name: str = DEFAULT, *, must_exist: bool = True) -> Path:

@@ -16,6 +16,10 @@ from openldm.pipelines.trained import TrainedModel, load_run, sample_trained
 
 DEMO_PROMPTS = ["a pair of trousers", "a dark ankle boot", "a light, wide pullover", "a photo of a sneaker",
                 "a narrow dress", "an image of a bag"]
+EMOJI_PROMPTS = ["a red apple, google emoji style", "a red apple, twitter emoji style",
+                 "a red apple, fluent emoji style", "a cat face, twitter emoji style", "a sun, google emoji style",
+                 "a carrot, google emoji style", "a blue apple, twitter emoji style"]  # carrot: a held-out emoji
+PROMPTS = {"fashion_mnist": DEMO_PROMPTS, "emoji": EMOJI_PROMPTS}  # the demo's prompts per bundled model
 
 
 def demo_grids(model: TrainedModel, *, per_row: int = 8, steps: int = TRAINED_SAMPLING["steps"],

@@ -39,13 +39,13 @@ class UnknownModel(KeyError):
 
 
 def model_sources(models: list[str | Path] | None) -> dict[str, str]:
-    """Name -> source for ``openldm serve --model ...``: None serves the default bundled model; a folder that is no
+    """Name -> source for ``openldm serve --model ...``: None serves the bundled models (the default first); a folder that is no
     model itself serves every model found under it. Names are the file's stem or the folder's name (made unique)."""
-    from openldm.bundled import BUNDLED, DEFAULT
+    from openldm.bundled import BUNDLED, available
     from openldm.io.run_dir import find_model_sources, resolve_source
 
     names: dict[str, str] = {}
-    for given in models or [DEFAULT]:
+    for given in models or available():
         if str(given) in BUNDLED and not Path(given).exists():
             found, label = [Path(str(given))], str(given)
         else:

@@ -35,7 +35,7 @@ def test_the_bundle_is_small_complete_and_self_describing(model):
     kinds = sorted(type(c).__name__ for c in model.conditioner.conditioners.values())
     assert kinds == ["ClassLabelConditioner", "TextConditioner"]
     assert model.autoencoder is not None and model.crop_size == (28, 28) and model.class_names[9] == "ankle boot"
-    assert BUNDLED == ("fashion_mnist",)
+    assert BUNDLED == ("fashion_mnist", "emoji")
     with pytest.raises(ValueError, match="no bundled model"):
         bundled_dir("cifar")
 

@@ -119,7 +119,7 @@ def generate_and_watch(page, before: int) -> list[dict]:
 
 def test_class_job_progress_gallery_and_screenshot(page):
     # the model's capabilities shape the form
-    assert page.locator("#model option").all_inner_texts() == ["fashion_mnist"]
+    assert page.locator("#model option").all_inner_texts() == ["fashion_mnist", "emoji"]  # every bundled model
     assert "trouser" in " ".join(page.locator("#class-label option").all_inner_texts())
     assert page.is_hidden("#negative-prompt-row")  # the bundled model guides against its null condition
     assert page.is_visible("#tab-img2img") and page.is_visible("#tab-inpaint") and page.is_visible("#tab-conditions")

@@ -29,7 +29,7 @@ def test_serve_answers_then_stops():
             except OSError:
                 assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
                 time.sleep(0.2)
-        assert [m["title"] for m in models] == ["fashion_mnist"]
+        assert [m["title"] for m in models] == ["fashion_mnist", "emoji"]
     finally:
         proc.terminate()
         proc.wait(timeout=20)
