@@ -7,10 +7,13 @@ so, when its run is missing):
   its caption: style accuracy (a small CNN trained here on the three art styles judges "..., <style> emoji
   style"), text-image agreement and FID / KID under the small CLIP of configs/emoji_clip.yaml (trained here on the
   emoji, not the MiniLM encoder the model conditions on), each beside the real images' own figure;
-- text-to-image: a grid of samples from runs/emoji_text_minilm for seen emoji in the three styles, unseen emoji
+- with --progress, the same figures on the seen emoji against training steps (the run's EMA snapshots,
+  ``snapshot_every``) and against sampling steps;
+- text-to-image: a grid of samples from runs/emoji_text_minilm (``--run``) for seen emoji in the three styles, unseen emoji
   and novel combinations (docs/results/emoji-text.png).
 
     python benchmarks/emoji_results.py            # needs `openldm data emoji` and the runs
+    python benchmarks/emoji_results.py --progress --run emoji_text_minilm_4k
 """
 from __future__ import annotations
 
@@ -127,10 +130,35 @@ def quality_table(judge: ImageClassifier, clip_path: Path, run: Path, *, steps: 
                     clip, train_x[torch.randperm(len(train_x), generator=g)[: len(x)]])
                 mean, std = kid(other, real_embeds, subset_size=min(100, len(x)))
                 cells += [f"{100 * top1:.1f}% (chance {100 / len(set(prompts)):.1f}%)", f"{cosine:.3f}",
-                          f"{fid(other, real_embeds):.2f}", f"{1e3 * mean:.2f} +- {1e3 * std:.2f}"]
+                          f"{fid(other, real_embeds):.3f}", f"{1e3 * mean:.2f} +- {1e3 * std:.2f}"]
             else:
                 cells += ["", "", "", ""]
             rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+@torch.no_grad()
+def progress_table(judge: ImageClassifier, clip_path: Path, run: Path, *, steps: int, guidance_scale: float,
+                   sampling_steps: tuple[int, ...] = (10, 20, 50)) -> list[str]:
+    """Quality on the seen emoji (``heldout_images``) against training steps (the run's EMA snapshots, sampled
+    with ``steps``) and against sampling steps (the last weights): style accuracy, top-1 retrieval and FID as in
+    :func:`quality_table`."""
+    snapshots = sorted(int(d.name.split("_")[1]) for d in (run / "snapshots").glob("step_*"))
+    if not clip_path.is_file() or not (run / "config.yaml").is_file():
+        return []
+    clip = load_model(clip_path).eval()
+    x, styles, prompts = split_images("heldout_images")
+    real_embeds = clip_embeddings(clip, x)
+    rows = ["| weights | DDIM steps | style accuracy | top-1 retrieval | CLIP cosine | FID (CLIP features) |",
+            "|---|---|---|---|---|---|"]
+    plan = [(f"step {k}", k, steps) for k in snapshots] + [("last", None, n) for n in sampling_steps if n != steps]
+    for label, step, n in plan:
+        model = load_run(run, step=step)
+        images = samples_for(model, prompts, steps=n, guidance_scale=guidance_scale)
+        embeds = clip_embeddings(clip, images)
+        top1, cosine = agreement(clip, embeds, prompts)
+        rows.append(f"| {label} | {n} | {100 * accuracy(judge, images, styles):.1f}% | {100 * top1:.1f}% | "
+                    f"{cosine:.3f} | {fid(embeds, real_embeds):.3f} |")
     return rows
 
 
@@ -175,7 +203,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs")
     p.add_argument("--out", default="docs/results/emoji-text.png")
+    p.add_argument("--run", default="emoji_text_minilm", help="the text-to-image run under --runs")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--progress", action="store_true",
+                   help="also quality against training steps (the run's snapshots) and sampling steps")
     p.add_argument("--guidance-scale", type=float, default=4.0)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -183,9 +214,14 @@ def main() -> None:
     print()
     judge = train_style_judge()
     print("\n".join(quality_table(judge, Path(args.runs) / "emoji_clip" / "clip.safetensors",
-                                  Path(args.runs) / "emoji_text_minilm", steps=args.steps,
+                                  Path(args.runs) / args.run, steps=args.steps,
                                   guidance_scale=args.guidance_scale)))
-    prompts = text_grid(Path(args.runs) / "emoji_text_minilm", Path(args.out), steps=args.steps,
+    if args.progress:
+        print()
+        print("\n".join(progress_table(judge, Path(args.runs) / "emoji_clip" / "clip.safetensors",
+                                      Path(args.runs) / args.run, steps=args.steps,
+                                      guidance_scale=args.guidance_scale)))
+    prompts = text_grid(Path(args.runs) / args.run, Path(args.out), steps=args.steps,
                         guidance_scale=args.guidance_scale)
     if prompts:
         print(f"\n{args.out}: one row per prompt, 4 seeds each:")
