@@ -1,11 +1,10 @@
 """The bundled emoji model: it ships in the package with its autoencoder and the artwork's attributions, loads from
 there alone, and writes 64x64 colour images whose colour follows the prompt."""
 import pytest
-import torch
 from PIL import Image
 
 from openldm.bundled import available, bundled_dir
-from openldm.pipelines.trained import load_run, sample_trained
+from openldm.pipelines.trained import load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,3 +34,16 @@ def test_generate_writes_a_colour_64px_png(tmp_path):
     image = Image.open(out)
     assert image.size == (64, 64) and image.mode == "RGB"
     assert len(set(image.getdata())) > 50  # a colour picture, not a flat or grey one
+
+
+def test_colour_follows_the_prompt(model):
+    """Every seed's "blue heart" is bluer than its "red apple": mean red minus blue (images in [-1, 1])."""
+    from openldm.pipelines.trained import sample_trained
+
+    def red_minus_blue(prompt):
+        x = sample_trained(model, prompt=prompt, num_images=4, steps=10, seed=0).mean(dim=(2, 3))
+        return x[:, 0] - x[:, 2]
+
+    apple = red_minus_blue("a red apple, google emoji style")
+    heart = red_minus_blue("a blue heart, twitter emoji style")
+    assert (apple > 0).all() and (heart < -0.3).all() and (apple - heart > 0.5).all(), (apple, heart)
