@@ -9,8 +9,10 @@ so, when its run is missing):
   emoji, not the MiniLM encoder the model conditions on), each beside the real images' own figure;
 - with --progress, the same figures on the seen emoji against training steps (the run's EMA snapshots,
   ``snapshot_every``) and against sampling steps;
-- text-to-image: a grid of samples from runs/emoji_text_minilm (``--run``) for seen emoji in the three styles, unseen emoji
-  and novel combinations (docs/results/emoji-text.png).
+- with --cutters, the training-free step cutters of benchmarks/step_cutters.py (guidance interval, DeepCache, ToMe)
+  on the seen emoji: quality and seconds beside the plain sampler;
+- text-to-image: a grid of samples from runs/emoji_text_minilm (``--run``) for seen emoji in the three styles,
+  unseen emoji and novel combinations (docs/results/emoji-text.png).
 
     python benchmarks/emoji_results.py            # needs `openldm data emoji` and the runs
     python benchmarks/emoji_results.py --progress --run emoji_text_minilm_4k
@@ -18,6 +20,8 @@ so, when its run is missing):
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ from openldm.evaluation.classifier import ClassifierConfig, ImageClassifier, acc
 from openldm.evaluation.grid import image_grid
 from openldm.evaluation.metrics import fid, kid, psnr, ssim
 from openldm.io.native import load_model
+from openldm.pipelines.common import StepCutters
 from openldm.pipelines.trained import load_run, sample_trained
 
 SPLITS = ("heldout_images", "heldout_emoji")
@@ -72,10 +77,11 @@ def train_style_judge(epochs: int = 2) -> ImageClassifier:
 
 
 @torch.no_grad()
-def samples_for(model, prompts: list[str], *, steps: int, guidance_scale: float, chunk: int = 50) -> torch.Tensor:
+def samples_for(model, prompts: list[str], *, steps: int, guidance_scale: float, chunk: int = 50,
+                cutters: StepCutters | None = None) -> torch.Tensor:
     """One sample per prompt (seed: the chunk's index)."""
     return torch.cat([sample_trained(model, prompt=prompts[i:i + chunk], num_images=1, steps=steps,
-                                     guidance_scale=guidance_scale, seed=i // chunk)
+                                     guidance_scale=guidance_scale, seed=i // chunk, cutters=cutters)
                       for i in range(0, len(prompts), chunk)])
 
 
@@ -163,6 +169,37 @@ def progress_table(judge: ImageClassifier, clip_path: Path, run: Path, *, steps:
 
 
 @torch.no_grad()
+def cutters_table(judge: ImageClassifier, clip_path: Path, run: Path, *, steps: int, guidance_scale: float,
+                  interval: tuple[float, float]) -> list[str]:
+    """The step cutters of benchmarks/step_cutters.py on the emoji model: per variant, the seen emoji's figures of
+    :func:`quality_table` and the sampling seconds (this process, one sample per held-out image), with ratios to
+    plain."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from step_cutters import variants
+
+    if not clip_path.is_file() or not (run / "config.yaml").is_file():
+        return []
+    clip = load_model(clip_path).eval()
+    model = load_run(run)
+    x, styles, prompts = split_images("heldout_images")
+    real_embeds = clip_embeddings(clip, x)
+    rows = ["| variant | style accuracy | top-1 retrieval | CLIP cosine | FID (CLIP features) | FID ratio | s | "
+            "s ratio |", "|---|---|---|---|---|---|---|---|"]
+    plain = None
+    for name, cutters in variants(interval):
+        start = time.perf_counter()
+        images = samples_for(model, prompts, steps=steps, guidance_scale=guidance_scale, cutters=cutters)
+        seconds = time.perf_counter() - start
+        embeds = clip_embeddings(clip, images)
+        top1, cosine = agreement(clip, embeds, prompts)
+        score = fid(embeds, real_embeds)
+        plain = plain or (score, seconds)
+        rows.append(f"| {name} | {100 * accuracy(judge, images, styles):.1f}% | {100 * top1:.1f}% | {cosine:.3f} | "
+                    f"{score:.3f} | {score / plain[0]:.2f} | {seconds:.1f} | {seconds / plain[1]:.2f} |")
+    return rows
+
+
+@torch.no_grad()
 def autoencoder_table(runs: Path) -> list[str]:
     rows = ["| autoencoder | latents | split | images | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|"]
     for name in ("emoji_autoencoder_kl_f4", "emoji_autoencoder_kl_f8"):
@@ -207,6 +244,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--progress", action="store_true",
                    help="also quality against training steps (the run's snapshots) and sampling steps")
+    p.add_argument("--cutters", action="store_true",
+                   help="also the step cutters' cost (benchmarks/step_cutters.py's variants) on the seen emoji")
     p.add_argument("--guidance-scale", type=float, default=4.0)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -221,6 +260,11 @@ def main() -> None:
         print("\n".join(progress_table(judge, Path(args.runs) / "emoji_clip" / "clip.safetensors",
                                       Path(args.runs) / args.run, steps=args.steps,
                                       guidance_scale=args.guidance_scale)))
+    if args.cutters:
+        print()
+        print("\n".join(cutters_table(judge, Path(args.runs) / "emoji_clip" / "clip.safetensors",
+                                     Path(args.runs) / args.run, steps=args.steps,
+                                     guidance_scale=args.guidance_scale, interval=(0.28, 5.42))))
     prompts = text_grid(Path(args.runs) / args.run, Path(args.out), steps=args.steps,
                         guidance_scale=args.guidance_scale)
     if prompts:
