@@ -15,7 +15,7 @@ so, when its run is missing):
   unseen emoji and novel combinations (docs/results/emoji-text.png).
 
     python benchmarks/emoji_results.py            # needs `openldm data emoji` and the runs
-    python benchmarks/emoji_results.py --progress --run emoji_text_minilm_4k
+    python benchmarks/emoji_results.py --progress --cutters
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_cutters import GUIDANCE_INTERVAL, variants
 
 from openldm.data import build_dataset
 from openldm.data.emoji import ART
@@ -143,59 +146,55 @@ def quality_table(judge: ImageClassifier, clip_path: Path, run: Path, *, steps: 
     return rows
 
 
+class SeenEmoji:
+    """The figures of :func:`quality_table` for samples of the seen emoji (``heldout_images``, one sample per real
+    image prompted by its caption): the real images' judge-CLIP features are computed once for every row."""
+
+    def __init__(self, judge: ImageClassifier, clip_path: Path):
+        self.judge, self.clip = judge, load_model(clip_path).eval()
+        x, self.styles, self.prompts = split_images("heldout_images")
+        self.real_embeds = clip_embeddings(self.clip, x)
+
+    @torch.no_grad()
+    def figures(self, images: torch.Tensor) -> tuple[float, float, float, float]:
+        """(style accuracy, top-1 retrieval, CLIP cosine, FID) of samples for ``self.prompts``."""
+        embeds = clip_embeddings(self.clip, images)
+        top1, cosine = agreement(self.clip, embeds, self.prompts)
+        return accuracy(self.judge, images, self.styles), top1, cosine, fid(embeds, self.real_embeds)
+
+
 @torch.no_grad()
-def progress_table(judge: ImageClassifier, clip_path: Path, run: Path, *, steps: int, guidance_scale: float,
+def progress_table(seen: SeenEmoji, run: Path, *, steps: int, guidance_scale: float,
                    sampling_steps: tuple[int, ...] = (10, 20, 50)) -> list[str]:
-    """Quality on the seen emoji (``heldout_images``) against training steps (the run's EMA snapshots, sampled
-    with ``steps``) and against sampling steps (the last weights): style accuracy, top-1 retrieval and FID as in
-    :func:`quality_table`."""
-    snapshots = sorted(int(d.name.split("_")[1]) for d in (run / "snapshots").glob("step_*"))
-    if not clip_path.is_file() or not (run / "config.yaml").is_file():
-        return []
-    clip = load_model(clip_path).eval()
-    x, styles, prompts = split_images("heldout_images")
-    real_embeds = clip_embeddings(clip, x)
+    """Quality on the seen emoji against training steps (the run's EMA snapshots, sampled with ``steps``) and
+    against sampling steps (the last weights)."""
     rows = ["| weights | DDIM steps | style accuracy | top-1 retrieval | CLIP cosine | FID (CLIP features) |",
             "|---|---|---|---|---|---|"]
+    snapshots = sorted(int(d.name.split("_")[1]) for d in (run / "snapshots").glob("step_*"))
     plan = [(f"step {k}", k, steps) for k in snapshots] + [("last", None, n) for n in sampling_steps if n != steps]
     for label, step, n in plan:
-        model = load_run(run, step=step)
-        images = samples_for(model, prompts, steps=n, guidance_scale=guidance_scale)
-        embeds = clip_embeddings(clip, images)
-        top1, cosine = agreement(clip, embeds, prompts)
-        rows.append(f"| {label} | {n} | {100 * accuracy(judge, images, styles):.1f}% | {100 * top1:.1f}% | "
-                    f"{cosine:.3f} | {fid(embeds, real_embeds):.3f} |")
+        images = samples_for(load_run(run, step=step), seen.prompts, steps=n, guidance_scale=guidance_scale)
+        style, top1, cosine, score = seen.figures(images)
+        rows.append(f"| {label} | {n} | {100 * style:.1f}% | {100 * top1:.1f}% | {cosine:.3f} | {score:.3f} |")
     return rows
 
 
 @torch.no_grad()
-def cutters_table(judge: ImageClassifier, clip_path: Path, run: Path, *, steps: int, guidance_scale: float,
-                  interval: tuple[float, float]) -> list[str]:
-    """The step cutters of benchmarks/step_cutters.py on the emoji model: per variant, the seen emoji's figures of
-    :func:`quality_table` and the sampling seconds (this process, one sample per held-out image), with ratios to
-    plain."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from step_cutters import variants
-
-    if not clip_path.is_file() or not (run / "config.yaml").is_file():
-        return []
-    clip = load_model(clip_path).eval()
+def cutters_table(seen: SeenEmoji, run: Path, *, steps: int, guidance_scale: float) -> list[str]:
+    """The step cutters of benchmarks/step_cutters.py on the emoji model: per variant, the seen emoji's figures and
+    the sampling seconds (this process, one sample per held-out image), with ratios to plain."""
     model = load_run(run)
-    x, styles, prompts = split_images("heldout_images")
-    real_embeds = clip_embeddings(clip, x)
     rows = ["| variant | style accuracy | top-1 retrieval | CLIP cosine | FID (CLIP features) | FID ratio | s | "
             "s ratio |", "|---|---|---|---|---|---|---|---|"]
     plain = None
-    for name, cutters in variants(interval):
+    for name, cutters in variants(GUIDANCE_INTERVAL):
         start = time.perf_counter()
-        images = samples_for(model, prompts, steps=steps, guidance_scale=guidance_scale, cutters=cutters)
+        images = samples_for(model, seen.prompts, steps=steps, guidance_scale=guidance_scale, cutters=cutters)
         seconds = time.perf_counter() - start
-        embeds = clip_embeddings(clip, images)
-        top1, cosine = agreement(clip, embeds, prompts)
-        score = fid(embeds, real_embeds)
+        style, top1, cosine, score = seen.figures(images)
         plain = plain or (score, seconds)
-        rows.append(f"| {name} | {100 * accuracy(judge, images, styles):.1f}% | {100 * top1:.1f}% | {cosine:.3f} | "
-                    f"{score:.3f} | {score / plain[0]:.2f} | {seconds:.1f} | {seconds / plain[1]:.2f} |")
+        rows.append(f"| {name} | {100 * style:.1f}% | {100 * top1:.1f}% | {cosine:.3f} | {score:.3f} | "
+                    f"{score / plain[0]:.2f} | {seconds:.1f} | {seconds / plain[1]:.2f} |")
     return rows
 
 
@@ -252,20 +251,17 @@ def main() -> None:
     print("\n".join(autoencoder_table(Path(args.runs))))
     print()
     judge = train_style_judge()
-    print("\n".join(quality_table(judge, Path(args.runs) / "emoji_clip" / "clip.safetensors",
-                                  Path(args.runs) / args.run, steps=args.steps,
-                                  guidance_scale=args.guidance_scale)))
-    if args.progress:
-        print()
-        print("\n".join(progress_table(judge, Path(args.runs) / "emoji_clip" / "clip.safetensors",
-                                      Path(args.runs) / args.run, steps=args.steps,
-                                      guidance_scale=args.guidance_scale)))
-    if args.cutters:
-        print()
-        print("\n".join(cutters_table(judge, Path(args.runs) / "emoji_clip" / "clip.safetensors",
-                                     Path(args.runs) / args.run, steps=args.steps,
-                                     guidance_scale=args.guidance_scale, interval=(0.28, 5.42))))
-    prompts = text_grid(Path(args.runs) / args.run, Path(args.out), steps=args.steps,
+    clip_path, run = Path(args.runs) / "emoji_clip" / "clip.safetensors", Path(args.runs) / args.run
+    print("\n".join(quality_table(judge, clip_path, run, steps=args.steps, guidance_scale=args.guidance_scale)))
+    if (args.progress or args.cutters) and clip_path.is_file() and (run / "config.yaml").is_file():
+        seen = SeenEmoji(judge, clip_path)
+        if args.progress:
+            print()
+            print("\n".join(progress_table(seen, run, steps=args.steps, guidance_scale=args.guidance_scale)))
+        if args.cutters:
+            print()
+            print("\n".join(cutters_table(seen, run, steps=args.steps, guidance_scale=args.guidance_scale)))
+    prompts = text_grid(run, Path(args.out), steps=args.steps,
                         guidance_scale=args.guidance_scale)
     if prompts:
         print(f"\n{args.out}: one row per prompt, 4 seeds each:")

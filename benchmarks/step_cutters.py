@@ -38,6 +38,8 @@ from sd15 import DEFAULT_CACHE, NEGATIVE, PROMPT, build_cache
 
 from openldm.pipelines.common import StepCutters, sampling_plan
 
+GUIDANCE_INTERVAL = (0.28, 5.42)  # sigmas of the guidance-interval rows (--guidance-interval's default)
+
 
 def variants(interval: tuple[float, float]) -> list[tuple[str, StepCutters]]:
     """(name, cutters) of every row, plain first."""
@@ -201,7 +203,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help=f"SD checkpoint cache (default {DEFAULT_CACHE})")
     parser.add_argument("--model", default=None, help="SD weights to time instead of the random SD v1.5 checkpoint")
-    parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.28, 5.42), metavar=("LO", "HI"),
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=GUIDANCE_INTERVAL, metavar=("LO", "HI"),
                         help="sigma interval of the guidance-interval rows (default 0.28 5.42, the paper's SD-XL one)")
     parser.add_argument("--num-samples", type=int, default=1000,
                         help="Fashion-MNIST samples per variant (default 1000)")

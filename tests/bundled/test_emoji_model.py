@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from openldm.bundled import available, bundled_dir
-from openldm.pipelines.trained import load_run
+from openldm.pipelines.trained import load_run, sample_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,8 +38,6 @@ def test_generate_writes_a_colour_64px_png(tmp_path):
 
 def test_colour_follows_the_prompt(model):
     """Every seed's "blue heart" is bluer than its "red apple": mean red minus blue (images in [-1, 1])."""
-    from openldm.pipelines.trained import sample_trained
-
     def red_minus_blue(prompt):
         x = sample_trained(model, prompt=prompt, num_images=4, steps=10, seed=0).mean(dim=(2, 3))
         return x[:, 0] - x[:, 2]
