@@ -631,8 +631,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --- openldm evaluate -------------------------------------------------------------------------------------------
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="run directory of `openldm train` on Fashion-MNIST (default: the "
-                                                 "bundled model)")
+    p.add_argument("--model", default=None, help="run directory of `openldm train` on Fashion-MNIST or the emoji "
+                                                 "data, or a bundled model (default: the Fashion-MNIST one)")
     p.add_argument("--step", type=_int_in(0), default=None, help="evaluate the EMA snapshot of this training "
                                                                        "step (default: the last weights)")
     p.add_argument("--num-samples", type=int, default=1000, help="generated (and real) images per task and scale")
@@ -643,16 +643,22 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance scales to evaluate (1 = off)")
     p.add_argument("--tasks", nargs="+", default=None, help="class, text, mask, super_resolution, inpaint, "
                                                             "unconditional (default: all the model supports)")
-    p.add_argument("--classifier", default=None, help="classifier file (default: trained once and cached under "
-                                                      "$OPENLDM_CACHE, ~/.cache/openldm)")
+    p.add_argument("--classifier", default=None, help="Fashion-MNIST classifier / emoji style judge file (default: "
+                                                      "trained once and cached under $OPENLDM_CACHE, ~/.cache/openldm)")
+    p.add_argument("--clip", default=None, help="emoji models: the judge CLIP of text-image agreement and FID, "
+                                                "trained apart from the model's text encoder (`openldm train-clip "
+                                                "--config configs/emoji_clip.yaml` writes runs/emoji_clip/clip.safetensors)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed")
+    p.add_argument("--batch-size", type=_int_in(1), default=250, help="images drawn at once (the seeds follow the "
+                                                                      "batches: the same size gives the same images)")
     p.add_argument("--out", default=None, help="also write the report as JSON here (default: print it only)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     _cutter_args(p)
 
 
-@command("evaluate", "measure a Fashion-MNIST generator: class accuracy, FID/KID in a classifier's features beside "
-                     "real held-out images, PSNR/SSIM, IoU", _evaluate_args)
+@command("evaluate", "measure a Fashion-MNIST generator (class accuracy, FID/KID in a classifier's features beside "
+                     "real held-out images, PSNR/SSIM, IoU) or an emoji one (style accuracy, text-image agreement and "
+                     "FID/KID under a judge CLIP, per held-out split)", _evaluate_args)
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -660,6 +666,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from openldm.io.run_dir import resolve_source
     from openldm.pipelines.common import StepCutters
     from openldm.pipelines.evaluate import EvalSettings, evaluate_model, format_table
+    from openldm.pipelines.evaluate_emoji import evaluate_emoji
     from openldm.pipelines.trained import load_run
     from openldm.registry import SAMPLERS
 
@@ -669,11 +676,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     SAMPLERS.get(args.sampler)  # before a classifier is trained or an image drawn
     settings = EvalSettings(num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
                             guidance_scales=args.guidance_scale, karras=args.karras, seed=args.seed, tasks=args.tasks,
-                            cutters=StepCutters(**_cutter_fields(args)))
+                            batch_size=args.batch_size, cutters=StepCutters(**_cutter_fields(args)))
     model = load_run(args.model, step=args.step)
-    classifier = load_classifier(args.classifier, progress=not args.quiet)
     say = None if args.quiet else (lambda message: print(f"evaluating {message}", file=sys.stderr, flush=True))
-    report = evaluate_model(model, classifier, settings, progress=say)
+    if model.config.data.name == "emoji":
+        report = evaluate_emoji(model, _emoji_judges(model, args), settings, progress=say)
+    else:
+        if args.clip is not None:
+            raise ConfigError("--clip judges emoji models; this model was trained on "
+                              f"{model.config.data.name!r}: leave --clip out")
+        classifier = load_classifier(args.classifier, progress=not args.quiet)
+        report = evaluate_model(model, classifier, settings, progress=say)
     report["model"] = args.model
     report["step"] = args.step
     print(format_table(report["rows"]))
@@ -683,6 +696,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         with atomic_path(Path(args.out)) as tmp:
             tmp.write_text(json.dumps(report, indent=1))
     return 0
+
+
+def _emoji_judges(model, args: argparse.Namespace):
+    """The style judge and the judge CLIP for an emoji model; the CLIP must not be the one the model conditions on."""
+    from openldm.evaluation.emoji import EmojiJudges, load_judge_clip, load_style_judge
+
+    if args.clip is None:
+        raise ConfigError("an emoji model is judged by a CLIP trained apart from its text encoder: train one with "
+                          "`openldm train-clip --config configs/emoji_clip.yaml` and pass --clip "
+                          "runs/emoji_clip/clip.safetensors")
+    if not Path(args.clip).is_file():
+        raise ConfigError(f"--clip {args.clip!r} does not exist; give a clip.safetensors of `openldm train-clip`")
+    own = {Path(c.options["path"]).resolve() for c in model.config.conditions if c.options.get("path")}
+    if Path(args.clip).resolve() in own:
+        raise ConfigError(f"--clip {args.clip!r} is the text encoder this model conditions on; judge it with a CLIP "
+                          "trained apart (another seed: configs/emoji_clip.yaml)")
+    style = load_style_judge(args.classifier, root=model.config.data.options.get("root"), size=model.image_size[0])
+    return EmojiJudges(style=style, clip=load_judge_clip(args.clip))
 
 
 # --- openldm train-autoencoder ----------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def _distribution_row(classifier: ImageClassifier, images: torch.Tensor, referen
     return row
 
 
-def _in_batches(n: int, size: int, draw: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+def in_batches(n: int, size: int, draw: Callable[[slice], torch.Tensor]) -> torch.Tensor:
     """``draw`` each slice of ``range(n)`` (at most ``size`` long); every slice must give one image per index."""
     parts = []
     for i in range(0, n, size):
@@ -161,22 +161,22 @@ def _run_task(task: str, guidance: float, model: TrainedModel, classifier: Image
     labels = data.labels[:n]
     if task == "class":
         wanted = torch.arange(n) % 10
-        images = _in_batches(n, s.batch_size, lambda p: sample(guidance, p, class_label=wanted[p].tolist()))
+        images = in_batches(n, s.batch_size, lambda p: sample(guidance, p, class_label=wanted[p].tolist()))
         return _distribution_row(classifier, images, reference, wanted)
     if task == "unconditional":
-        images = _in_batches(n, s.batch_size, lambda p: sample(guidance, p, num_images=p.stop - p.start))
+        images = in_batches(n, s.batch_size, lambda p: sample(guidance, p, num_images=p.stop - p.start))
         return _distribution_row(classifier, images, reference, None)
     if task == "text":
         key = _conditioner_for(model, "text").config.key
         prompts = [data.items[i][key] for i in range(n)]
-        images = _in_batches(n, s.batch_size, lambda p: sample(guidance, p, prompt=prompts[p]))
+        images = in_batches(n, s.batch_size, lambda p: sample(guidance, p, prompt=prompts[p]))
         row = _distribution_row(classifier, images, reference, labels)
         row.update(_tone_gap(images, prompts))
         return row
     if task == "mask":
         key = _conditioner_for(model, "mask").config.key
         masks = torch.stack([torch.as_tensor(data.items[i][key]) for i in range(n)])  # (n, H, W) label map
-        images = _in_batches(n, s.batch_size, lambda p: sample(guidance, p, mask=masks[p]))
+        images = in_batches(n, s.batch_size, lambda p: sample(guidance, p, mask=masks[p]))
         target = crop_center(masks, model.crop_size) if model.crop_size else masks
         level = 2 * SILHOUETTE_LEVEL / 255 - 1  # the silhouette threshold in [-1, 1]
         row = _distribution_row(classifier, images, reference, None)
@@ -188,7 +188,7 @@ def _run_task(task: str, guidance: float, model: TrainedModel, classifier: Image
         size = data.images.shape[-2:]
         small = F.interpolate(data.images[:n], size=(size[0] // factor, size[1] // factor), mode="bicubic",
                               align_corners=False, antialias=True).clamp(-1, 1)
-        images = _in_batches(n, s.batch_size, lambda p: sample(guidance, p, low_res=small[p]))
+        images = in_batches(n, s.batch_size, lambda p: sample(guidance, p, low_res=small[p]))
         bicubic = F.interpolate(small, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
         bicubic = crop_center(bicubic, model.crop_size) if model.crop_size else bicubic
         row = _paired_row(classifier, images, truth, labels)
@@ -200,7 +200,7 @@ def _run_task(task: str, guidance: float, model: TrainedModel, classifier: Image
         pad = [(a - b) // 2 for a, b in zip(data.images.shape[-2:], truth.shape[-2:])]
         full = F.pad(masks, (pad[1], data.images.shape[-1] - truth.shape[-1] - pad[1],
                              pad[0], data.images.shape[-2] - truth.shape[-2] - pad[0]))
-        images = _in_batches(n, s.batch_size,
+        images = in_batches(n, s.batch_size,
                              lambda p: sample(guidance, p, init_image=data.images[p], mask=full[p]))
         empty = truth * (1 - masks[:, None]) - masks[:, None]  # the box left black (background)
         row = _paired_row(classifier, images, truth, labels)
@@ -226,8 +226,10 @@ def _tone_gap(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     return {"tone_gap": gap}
 
 
-COLUMNS = [("task", "task", "{}"), ("guidance", "guidance", "{}"), ("accuracy", "class acc.", "{:.1%}"),
-           ("fid", "FID", "{:.2f}"), ("kid", "KID", "{:.4f}"), ("iou", "IoU", "{:.3f}"), ("psnr", "PSNR", "{:.2f}"),
+COLUMNS = [("split", "split", "{}"), ("task", "task", "{}"), ("guidance", "guidance", "{}"), ("n", "N", "{}"),
+           ("accuracy", "class acc.", "{:.1%}"), ("style_accuracy", "style acc.", "{:.1%}"),
+           ("top1", "top-1 retrieval", "{:.1%}"), ("chance", "chance", "{:.1%}"), ("cosine", "CLIP cosine", "{:.3f}"),
+           ("fid", "FID", "{:.3f}"), ("kid", "KID", "{:.5f}"), ("iou", "IoU", "{:.3f}"), ("psnr", "PSNR", "{:.2f}"),
            ("ssim", "SSIM", "{:.3f}"), ("baseline_psnr", "baseline PSNR", "{:.2f}"),
            ("baseline_ssim", "baseline SSIM", "{:.3f}"), ("baseline_accuracy", "baseline class acc.", "{:.1%}"),
            ("tone_gap", "tone gap", "{:+.3f}"),

@@ -64,7 +64,7 @@ def test_an_unconditional_model_is_scored_on_all_n_samples(classifier, tmp_path,
     assert [r["task"] for r in report["rows"]] == ["real", "unconditional"]
     assert scored == [12, 12]  # the real row and 12 generated images (batches of 5, 5, 2), not one per batch
     with pytest.raises(RuntimeError, match="asked for 5 images, the sampler gave 1"):
-        evaluate._in_batches(10, 5, lambda p: torch.zeros(1, 1, 28, 28))
+        evaluate.in_batches(10, 5, lambda p: torch.zeros(1, 1, 28, 28))
 
 
 def test_super_resolution_and_inpainting_report_psnr_beside_their_baselines(classifier, tmp_path):
