@@ -201,7 +201,7 @@ def _run_task(task: str, guidance: float, model: TrainedModel, classifier: Image
         full = F.pad(masks, (pad[1], data.images.shape[-1] - truth.shape[-1] - pad[1],
                              pad[0], data.images.shape[-2] - truth.shape[-2] - pad[0]))
         images = in_batches(n, s.batch_size,
-                             lambda p: sample(guidance, p, init_image=data.images[p], mask=full[p]))
+                            lambda p: sample(guidance, p, init_image=data.images[p], mask=full[p]))
         empty = truth * (1 - masks[:, None]) - masks[:, None]  # the box left black (background)
         row = _paired_row(classifier, images, truth, labels)
         row.update({f"baseline_{k}": v for k, v in _paired_row(classifier, empty, truth, labels).items()})

@@ -33,12 +33,12 @@ def evaluate_emoji(model: TrainedModel, judges: EmojiJudges, settings: EvalSetti
     bad = [t for t in s.tasks or [] if t not in TASKS]
     if bad:
         raise ValueError(f"task {bad[0]!r} is not one of an emoji model's; tasks: {', '.join(TASKS)}")
-    size, root = model.image_size[0], model.config.data.options.get("root")
-    train = EmojiSplit.load("train", size, root).images
-    g = torch.Generator().manual_seed(s.seed)
     bad = [name for name in splits if name not in HELD_OUT]
     if bad:
         raise ValueError(f"split {bad[0]!r} is not held out; choose from: {', '.join(HELD_OUT)}")
+    size, root = model.image_size[0], model.config.data.options.get("root")
+    train = EmojiSplit.load("train", size, root).images
+    g = torch.Generator().manual_seed(s.seed)
     rows: list[dict[str, Any]] = []
     for name in splits:
         split = EmojiSplit.load(name, size, root)

@@ -62,6 +62,8 @@ def test_each_split_has_its_real_row_and_a_row_per_guidance_scale(setup, tmp_pat
     assert "style acc." in table and "top-1 retrieval" in table and table.count("heldout_emoji") == 3
     with pytest.raises(ValueError, match="tasks: text"):
         evaluate_emoji(model, judges, EvalSettings(num_samples=5, tasks=["class"]))
+    with pytest.raises(ValueError, match="not held out"):
+        evaluate_emoji(model, judges, EvalSettings(num_samples=5), splits=("train",))
 
 
 def test_cli_writes_the_report_and_refuses_the_models_own_encoder(setup, tmp_path, monkeypatch, capsys):
