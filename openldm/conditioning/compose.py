@@ -43,11 +43,14 @@ class Resources:
     times its scale factor; used by inpainting for the masked image. None = pixel space (identity).
     ``latent_channels``: the channels ``encode`` returns (the autoencoder's latent channels), for conditioners whose
     width follows them (inpainting) when their config leaves it unset.
+    ``run_dir``: the run directory being loaded; a file a conditioner's config names (the clip text backend's
+    ``path``) is looked for inside it first, so a run that carries its files can be moved (as its autoencoder).
     """
 
     prompt_encoder: Any = None
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None
     latent_channels: int | None = None
+    run_dir: Any = None  # a pathlib.Path
 
 
 def latent_resources(resources: Resources | None, autoencoder: nn.Module | None, scaling_factor: float) -> Resources:

@@ -366,8 +366,14 @@ class TextConditioner(Conditioner):
 
     @classmethod
     def build(cls, config: TextConfig, resources: Resources | None = None) -> "TextConditioner":
-        external = resources.prompt_encoder if resources is not None else None
-        return cls(config, external if config.backend == "external" else None)
+        resources = resources or Resources()
+        if config.backend == "external":
+            return cls(config, resources.prompt_encoder)
+        if config.backend == "clip" and resources.run_dir is not None:
+            from openldm.io.run_dir import find_in_run
+
+            return cls(config, CLIPTowerPromptEncoder(str(find_in_run(config.path, resources.run_dir, "text encoder"))))
+        return cls(config)
 
     def _apply(self, fn, recurse: bool = True):
         # .to() / .half() reach the frozen encoder too; cached encodings may no longer match, so drop them

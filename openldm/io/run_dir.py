@@ -278,14 +278,14 @@ def save_lora(out_dir: Path, *, unet_config, ema_lora: dict[str, torch.Tensor],
 
 
 def find_in_run(path: str, run_dir: Path, what: str = "autoencoder") -> Path:
-    """A path the config names (its autoencoder or base model): inside the run directory (an exported run keeps
+    """A path the config names (its autoencoder, base model, a conditioner's file): inside the run directory (an exported run keeps
     its autoencoder there), else as written (relative to the working directory training ran in)."""
     candidates = ([run_dir / path] if not Path(path).is_absolute() else []) + [Path(path)]
     for p in candidates:
         if p.is_file() or (what == "base_model" and p.is_dir()):
             return p
-    raise FileNotFoundError(f"the run's {what} {path!r} was not found (tried {[str(p) for p in candidates]}); "
-                            f"pass {what}=PATH to load_run")
+    fix = f"pass {what}=PATH to load_run" if what in ("autoencoder", "base_model") else "put it in the run directory"
+    raise FileNotFoundError(f"the run's {what} {path!r} was not found (tried {[str(p) for p in candidates]}); {fix}")
 
 
 # ---- model sources ---------------------------------------------------------------------------------------------

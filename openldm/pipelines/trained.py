@@ -17,7 +17,7 @@ datasets' convention, so ``openldm.data`` pixel detectors apply to samples direc
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -137,7 +137,8 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     elif autoencoder is not None or cfg.autoencoder is not None:
         ae_path = Path(autoencoder) if autoencoder is not None else runs.find_in_run(cfg.autoencoder, run_dir)
         ae = _load_autoencoder(ae_path, device, dtype)
-    conditioner = build_conditioning(cfg.conditions, latent_resources(resources, ae, scale))
+    located = replace(resources or Resources(), run_dir=Path(run_dir))  # files the conditions name: in the run first
+    conditioner = build_conditioning(cfg.conditions, latent_resources(located, ae, scale))
     cond_path = weights_dir / runs.CONDITIONER_FILE
     if cond_path.is_file():
         state = runs.read_conditioner_weights(cond_path)

@@ -1,9 +1,11 @@
 """Sampling from run directories written by train_diffusion: loading, conditions, guidance, seeds, pixel and
 latent space, inpainting, and (slow) that a class-conditional model draws the colour it is asked for."""
+import shutil
 import time
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -16,6 +18,7 @@ from openldm.diffusion.spacing import make_plan
 from openldm.evaluation.grid import tile
 from openldm.io.native import save_model
 from openldm.models.autoencoder import AutoencoderKL, tiny_autoencoder_kl
+from openldm.models.contrastive import SmallCLIP, tiny_contrastive_config
 from openldm.models.unet import UNet
 from openldm.pipelines.trained import condition, load_run, sample_trained
 from openldm.samplers.ddim import sample_ddim
@@ -414,3 +417,25 @@ def test_a_run_written_before_low_res_factor_moved_still_loads(tmp_path):
     assert model.conditioner.conditioners["low_res"].config.factor == 2
     x = sample_trained(model, low_res=torch.zeros(1, 3, 8, 8), steps=2)
     assert x.shape == (1, 3, SIZE, SIZE)
+
+
+def test_a_run_finds_its_clip_text_tower_inside_itself_wherever_it_is_loaded_from(tmp_path, monkeypatch):
+    """The clip text backend's ``path`` resolves in the run directory first (as the autoencoder does), so a run
+    that carries its CLIP file can be moved; without the file the error names the run's path in one line."""
+    torch.manual_seed(0)
+    save_model(SmallCLIP(tiny_contrastive_config((3, 32, 32))), tmp_path / "tower.safetensors")
+    cfg = config(tmp_path / "run", conditions=[
+        {"kind": "text", "options": {"backend": "clip", "path": str(tmp_path / "tower.safetensors")}}])
+    write_untrained_run(tmp_path / "run", cfg)
+    kw = dict(prompt="a red circle", num_images=2, steps=2, guidance_scale=2.0, seed=0)
+    reference = sample_trained(load_run(tmp_path / "run"), **kw)
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")  # as an exported run: its CLIP file inside, by bare name
+    data = yaml.safe_load((tmp_path / "moved" / "config.yaml").read_text())
+    data["conditions"][0]["options"]["path"] = "tower.safetensors"
+    (tmp_path / "moved" / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (tmp_path / "tower.safetensors").rename(tmp_path / "moved" / "tower.safetensors")
+    monkeypatch.chdir(tmp_path / "moved" / "..")  # the bare name does not exist relative to the working directory
+    assert torch.equal(sample_trained(load_run(tmp_path / "moved"), **kw), reference)
+    (tmp_path / "moved" / "tower.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="text encoder 'tower.safetensors' was not found.*put it in the run"):
+        load_run(tmp_path / "moved")
