@@ -235,7 +235,7 @@ class CLIPTowerPromptEncoder(nn.Module):
         if kind != "small_clip":
             raise ValueError(f"text backend 'clip': {path!r} holds a {kind or 'non-openldm'} model; expected a "
                              "small_clip file written by `openldm train-clip` (clip.safetensors in its run directory)")
-        model = load_model(path)
+        model = load_model(path, dtype=torch.float32)  # computes as trained, also from an exported float16 copy
         model.image_tower = model.image_projection = None  # only the text tower is used
         self.clip = model
         self.max_length = model.max_length

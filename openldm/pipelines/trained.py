@@ -350,8 +350,9 @@ def crop_output(model: TrainedModel, images: torch.Tensor) -> torch.Tensor:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float16,
                autoencoder: str | Path | None = None) -> Path:
-    """Copy what sampling needs from a run into ``out_dir``: ``config.yaml`` (its autoencoder renamed to the copy
-    beside it), ``data.json``, the EMA UNet and conditioner weights and the autoencoder, floating-point tensors cast
+    """Copy what sampling needs from a run into ``out_dir``: ``config.yaml`` (its autoencoder and any CLIP text
+    tower renamed to the copies beside it), ``data.json``, the EMA UNet and conditioner weights, the autoencoder and
+    the CLIP text towers the conditions name (``text_encoder.safetensors``), floating-point tensors cast
     to ``dtype`` (float16 halves the size; :func:`load_run` casts back to float32). Optimiser state, raw weights and
     logs stay behind. Returns ``out_dir``."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -368,6 +369,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype =
     if model.autoencoder is not None:
         cfg["autoencoder"] = "autoencoder.safetensors"
         save_model(model.autoencoder.to(dtype), out_dir / "autoencoder.safetensors", {"openldm.source": "exported"})
+    for i, cond in enumerate(cfg.get("conditions") or []):
+        options = cond.get("options") or {}
+        if options.get("backend") == "clip":  # a frozen CLIP text tower lives in a file of its own: carry a copy
+            name = "text_encoder.safetensors" if i == 0 else f"text_encoder_{i}.safetensors"
+            tower = load_model(runs.find_in_run(options["path"], run_dir, "text encoder"), dtype=dtype)
+            save_model(tower, out_dir / name, {"openldm.source": "exported"})
+            options["path"] = name
     cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.conditioner.state_dict().items()}
     runs.save_weights(out_dir, ema_unet=model.unet.to(dtype), ema_conditioner=cast, scaling_factor=model.scaling_factor)
     runs.write_config(cfg, out_dir)

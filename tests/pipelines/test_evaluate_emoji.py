@@ -16,7 +16,7 @@ from openldm.io.native import save_model
 from openldm.models.contrastive import SmallCLIP, tiny_contrastive_config
 from openldm.pipelines.evaluate import EvalSettings, format_table
 from openldm.pipelines.evaluate_emoji import evaluate_emoji
-from openldm.pipelines.trained import load_run
+from openldm.pipelines.trained import export_run, load_run
 from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,8 +76,11 @@ def test_cli_writes_the_report_and_refuses_the_models_own_encoder(setup, tmp_pat
     assert [r["task"] for r in report["rows"]] == ["real", "text", "real", "text"]
     printed = capsys.readouterr().out
     assert "| heldout_emoji | text | 2.0 | 4 |" in printed, printed
+    exported = export_run(run, tmp_path / "exported")  # its encoder is a copy named relative to the run
     for argv, words in ((["--model", str(run)], "pass --clip runs/emoji_clip/clip.safetensors"),
                         (["--model", str(run), "--clip", str(own_clip)], "is the text encoder this model conditions on"),
+                        (["--model", str(exported), "--clip", str(exported / "text_encoder.safetensors")],
+                         "is the text encoder this model conditions on"),
                         (["--model", str(run), "--clip", str(tmp_path / "none.safetensors")], "does not exist"),
                         (["--clip", str(judge_clip)], "--clip judges emoji models")):
         assert main(["evaluate", *argv, "--num-samples", "4", "--quiet"]) == 2

@@ -439,3 +439,27 @@ def test_a_run_finds_its_clip_text_tower_inside_itself_wherever_it_is_loaded_fro
     (tmp_path / "moved" / "tower.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="text encoder 'tower.safetensors' was not found.*put it in the run"):
         load_run(tmp_path / "moved")
+
+
+def test_exported_clip_conditioned_runs_carry_their_text_tower(tmp_path):
+    """export_run copies the CLIP file a clip text condition names (float16, renamed text_encoder.safetensors in
+    the config), so the export samples like the run without the original; the tower computes in float32."""
+    from openldm.pipelines.trained import export_run
+
+    torch.manual_seed(0)
+    save_model(SmallCLIP(tiny_contrastive_config((3, 32, 32))), tmp_path / "tower.safetensors")
+    cfg = config(tmp_path / "run", conditions=[
+        {"kind": "text", "options": {"backend": "clip", "path": str(tmp_path / "tower.safetensors")}}])
+    write_untrained_run(tmp_path / "run", cfg)
+    kw = dict(prompt="a red circle", num_images=2, steps=2, guidance_scale=2.0, seed=0)
+    reference = sample_trained(load_run(tmp_path / "run"), **kw)
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    (tmp_path / "tower.safetensors").unlink()  # the export must not need the original
+    assert yaml.safe_load((out / "config.yaml").read_text())["conditions"][0]["options"]["path"] == \
+        "text_encoder.safetensors"
+    assert all(v.dtype == torch.float16 for v in load_file(str(out / "text_encoder.safetensors")).values()
+               if v.is_floating_point())
+    model = load_run(out)
+    tower = model.conditioner.conditioners["text"].prompt_encoder
+    assert all(p.dtype == torch.float32 for p in tower.parameters())
+    assert (sample_trained(model, **kw) - reference).abs().max() < 2e-2  # float16 weights, float32 compute
