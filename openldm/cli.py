@@ -291,6 +291,13 @@ def _dtype_arg(p: argparse.ArgumentParser) -> None:
                         "the CPU (AMX, AVX512-BF16) or GPU computes it natively, else float32")
 
 
+def _compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile (inductor) the UNet and the autoencoder's decoder: the first image compiles "
+                        "them (minutes on a CPU, the time is reported), later steps and images reuse the graphs "
+                        "(needs a C++ compiler on a CPU)")
+
+
 def _chosen_dtype(args: argparse.Namespace) -> str:
     """``--dtype``, with auto resolved for ``--device`` and the choice said on stderr."""
     if getattr(args, "dtype", "float32") != "auto":
@@ -336,6 +343,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                                                              "Diffusion weights)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     _dtype_arg(p)
+    _compile_arg(p)
     p.add_argument("--unsafe-load", action="store_true", help="allow .ckpt files that need full unpickling "
                                                               "(only for files you trust)")
     _prediction_arg(p)
@@ -497,7 +505,8 @@ def _generate(args: argparse.Namespace) -> int:
                                unsafe_load=getattr(args, "unsafe_load", False), ema=not args.raw_weights,
                                vae=args.vae, prediction=getattr(args, "prediction_type", None),
                                lora_dir=getattr(args, "lora_dir", None),
-                               embeddings_dir=getattr(args, "embeddings_dir", None))
+                               embeddings_dir=getattr(args, "embeddings_dir", None),
+                               compile=getattr(args, "compile", False))
     caps = generator.capabilities
     if (loras or getattr(args, "lora_dir", None)) and caps.kind != "stable-diffusion":
         raise ConfigError(f"--lora and --lora-dir are for Stable Diffusion weights; model {caps.name!r} is not")
@@ -541,6 +550,7 @@ def _generate(args: argparse.Namespace) -> int:
                                         progress=not args.quiet)
             for path in save_images(result.images, outs[i], result.params[0]):
                 print(path)
+        _report_compile(args)
         return 0
     result = generator.generate(request, progress=not args.quiet)
     images, params = result.images, result.params
@@ -551,7 +561,15 @@ def _generate(args: argparse.Namespace) -> int:
         params = [replace(params[0], num_images=1)]
     for path in save_images(images, args.out, params[0]):
         print(path)
+    _report_compile(args)
     return 0
+
+
+def _report_compile(args: argparse.Namespace) -> None:
+    if getattr(args, "compile", False):
+        from openldm.pipelines.common import compile_seconds
+
+        print(f"--compile: {compile_seconds():.1f} s of this run compiled the UNet and decoder", file=sys.stderr)
 
 
 def _train_args_for(config: str, example: str) -> Callable[[argparse.ArgumentParser], None]:
@@ -604,6 +622,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="most pixels (width x height x images) one request may ask for (default 1048576)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     _dtype_arg(p)
+    _compile_arg(p)
     p.add_argument("--lora-dir", default=None, help="folder where prompt tags <lora:NAME:WEIGHT> (API and page) find "
                                                     "NAME.safetensors")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings that prompts of "
@@ -624,7 +643,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, api_auth=args.api_auth, cors_allow_origins=origins,
           max_batch=args.max_batch, max_pixels=args.max_pixels, device=args.device,
           dtype=_chosen_dtype(args), lora_dir=args.lora_dir,
-          embeddings_dir=args.embeddings_dir)
+          embeddings_dir=args.embeddings_dir, compile=args.compile)
     return 0
 
 

@@ -94,6 +94,24 @@ def place(parts: ModelParts, device: str | torch.device | None, dtype: str | tor
             module.to(memory_format=torch.channels_last)
 
 
+def compile_modules(*modules: torch.nn.Module | None) -> None:
+    """``torch.compile`` (inductor) ``modules`` in place (``nn.Module.compile``): their names, state dicts and
+    parameters stay as they are, so LoRAs fused into the weights between requests are read by the compiled graphs
+    (no weight freezing). A graph compiles on a module's first call with each input shape and stays with the
+    module: a generator, and a server that keeps it, compile once. None entries are skipped."""
+    for module in modules:
+        if module is not None:
+            module.compile(backend="inductor")
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent so far in torch.compile (dynamo and inductor), to report compile time
+    apart from generation time."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+
+
 def module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(module.parameters())
     return p.device, p.dtype

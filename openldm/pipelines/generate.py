@@ -438,13 +438,14 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
                    dtype: str | torch.dtype = "float32", unsafe_load: bool = False, ema: bool = True,
                    vae: str | Path | None = None, step: int | None = None,
                    prediction: str | None = None, lora_dir: str | Path | None = None,
-                   embeddings_dir: str | Path | None = None) -> Generator:
+                   embeddings_dir: str | Path | None = None, compile: bool = False) -> Generator:
     """Load ``source`` (see the module docstring; None = the default bundled model) behind the generation
     interface. ``dtype`` applies to the network weights. Models trained here: ``ema`` picks the EMA weights,
     ``vae`` decodes through another autoencoder file with the same encoder, ``step`` an EMA snapshot. Stable
     Diffusion weights: ``prediction`` (eps | v) overrides what the model says (``openldm.io.sd.load_sd``);
     ``lora_dir`` is where prompt tags ``<lora:NAME:WEIGHT>`` find ``NAME.safetensors``;
-    ``embeddings_dir`` holds textual-inversion embeddings its prompts may name."""
+    ``embeddings_dir`` holds textual-inversion embeddings its prompts may name. ``compile``: torch.compile the
+    UNet and the autoencoder's decoder (``openldm.pipelines.common.compile_modules``; graphs compile on first use)."""
     from openldm.io.run_dir import is_run_dir, resolve_source
 
     path = resolve_source(source)
@@ -458,14 +459,15 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
         if embeddings_dir is not None:
             raise ValueError("embeddings_dir= (--embeddings-dir) is for Stable Diffusion weights, not a model trained "
                              "here")
-        return TrainedGenerator.load(path, label, device=device, dtype=dtype, ema=ema, vae=vae, step=step)
+        return TrainedGenerator.load(path, label, device=device, dtype=dtype, ema=ema, vae=vae, step=step,
+                                     compile=compile)
     for flag, value in (("vae", vae), ("step", step)):
         if value is not None:
             raise ValueError(f"{flag}= is for models trained here (a run directory), not Stable Diffusion weights")
     from openldm.pipelines.sd_generator import SDGenerator
 
     return SDGenerator.load(path, label, device=device, dtype=dtype, unsafe_load=unsafe_load, prediction=prediction,
-                            lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+                            lora_dir=lora_dir, embeddings_dir=embeddings_dir, compile=compile)
 
 
 def _bundled_name(path: Path) -> str | None:

@@ -6,7 +6,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from openldm.pipelines.common import decode_latents, module_device_dtype, place, sampling_plan, to_pil
+from openldm.pipelines.common import (
+    compile_modules,
+    decode_latents,
+    module_device_dtype,
+    place,
+    sampling_plan,
+    to_pil,
+)
 from openldm.pipelines.generate import (
     Capabilities,
     GenerationRequest,
@@ -56,8 +63,9 @@ class SDGenerator:
     @classmethod
     def load(cls, path: str | Path, source: str | None = None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
              unsafe_load: bool = False, prediction: str | None = None, lora_dir: str | Path | None = None,
-             embeddings_dir: str | Path | None = None) -> "SDGenerator":
-        """``embeddings_dir``: textual-inversion files (see ``openldm.io.embeddings``) the prompts may name."""
+             embeddings_dir: str | Path | None = None, compile: bool = False) -> "SDGenerator":
+        """``embeddings_dir``: textual-inversion files (see ``openldm.io.embeddings``) the prompts may name.
+        ``compile``: torch.compile the UNet and the autoencoder's decoder (``compile_modules``)."""
         from openldm.io.embeddings import load_embeddings
         from openldm.io.sd import load_sd
 
@@ -67,6 +75,8 @@ class SDGenerator:
         place(parts, device, dtype)  # once, at load: requests never move or cast the modules
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.eval().requires_grad_(False)
+        if compile:
+            compile_modules(parts.unet, parts.vae.decoder)
         return cls(parts, str(path) if source is None else source, lora_dir, embeddings)
 
     def generate(self, request: GenerationRequest, *, on_progress: OnProgress | None = None,

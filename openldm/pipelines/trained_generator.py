@@ -9,7 +9,7 @@ from PIL import Image
 
 from openldm.data.image_io import tensor_to_pil
 from openldm.io import run_dir as runs
-from openldm.pipelines.common import module_device_dtype, resolve_dtype, sampling_plan
+from openldm.pipelines.common import compile_modules, module_device_dtype, resolve_dtype, sampling_plan
 from openldm.pipelines.generate import (
     Capabilities,
     GenerationRequest,
@@ -52,9 +52,13 @@ class TrainedGenerator:
 
     @classmethod
     def load(cls, path: str | Path, source: str | None = None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-             ema: bool = True, vae: str | Path | None = None, step: int | None = None) -> "TrainedGenerator":
+             ema: bool = True, vae: str | Path | None = None, step: int | None = None,
+             compile: bool = False) -> "TrainedGenerator":
+        """``compile``: torch.compile the UNet and the autoencoder's decoder (``compile_modules``)."""
         model = load_run(path, ema=ema, device=device, dtype=resolve_dtype(dtype, device) or torch.float32, autoencoder=vae,
                          step=step)
+        if compile:
+            compile_modules(model.unet, getattr(model.autoencoder, "decoder", None))
         return cls(model, str(path) if source is None else source)
 
     def sample(self, request: GenerationRequest, *, on_progress: OnProgress | None = None,

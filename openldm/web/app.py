@@ -114,14 +114,15 @@ def _authorized(header: str | None, credentials: list[tuple[str, str]]) -> bool:
 def create_app(models: list[str | Path] | None = None, *, api_auth: str | None = None,
                cors_allow_origins: list[str] | None = None, max_batch: int = 8, max_pixels: int = 1024 * 1024,
                device: str = "cpu", dtype: str = "float32", preload: bool = False,
-               lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None) -> FastAPI:
+               lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
+               compile: bool = False) -> FastAPI:
     """The app serving ``models`` (see ``model_sources``; None = the bundled model). ``app.state.pool`` holds the
     models, ``app.state.queue`` the job queue (``close()`` it to stop its worker). ``preload`` loads the first
     model now (a bad model fails here, not at the first request). ``lora_dir``: where prompts' ``<lora:NAME:W>``
     tags find their files; ``embeddings_dir``: textual-inversion embeddings for the Stable Diffusion models
-    served."""
+    served; ``compile``: torch.compile each model's UNet and decoder (the graphs stay with the loaded models)."""
     pool = ModelPool(model_sources(models), device=device, dtype=dtype, lora_dir=lora_dir,
-                     embeddings_dir=embeddings_dir)
+                     embeddings_dir=embeddings_dir, compile=compile)
     if preload:
         pool.get()
     queue = JobQueue()
@@ -387,13 +388,13 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
 def serve(models: list[str] | None = None, *, host: str = "127.0.0.1", port: int = 7860, api_auth: str | None = None,
           cors_allow_origins: list[str] | None = None, max_batch: int = 8, max_pixels: int = 1024 * 1024,
           device: str = "cpu", dtype: str = "float32", lora_dir: str | Path | None = None,
-          embeddings_dir: str | Path | None = None) -> None:
+          embeddings_dir: str | Path | None = None, compile: bool = False) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
     app = create_app(models, api_auth=api_auth, cors_allow_origins=cors_allow_origins, max_batch=max_batch,
                      max_pixels=max_pixels, device=device, dtype=dtype, preload=True, lora_dir=lora_dir,
-                     embeddings_dir=embeddings_dir)
+                     embeddings_dir=embeddings_dir, compile=compile)
     print(f"openldm serve: {', '.join(app.state.pool.names())} on http://{host}:{port}/ (A1111 API under /sdapi/v1)",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -63,14 +63,16 @@ def model_sources(models: list[str | Path] | None) -> dict[str, str]:
 
 class ModelPool:
     """The served models by name, loaded lazily (one load per model, even under concurrent first requests).
-    ``lora_dir``: where Stable Diffusion models find the LoRAs that prompts name (``<lora:NAME:WEIGHT>``)."""
+    ``lora_dir``: where Stable Diffusion models find the LoRAs that prompts name (``<lora:NAME:WEIGHT>``).
+    ``compile``: torch.compile each loaded model's UNet and decoder (kept with the model, so compiled once)."""
 
     def __init__(self, sources: dict[str, str], *, device: str = "cpu", dtype: str = "float32",
-                 lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None):
+                 lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
+                 compile: bool = False):
         if not sources:
             raise ValueError("a server needs at least one model")
         self.sources = dict(sources)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.compile = device, dtype, compile
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir  # for the Stable Diffusion models among them
         self.current = next(iter(self.sources))
         self._loaded: dict[str, Generator] = {}
@@ -101,7 +103,8 @@ class ModelPool:
                 sd = not is_run_dir(resolve_source(source))
                 self._loaded[name] = load_generator(source, device=self.device, dtype=self.dtype,
                                                     lora_dir=self.lora_dir if sd else None,
-                                                    embeddings_dir=self.embeddings_dir if sd else None)
+                                                    embeddings_dir=self.embeddings_dir if sd else None,
+                                                    compile=self.compile)
             return self._loaded[name]
 
     def select(self, name: str) -> str:

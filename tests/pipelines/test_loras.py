@@ -3,6 +3,7 @@ layout on UNet and text encoder, two weights, two LoRAs stacked; base tensors bi
 resolved in a LoRA folder; `openldm generate --lora` and the server's API."""
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -263,3 +264,25 @@ def test_the_server_accepts_tags_in_prompts(tiny, generator):
             assert missing.status_code == 500 and "no LoRA 'nope'" in missing.text
     finally:
         app.state.queue.close()
+
+
+def test_compiled_models_give_eager_images_and_see_loras_fused_between_requests(tiny, generator, tmp_path, capsys):
+    """compile=True (--compile): torch.compile'd UNet and decoder give the eager images, and LoRAs fused into the
+    weights per request reach the compiled graphs (no frozen weights), also after the LoRA is taken out again;
+    generate --compile says how long compiling took."""
+    from openldm.pipelines.common import compile_seconds
+
+    folder, _, loras = tiny
+    before = compile_seconds()
+    compiled = load_generator(folder, lora_dir=loras, compile=True)
+    lora = [(loras / "locon.safetensors", 0.7)]
+    for chosen in ((), lora, ()):
+        assert np.abs(_ours(compiled, chosen) - _ours(generator, chosen)).max() <= 1, chosen
+    assert compile_seconds() > before  # the graphs were compiled, and the time is counted
+    out = tmp_path / "compiled.png"
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder), "--prompt", CALL["prompt"], "--negative-prompt",
+                 CALL["negative_prompt"], "--steps", "4", "--width", "32", "--height", "32", "--seed", "4",
+                 "--sampler", "euler", "--compile", "--quiet", "--out", str(out)]) == 0
+    assert np.abs(np.asarray(Image.open(out).convert("RGB"), dtype=np.int16) - _ours(generator)).max() <= 1
+    assert re.search(r"--compile: \d+\.\d s of this run compiled the UNet and decoder", capsys.readouterr().err)
