@@ -13,6 +13,7 @@ guided UNet calls), "decode" the time from the last step to the images (VAE deco
     python benchmarks/sd15.py                                  # 512x512, 4 steps, float32 and bfloat16, CPU
     python benchmarks/sd15.py --size 256 --steps 2 --repeats 2 --dtype float32
     python benchmarks/sd15.py --gpu                            # + UNet iterations/s at 512x512, batch 2, bf16 (CUDA)
+    python benchmarks/sd15.py --size 256 --dtype bfloat16 --compile   # + ours with torch.compile (openldm --compile)
 """
 from __future__ import annotations
 
@@ -91,11 +92,14 @@ def worker(side: str, args: argparse.Namespace) -> dict:
     single, folder = Path(args.cache) / "sd15.safetensors", Path(args.cache) / "diffusers"
     stamps: list[float] = []
     start = time.perf_counter()
-    if side == "ours":
+    if side in ("ours", "ours-compiled"):
         from openldm.io.sd import load_sd
+        from openldm.pipelines.common import compile_modules
         from openldm.pipelines.text_to_image import text_to_image
 
         sd = load_sd(single, device=args.device, dtype=dtype)
+        if side == "ours-compiled":  # as --compile: graphs compile during the warm-up image (its time: compile_s)
+            compile_modules(sd.unet, sd.vae.decoder)
         sync(args.device)
 
         def generate() -> None:
@@ -136,8 +140,10 @@ def worker(side: str, args: argparse.Namespace) -> dict:
             image_s.append(t1 - t0)
             step_s.extend(b - a for a, b in zip(stamps, stamps[1:]))  # whole steps only (the first holds text encoding)
             decode_s.append(t1 - stamps[-1])
+    from openldm.pipelines.common import compile_seconds
+
     return {"load_s": load_s, "rss_load_mib": rss_load, "rss_peak_mib": rss_peak_mib(), "image_s": image_s,
-            "step_s": step_s, "decode_s": decode_s}
+            "step_s": step_s, "decode_s": decode_s, "compile_s": compile_seconds()}
 
 
 def run_worker(side: str, args: argparse.Namespace, dtype: str) -> dict:
@@ -213,7 +219,10 @@ def main() -> None:
     parser.add_argument("--diffusers-layout", choices=["channels_last", "nchw"], default="channels_last",
                         help="diffusers' UNet/VAE memory format (default channels_last, its documented CPU set-up; "
                              "ours is always channels_last)")
-    parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true",
+                        help="also ours with torch.compile of the UNet and decoder (openldm --compile; the warm-up "
+                             "image compiles, keep --warmup >= 1), rows marked 'compiled'")
+    parser.add_argument("--worker", choices=["ours", "ours-compiled", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2 (per-step time is measured between steps)")
@@ -228,9 +237,10 @@ def main() -> None:
           f"rounds={args.rounds} diffusers_layout={args.diffusers_layout}", flush=True)
     rows = []
     for dtype in args.dtype:
-        results: dict[str, list[dict]] = {"ours": [], "diffusers": []}
+        sides = ("ours", "ours-compiled", "diffusers") if args.compile else ("ours", "diffusers")
+        results: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(args.rounds):
-            for side in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
+            for side in (sides if r % 2 == 0 else sides[::-1]):
                 res = run_worker(side, args, dtype)
                 results[side].append(res)
                 print(f"  {dtype} {side}: load {res['load_s']:.2f} s, images " +
@@ -245,13 +255,18 @@ def main() -> None:
         for label, key, unit in (("load", "load_s", "s"), ("peak RSS after load", "rss_load_mib", "MiB"),
                                  ("peak RSS", "rss_peak_mib", "MiB"), ("seconds per image", "image_s", "s"),
                                  ("seconds per step", "step_s", "s"), ("decode", "decode_s", "s")):
-            ours, ref = med("ours", key), med("diffusers", key)
-            rows.append((dtype, f"{label} ({unit})", ours, ref, ours / ref))
+            for side in sides[:-1]:
+                ours, ref = med(side, key), med("diffusers", key)
+                rows.append((dtype, f"{label} ({unit})" + (", compiled" if side != "ours" else ""), ours, ref,
+                             ours / ref))
+        if args.compile:
+            rows.append((dtype, "compile (s), compiled", med("ours-compiled", "compile_s"), float("nan"), float("nan")))
 
-    header = f"| {'dtype':<8} | {'measure':<26} | {'ours':>10} | {'diffusers':>10} | {'ratio':>6} |"
+    header = f"| {'dtype':<8} | {'measure':<36} | {'ours':>10} | {'diffusers':>10} | {'ratio':>6} |"
     print("\n" + header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for dtype, label, ours, ref, ratio in rows:
-        print(f"| {dtype:<8} | {label:<26} | {ours:>10.2f} | {ref:>10.2f} | {ratio:>6.3f} |")
+        ref_s, ratio_s = ("-", "-") if ref != ref else (f"{ref:.2f}", f"{ratio:.3f}")  # nan: no diffusers figure
+        print(f"| {dtype:<8} | {label:<36} | {ours:>10.2f} | {ref_s:>10} | {ratio_s:>6} |")
     print("\nratio = median ours / median diffusers (below 1: ours faster or smaller). Wall-clock medians over "
           f"{args.rounds} process(es) x {args.repeats} image(s) per side; timings on a shared machine are noisy.")
     if args.gpu:

@@ -4,7 +4,9 @@ judged by openldm.evaluation.emoji (style accuracy, text-image agreement and FID
 apart from the model's text encoder).
 
 The *real* row of a split scores its real images the same way; its FID / KID compare as many train-split images
-(a fixed random draw) with the split, the floor of a perfect generator of N images at this N. ``num_samples``
+(a fixed random draw) with the split, the floor of a perfect generator of N images at this N. A latent model's
+*reconstructed* row scores the split's real images after a round trip through its autoencoder: the ceiling that
+the autoencoder leaves the generator (what the decoder cannot draw, no sample can show). ``num_samples``
 caps N per split (a fixed random subset of its images when the split is larger). Images are drawn in batches of
 ``batch_size``, the k-th batch with seed ``seed + k``.
 """
@@ -18,7 +20,7 @@ import torch
 
 from openldm.evaluation.emoji import HELD_OUT, EmojiJudges, EmojiSplit, clip_embeddings
 from openldm.pipelines.evaluate import EvalSettings, in_batches
-from openldm.pipelines.trained import TrainedModel, sample_trained
+from openldm.pipelines.trained import TrainedModel, decode, encode, sample_trained
 
 TASKS = ("text",)
 
@@ -27,7 +29,8 @@ def evaluate_emoji(model: TrainedModel, judges: EmojiJudges, settings: EvalSetti
                    progress: Callable[[str], None] | None = None,
                    splits: tuple[str, ...] = HELD_OUT) -> dict[str, Any]:
     """The report: {"settings", "rows": [{"split", "task", "guidance", "n", metrics..., "seconds"}]}, each of
-    ``splits``' "real" row before its "text" rows (one per guidance scale)."""
+    ``splits``' "real" row and (latent models) "reconstructed" row before its "text" rows (one per guidance
+    scale)."""
     s = settings or EvalSettings()
     say = progress or (lambda message: None)
     bad = [t for t in s.tasks or [] if t not in TASKS]
@@ -49,6 +52,11 @@ def evaluate_emoji(model: TrainedModel, judges: EmojiJudges, settings: EvalSetti
         others = train[torch.randperm(len(train), generator=g)[:n]]
         rows.append({"split": name, "task": "real", "guidance": None, "n": n,
                      **judges.score(split.images, split, real_embeds, distribution=others)})
+        if model.autoencoder is not None:
+            with torch.no_grad():
+                rebuilt = in_batches(n, s.batch_size, lambda p: decode(model, encode(model, split.images[p])))
+            rows.append({"split": name, "task": "reconstructed", "guidance": None, "n": n,
+                         **judges.score(rebuilt, split, real_embeds)})
         for guidance in s.guidance_scales:
             say(f"{name} (guidance {guidance})")
             t0 = time.perf_counter()

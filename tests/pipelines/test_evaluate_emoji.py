@@ -13,6 +13,7 @@ from openldm.data import build_dataset
 from openldm.data.emoji import build_emoji
 from openldm.evaluation.emoji import HELD_OUT, EmojiJudges, load_judge_clip, load_style_judge
 from openldm.io.native import save_model
+from openldm.models.autoencoder import AutoencoderKL, tiny_autoencoder_kl
 from openldm.models.contrastive import SmallCLIP, tiny_contrastive_config
 from openldm.pipelines.evaluate import EvalSettings, format_table
 from openldm.pipelines.evaluate_emoji import evaluate_emoji
@@ -33,7 +34,9 @@ def setup(tmp_path_factory):
     for seed, name in ((0, "own"), (1, "judge")):
         torch.manual_seed(seed)
         clips.append(save_model(SmallCLIP(tiny_contrastive_config((3, 32, 32))), tmp / f"{name}.safetensors"))
+    save_model(AutoencoderKL(tiny_autoencoder_kl(in_channels=3, out_channels=3)), tmp / "ae.safetensors")
     cfg = {"data": {"name": "emoji", "options": {"root": str(root), "size": 32}},
+           "autoencoder": str(tmp / "ae.safetensors"),
            "unet_preset": "tiny-unet", "unet": {"model_channels": 16, "norm_groups": 4},
            "conditions": [{"kind": "text", "options": {"backend": "clip", "path": str(clips[0])}, "drop_prob": 0.1}],
            "batch_size": 8, "steps": 2, "log_every": 100, "out_dir": str(tmp / "run"), "schedule": {"kind": "linear"}}
@@ -50,16 +53,18 @@ def test_each_split_has_its_real_row_and_a_row_per_guidance_scale(setup, tmp_pat
                                                         batch_size=3))
     rows = report["rows"]
     assert [(r["split"], r["task"], r["guidance"]) for r in rows] == [
-        (s, t, g) for s in HELD_OUT for t, g in (("real", None), ("text", 1.0), ("text", 3.0))]
+        (s, t, g) for s in HELD_OUT
+        for t, g in (("real", None), ("reconstructed", None), ("text", 1.0), ("text", 3.0))]
     for r in rows:
         size = len(build_dataset("emoji", {"root": str(root), "split": r["split"]}))
         assert r["n"] == min(5, size)
         assert 0.0 <= r["style_accuracy"] <= 1.0 and 0.0 <= r["top1"] <= 1.0 and r["fid"] >= 0.0
         assert r["chance"] >= 1 / r["n"]
-    # an untrained model's samples are further from the real images than other real images are
-    assert all(rows[i]["fid"] < rows[i + 1]["fid"] for i in (0, 3))
+    # an untrained autoencoder's round trip and an untrained model's samples are further from the real images
+    # than other real images are
+    assert all(rows[i]["fid"] < min(rows[i + 1]["fid"], rows[i + 2]["fid"]) for i in (0, 4))
     table = format_table(rows)
-    assert "style acc." in table and "top-1 retrieval" in table and table.count("heldout_emoji") == 3
+    assert "style acc." in table and "top-1 retrieval" in table and table.count("heldout_emoji") == 4
     with pytest.raises(ValueError, match="tasks: text"):
         evaluate_emoji(model, judges, EvalSettings(num_samples=5, tasks=["class"]))
     with pytest.raises(ValueError, match="not held out"):
@@ -73,7 +78,7 @@ def test_cli_writes_the_report_and_refuses_the_models_own_encoder(setup, tmp_pat
     assert main(["evaluate", "--model", str(run), "--clip", str(judge_clip), "--num-samples", "4", "--steps", "2",
                  "--guidance-scale", "2", "--quiet", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert [r["task"] for r in report["rows"]] == ["real", "text", "real", "text"]
+    assert [r["task"] for r in report["rows"]] == ["real", "reconstructed", "text"] * 2
     printed = capsys.readouterr().out
     assert "| heldout_emoji | text | 2.0 | 4 |" in printed, printed
     exported = export_run(run, tmp_path / "exported")  # its encoder is a copy named relative to the run
