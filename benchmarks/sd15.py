@@ -158,10 +158,16 @@ def run_worker(side: str, args: argparse.Namespace, dtype: str) -> dict:
 
 # ---- UNet iterations per second on a GPU -----------------------------------------------------------------------
 
+GPU_VARIANTS = ("eager", "channels_last", "compile", "cuda_graphs")
+
+
 def gpu_section(args: argparse.Namespace) -> None:
-    """UNet iterations/s at 512x512 (64x64 latents), batch 2 (one guided step: cond + uncond), bf16."""
-    print("\n## UNet, one guided step (batch 2, 64x64 latents = 512x512 images, bfloat16, CUDA)\n")
-    if not torch.cuda.is_available():
+    """UNet iterations/s at 512x512 (64x64 latents), batch 2 (one guided step: cond + uncond), bf16, for ours and
+    diffusers' UNet on the same random weights, per variant: eager; channels_last; torch.compile (inductor, on
+    channels_last); compile with CUDA graphs (mode="reduce-overhead": the whole call replayed as one graph)."""
+    device = args.gpu_device
+    print(f"\n## UNet, one guided step (batch 2, 64x64 latents = 512x512 images, bfloat16, {device})\n")
+    if device.startswith("cuda") and not torch.cuda.is_available():
         print("not run: CUDA is not available on this machine.")
         return
     sys.path.insert(0, str(Path(__file__).parent))
@@ -169,33 +175,56 @@ def gpu_section(args: argparse.Namespace) -> None:
 
     from openldm.models.presets import sd15_unet
 
-    device, dtype = "cuda", torch.bfloat16
-    ours, ref = build_pair(sd15_unet(), device, dtype)
-    ours.eval(), ref.eval()
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    dtype = torch.bfloat16
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 64, 64, generator=g).to(device, dtype)
     t = torch.full((2,), 500, device=device)
     context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
-    calls = {"ours": lambda: ours(x, t, context=context),
-             "diffusers": lambda: ref(x, t, encoder_hidden_states=context).sample}
-    rates: dict[str, list[float]] = {"ours": [], "diffusers": []}
-    with torch.no_grad():
-        for name in calls:
-            for _ in range(5):
-                calls[name]()
-        for r in range(args.gpu_repeats):
-            for name in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
-                torch.cuda.synchronize()
+    print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else device}, "
+          f"{args.gpu_repeats} runs of {args.gpu_iters} iterations each\n")
+    print("| variant | ours (it/s) | diffusers (it/s) | ratio ours/diffusers | compile s (ours / diffusers) |")
+    print("|---------|------------:|-----------------:|---------------------:|------------------------------|")
+    for variant in args.gpu_variants:
+        ours, ref = build_pair(sd15_unet(), device, dtype)
+        ours.eval().requires_grad_(False), ref.eval().requires_grad_(False)
+        xin = x
+        if variant != "eager":
+            ours.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+            xin = x.contiguous(memory_format=torch.channels_last)
+        calls = {"ours": lambda m=ours: m(xin, t, context=context),
+                 "diffusers": lambda m=ref: m(xin, t, encoder_hidden_states=context).sample}
+        if variant in ("compile", "cuda_graphs"):
+            mode = "reduce-overhead" if variant == "cuda_graphs" else None
+            calls = {name: torch.compile(call, mode=mode) for name, call in calls.items()}
+        rates: dict[str, list[float]] = {"ours": [], "diffusers": []}
+        first: dict[str, float] = {}
+        with torch.no_grad():
+            for name in calls:
+                sync()
                 start = time.perf_counter()
-                for _ in range(args.gpu_iters):
+                calls[name]()  # compiles when compiling
+                sync()
+                first[name] = time.perf_counter() - start
+                for _ in range(4):
                     calls[name]()
-                torch.cuda.synchronize()
-                rates[name].append(args.gpu_iters / (time.perf_counter() - start))
-    ours_r, ref_r = statistics.median(rates["ours"]), statistics.median(rates["diffusers"])
-    print(f"device: {torch.cuda.get_device_name()}, {args.gpu_repeats} runs of {args.gpu_iters} iterations each\n")
-    print("| model | ours (it/s) | diffusers (it/s) | ratio ours/diffusers |")
-    print("|-------|------------:|-----------------:|---------------------:|")
-    print(f"| sd15-unet | {ours_r:.2f} | {ref_r:.2f} | {ours_r / ref_r:.3f} |")
+            for r in range(args.gpu_repeats):
+                for name in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
+                    sync()
+                    start = time.perf_counter()
+                    for _ in range(args.gpu_iters):
+                        calls[name]()
+                    sync()
+                    rates[name].append(args.gpu_iters / (time.perf_counter() - start))
+        ours_r, ref_r = statistics.median(rates["ours"]), statistics.median(rates["diffusers"])
+        compile_s = f"{first['ours']:.0f} / {first['diffusers']:.0f}" if variant in ("compile", "cuda_graphs") else "-"
+        print(f"| {variant} | {ours_r:.2f} | {ref_r:.2f} | {ours_r / ref_r:.3f} | {compile_s} |", flush=True)
+        del ours, ref, calls
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     print("\nratio above 1: ours faster (iterations per second).")
 
 
@@ -216,6 +245,11 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="also UNet iterations/s at 512x512, batch 2, bf16 (CUDA)")
     parser.add_argument("--gpu-iters", type=int, default=20, help="UNet calls per timed GPU run")
     parser.add_argument("--gpu-repeats", type=int, default=5, help="timed GPU runs per model")
+    parser.add_argument("--gpu-variants", nargs="+", choices=GPU_VARIANTS, default=list(GPU_VARIANTS),
+                        help="UNet variants of the --gpu table (default all)")
+    parser.add_argument("--gpu-device", default="cuda", help="device of the --gpu table (default cuda; cpu for a "
+                                                              "dry run of the script)")
+    parser.add_argument("--gpu-only", action="store_true", help="only the --gpu table, not the pipeline table")
     parser.add_argument("--diffusers-layout", choices=["channels_last", "nchw"], default="channels_last",
                         help="diffusers' UNet/VAE memory format (default channels_last, its documented CPU set-up; "
                              "ours is always channels_last)")
@@ -231,6 +265,9 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args)))
         return
 
+    if args.gpu_only:
+        gpu_section(args)
+        return
     build_cache(args.cache)
     print(f"device={args.device} size={args.size}x{args.size} steps={args.steps} sampler=euler guidance=7.5 "
           f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats} warmup={args.warmup} "

@@ -36,9 +36,10 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from unet import build_pair  # noqa: E402  (benchmarks/unet.py: both UNets on one set of random weights)
 
+import openldm.models.presets  # noqa: E402,F401  (registers the presets)
 from openldm.diffusion.objectives import sample_timesteps  # noqa: E402
 from openldm.diffusion.schedules import ScheduleConfig, make_alphas_cumprod, q_sample  # noqa: E402
-from openldm.models.presets import small_unet  # noqa: E402
+from openldm.registry import PRESETS  # noqa: E402
 from openldm.training.optim import OptimConfig, make_optimizer  # noqa: E402
 
 
@@ -51,13 +52,21 @@ class Variant:
     compile: bool = False
 
 
+def unet_config(args: argparse.Namespace):
+    """The ``--preset`` UNet (a registered UNet preset) with ``--context-dim`` context (default: the preset's)."""
+    kind, cfg = PRESETS.get(args.preset)()
+    if kind != "unet":
+        raise SystemExit(f"--preset {args.preset!r} is a {kind} preset; give a UNet preset")
+    return dataclasses.replace(cfg, context_dim=args.context_dim) if args.context_dim else cfg
+
+
 def make_step(variant: Variant, net: nn.Module, args: argparse.Namespace) -> Callable[[], None]:
     """One training step on a fresh draw of timesteps and noise over fixed clean latents and context."""
     device = torch.device(args.device)
-    cfg = dataclasses.replace(small_unet(), context_dim=args.context_dim)
+    cfg = unet_config(args)
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(args.batch, cfg.in_channels, args.latent_size, args.latent_size, generator=g).to(device)
-    context = torch.randn(args.batch, args.tokens, args.context_dim, generator=g).to(device)
+    context = torch.randn(args.batch, args.tokens, cfg.context_dim, generator=g).to(device)
     alphas_cumprod = make_alphas_cumprod(ScheduleConfig()).to(device)
     if variant.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -102,7 +111,7 @@ def timed(step: Callable[[], None], n: int, device: str) -> float:
 
 def measure(variants: list[Variant], args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Images/s per timed run for each variant (rounds alternate the order), and the first-step seconds."""
-    cfg = dataclasses.replace(small_unet(), context_dim=args.context_dim)
+    cfg = unet_config(args)
     steps, first = {}, {}
     for v in variants:
         ours, ref = build_pair(cfg, args.device, torch.float32)
@@ -131,7 +140,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
     parser.add_argument("--latent-size", type=int, default=16, help="latent height = width (default 16)")
     parser.add_argument("--tokens", type=int, default=16, help="context tokens (default 16)")
-    parser.add_argument("--context-dim", type=int, default=384, help="context width (default 384, MiniLM's)")
+    parser.add_argument("--preset", default="small-unet", help="UNet preset (default small-unet; sd15-unet for SD "
+                                                                 "v1.5's UNet, e.g. --latent-size 32 for 256 px)")
+    parser.add_argument("--context-dim", type=int, default=None,
+                        help="context width (default 384, MiniLM's, for small-unet; else the preset's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (default 5)")
     parser.add_argument("--steps-per-run", type=int, default=2, help="training steps per timed run (default 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant after the first (default 1)")
@@ -140,14 +152,16 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.context_dim is None and args.preset == "small-unet":
+        args.context_dim = 384
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(compile_worker(args)))
         return
 
-    print(f"device={args.device} batch={args.batch} latents=4x{args.latent_size}x{args.latent_size} "
-          f"context={args.tokens}x{args.context_dim} threads={torch.get_num_threads()} torch={torch.__version__} "
+    print(f"device={args.device} preset={args.preset} batch={args.batch} latents=4x{args.latent_size}x{args.latent_size} "
+          f"context={args.tokens}x{unet_config(args).context_dim} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"repeats={args.repeats} x {args.steps_per_run} steps", flush=True)
     variants = [Variant("ours fp32", "ours"), Variant("diffusers fp32", "diffusers"),
                 Variant("ours bf16 autocast", "ours", autocast=torch.bfloat16),
@@ -170,7 +184,7 @@ def main() -> None:
             else:
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 eager, comp = (statistics.median(res["rates"][n]) for n in ("ours fp32", "ours compile"))
-                print(f"  (compile process) ours fp32: images/s per run "
+                print("  (compile process) ours fp32: images/s per run "
                       + " ".join(f"{r:.1f}" for r in res["rates"]["ours fp32"]), flush=True)
                 print("  (compile process) ours compile: images/s per run "
                       + " ".join(f"{r:.1f}" for r in res["rates"]["ours compile"]), flush=True)
