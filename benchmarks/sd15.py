@@ -156,6 +156,74 @@ def run_worker(side: str, args: argparse.Namespace, dtype: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ---- the hardware's own peaks, measured in the same run -------------------------------------------------------
+
+def _rate(fn, flop: float, device: str, reps: int = 10) -> float:
+    """GFLOP/s of ``fn`` (median of ``reps`` timed calls after 3 untimed ones)."""
+    for _ in range(3):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return flop / statistics.median(times) / 1e9
+
+
+def hardware_peaks(device: str, dtypes: list[str]) -> list[tuple[str, str, float]]:
+    """(kernel, dtype, GFLOP/s): a 2048x2048 matmul, and a 320-channel 3x3 convolution at 32x32 (batch 2) in NCHW
+    and channels_last -- what one core kernel of the UNet reaches on this machine, the yardstick of the step rows."""
+    rows = []
+    with torch.no_grad():
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            a = torch.randn(2048, 2048, device=device, dtype=dtype)
+            b = torch.randn(2048, 2048, device=device, dtype=dtype)
+            rows.append(("matmul 2048x2048x2048", name, _rate(lambda: a @ b, 2 * 2048 ** 3, device)))
+            x = torch.randn(2, 320, 32, 32, device=device, dtype=dtype)
+            conv = torch.nn.Conv2d(320, 320, 3, padding=1).to(device, dtype)
+            flop = 2 * 2 * 320 * 320 * 9 * 32 * 32
+            rows.append(("conv 320->320 3x3, 2x32x32, NCHW", name, _rate(lambda: conv(x), flop, device)))
+            conv_cl, x_cl = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+            rows.append(("conv 320->320 3x3, 2x32x32, channels_last", name,
+                         _rate(lambda: conv_cl(x_cl), flop, device)))
+    return rows
+
+
+def guided_step_gflop(size: int) -> float:
+    """FLOP of one guided sampler step (the UNet on a batch of 2) at ``size`` px, counted by torch's flop counter on
+    the meta device (shapes only, no arithmetic; attention counted as its two matmuls)."""
+    from step_cutters import FLOP_FORMULAS
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from openldm.models.presets import sd15_unet
+    from openldm.models.unet import UNet
+
+    with torch.device("meta"):
+        unet = UNet(sd15_unet())
+        x, t, ctx = torch.zeros(2, 4, size // 8, size // 8), torch.zeros(2), torch.zeros(2, 77, 768)
+        with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as flops:
+            unet(x, t, context=ctx)
+    return flops.get_total_flops() / 1e9
+
+
+def hardware_section(args: argparse.Namespace, step_s: dict[tuple[str, str], float]) -> None:
+    """The same run's kernel peaks, and each per-step row as GFLOP/s and as a fraction of its dtype's matmul peak."""
+    peaks = hardware_peaks(args.device, args.dtype)
+    print(f"\n## This machine's peaks (same run, {torch.get_num_threads()} threads)\n")
+    print("| kernel | dtype | GFLOP/s |\n|---|---|---:|")
+    for kernel, dtype, rate in peaks:
+        print(f"| {kernel} | {dtype} | {rate:,.0f} |")
+    gflop = guided_step_gflop(args.size)
+    print(f"\none guided step at {args.size}x{args.size} (UNet, batch 2): {gflop:,.0f} GFLOP\n")
+    print("| dtype | side | s / step | GFLOP/s | fraction of the matmul peak |\n|---|---|---:|---:|---:|")
+    for (dtype, side), seconds in step_s.items():
+        peak = next(rate for kernel, d, rate in peaks if d == dtype and kernel.startswith("matmul"))
+        print(f"| {dtype} | {side} | {seconds:.2f} | {gflop / seconds:,.0f} | {gflop / seconds / peak:.0%} |")
+
+
 # ---- UNet iterations per second on a GPU -----------------------------------------------------------------------
 
 GPU_VARIANTS = ("eager", "channels_last", "compile", "cuda_graphs")
@@ -256,6 +324,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also ours with torch.compile of the UNet and decoder (openldm --compile; the warm-up "
                              "image compiles, keep --warmup >= 1), rows marked 'compiled'")
+    parser.add_argument("--no-peaks", action="store_true",
+                        help="skip the machine's matmul / convolution peaks and the steps as fractions of them")
     parser.add_argument("--worker", choices=["ours", "ours-compiled", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2:
@@ -273,6 +343,7 @@ def main() -> None:
           f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats} warmup={args.warmup} "
           f"rounds={args.rounds} diffusers_layout={args.diffusers_layout}", flush=True)
     rows = []
+    step_medians: dict[tuple[str, str], float] = {}
     for dtype in args.dtype:
         sides = ("ours", "ours-compiled", "diffusers") if args.compile else ("ours", "diffusers")
         results: dict[str, list[dict]] = {side: [] for side in sides}
@@ -296,6 +367,8 @@ def main() -> None:
                 ours, ref = med(side, key), med("diffusers", key)
                 rows.append((dtype, f"{label} ({unit})" + (", compiled" if side != "ours" else ""), ours, ref,
                              ours / ref))
+        for side in sides:
+            step_medians[(dtype, side)] = med(side, "step_s")
         if args.compile:
             rows.append((dtype, "compile (s), compiled", med("ours-compiled", "compile_s"), float("nan"), float("nan")))
 
@@ -306,6 +379,8 @@ def main() -> None:
         print(f"| {dtype:<8} | {label:<36} | {ours:>10.2f} | {ref_s:>10} | {ratio_s:>6} |")
     print("\nratio = median ours / median diffusers (below 1: ours faster or smaller). Wall-clock medians over "
           f"{args.rounds} process(es) x {args.repeats} image(s) per side; timings on a shared machine are noisy.")
+    if not args.no_peaks:
+        hardware_section(args, step_medians)
     if args.gpu:
         gpu_section(args)
 
