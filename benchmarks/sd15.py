@@ -243,10 +243,6 @@ def gpu_section(args: argparse.Namespace) -> None:
 
     from openldm.models.presets import sd15_unet
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 64, 64, generator=g).to(device, dtype)
@@ -272,20 +268,20 @@ def gpu_section(args: argparse.Namespace) -> None:
         first: dict[str, float] = {}
         with torch.no_grad():
             for name in calls:
-                sync()
+                sync(device)
                 start = time.perf_counter()
                 calls[name]()  # compiles when compiling
-                sync()
+                sync(device)
                 first[name] = time.perf_counter() - start
                 for _ in range(4):
                     calls[name]()
             for r in range(args.gpu_repeats):
                 for name in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
-                    sync()
+                    sync(device)
                     start = time.perf_counter()
                     for _ in range(args.gpu_iters):
                         calls[name]()
-                    sync()
+                    sync(device)
                     rates[name].append(args.gpu_iters / (time.perf_counter() - start))
         ours_r, ref_r = statistics.median(rates["ours"]), statistics.median(rates["diffusers"])
         compile_s = f"{first['ours']:.0f} / {first['diffusers']:.0f}" if variant in ("compile", "cuda_graphs") else "-"
