@@ -10,11 +10,15 @@ As in the paper's default, only self-attention is merged, and only at the transf
 
 A sampling run turns merging on for its network calls with :class:`TokenMergingNet` (a wrapper made per run: the
 shared model is never changed); the spatial transformer asks :func:`active_merging` for the setting of the call
-it is in. The setting lives in a ``ContextVar``, so concurrent runs in other threads never see each other's.
+it is in. The setting lives in a ``ContextVar``, so concurrent runs in other threads never see each other's. A plain
+count of the runs in progress guards the lookup: with none (the usual call) the UNet never touches the ContextVar,
+which ``torch.compile`` cannot trace, so a compiled UNet stays one graph (a graph break there split every block
+into a frame of its own and hit dynamo's recompile limit).
 """
 from __future__ import annotations
 
 import math
+import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -112,11 +116,21 @@ class TokenMerging:
 
 
 _ACTIVE: ContextVar[TokenMerging | None] = ContextVar("openldm_token_merging", default=None)
+_RUNS = 0  # TokenMergingNet calls in progress, in any thread (changed under _RUNS_LOCK)
+_RUNS_LOCK = threading.Lock()
 
 
 def active_merging() -> TokenMerging | None:
     """The token merging of the network call in progress (None: none)."""
+    if _RUNS == 0:  # read as a constant by torch.compile (guarded), so the usual call compiles to one graph
+        return None
     return _ACTIVE.get()
+
+
+def _count_run(delta: int) -> None:
+    global _RUNS
+    with _RUNS_LOCK:
+        _RUNS += delta
 
 
 def check_merging(ratio: float, max_downsample: int = 1) -> None:
@@ -144,7 +158,9 @@ class TokenMergingNet(nn.Module):
         if self.ratio == 0:
             return self.net(x, *args, **kwargs)
         token = _ACTIVE.set(TokenMerging(self.ratio, tuple(x.shape[-2:]), self.max_downsample, self.generator))
+        _count_run(+1)
         try:
             return self.net(x, *args, **kwargs)
         finally:
+            _count_run(-1)
             _ACTIVE.reset(token)

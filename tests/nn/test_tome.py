@@ -1,7 +1,7 @@
 """Token merging (ToMe for SD, Bolya & Hoffman 2023): the bipartite soft matching worked by hand on four tokens;
 merge-then-unmerge is lossless when the merged tokens are identical; one destination per 2x2 cell; ratio 0 is the
 plain network; self-attention sees N - r tokens only at the levels asked for; a small ratio stays close to the plain
-UNet and a larger one drifts further; the setting is per call and per thread; requests, PNG parameters and the CLI
+UNet and a larger one drifts further; the setting is per call and per thread; a compiled UNet is one graph and still merges under the wrapper; requests, PNG parameters and the CLI
 carry it to the bundled model (whose top level has no attention, so the default level changes nothing)."""
 from __future__ import annotations
 
@@ -136,6 +136,24 @@ def test_the_setting_is_per_thread():
     token_merging.net = Probe()
     token_merging(torch.zeros(1, 4, 8, 8))
     assert isinstance(inside[0], TokenMerging) and inside[0].size == (8, 8) and other == [None]
+
+
+@torch.no_grad()
+def test_compiled_unet_is_one_graph_and_still_merges_when_asked(unet):
+    """Without merging the UNet traces to a single graph (fullgraph=True raises at any graph break; a break at the
+    setting's lookup made dynamo compile every block as its own frame); under a TokenMergingNet the same compiled
+    UNet is traced again (the run count is guarded) and merges as in eager mode."""
+    torch._dynamo.reset()
+    x, context = smooth_input()
+    whole = torch.compile(unet, backend="eager", fullgraph=True)
+    assert torch.equal(whole(x, 500.0, context=context), unet(x, 500.0, context=context))
+    compiled = torch.compile(unet, backend="eager")
+    compiled(x, 500.0, context=context)
+    merged_eager = TokenMergingNet(unet, 0.5, seed=3)(x, 500.0, context=context)
+    merged_compiled = TokenMergingNet(compiled, 0.5, seed=3)(x, 500.0, context=context)
+    assert not torch.equal(merged_eager, unet(x, 500.0, context=context))
+    torch.testing.assert_close(merged_compiled, merged_eager)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("ratio, max_downsample", [(-0.1, 1), (1.0, 1), (True, 1), (0.5, 0), (0.5, 1.5)])
