@@ -295,7 +295,8 @@ def _compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile (inductor) the UNet and the autoencoder's decoder: the first image compiles "
                         "them (minutes on a CPU, the time is reported), later steps and images reuse the graphs "
-                        "(needs a C++ compiler on a CPU)")
+                        "(needs a C++ compiler on a CPU). Weights are frozen into the graphs (faster) unless "
+                        "--lora-dir is given; the first request with LoRAs recompiles the UNet with live weights")
 
 
 def _chosen_dtype(args: argparse.Namespace) -> str:
@@ -550,7 +551,7 @@ def _generate(args: argparse.Namespace) -> int:
                                         progress=not args.quiet)
             for path in save_images(result.images, outs[i], result.params[0]):
                 print(path)
-        _report_compile(args)
+        _report_compile(generator)
         return 0
     result = generator.generate(request, progress=not args.quiet)
     images, params = result.images, result.params
@@ -561,15 +562,16 @@ def _generate(args: argparse.Namespace) -> int:
         params = [replace(params[0], num_images=1)]
     for path in save_images(images, args.out, params[0]):
         print(path)
-    _report_compile(args)
+    _report_compile(generator)
     return 0
 
 
-def _report_compile(args: argparse.Namespace) -> None:
-    if getattr(args, "compile", False):
+def _report_compile(generator) -> None:
+    if generator.compiled is not None:
         from openldm.pipelines.common import compile_seconds
 
-        print(f"--compile: {compile_seconds():.1f} s of this run compiled the UNet and decoder", file=sys.stderr)
+        print(f"--compile: {compile_seconds():.1f} s of this run compiled the UNet and decoder ({generator.compiled})",
+              file=sys.stderr)
 
 
 def _train_args_for(config: str, example: str) -> Callable[[argparse.ArgumentParser], None]:

@@ -16,8 +16,8 @@ import difflib
 import json
 import types
 import typing
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, Union
 
 import yaml

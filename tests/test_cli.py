@@ -1,5 +1,6 @@
 import subprocess
 import sys
+
 import pytest
 
 from openldm.cli import build_parser, main

@@ -13,9 +13,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from openldm.nn.slots import Slots
 from openldm.diffusion.objectives import PREDICTION_TYPES
 from openldm.diffusion.schedules import sigma_to_t, sigmas_from_alphas_cumprod
+from openldm.nn.slots import Slots
 
 
 class Denoiser(Protocol):

@@ -32,8 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from openldm.diffusion.schedules import (ScheduleConfig, karras_sigmas, make_alphas_cumprod, sigma_to_t,
-                                         sigmas_from_alphas_cumprod)
+from openldm.diffusion.schedules import (
+    ScheduleConfig,
+    karras_sigmas,
+    make_alphas_cumprod,
+    sigma_to_t,
+    sigmas_from_alphas_cumprod,
+)
 
 SPACINGS = ("leading", "trailing", "linspace")
 FINAL_SIGMAS = ("zero", "sigma_min")

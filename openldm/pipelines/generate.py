@@ -382,6 +382,7 @@ class Generator(Protocol):
     """A loaded model behind the one generation interface."""
 
     capabilities: Capabilities
+    compiled: str | None  # None, or how --compile compiled it: "frozen weights" / "live weights"
 
     def generate(self, request: GenerationRequest, *, on_progress: OnProgress | None = None,
                  should_stop: ShouldStop | None = None, progress: bool = False) -> GenerationResult: ...

@@ -12,6 +12,7 @@ from openldm.pipelines.common import (
     module_device_dtype,
     place,
     sampling_plan,
+    thaw_modules,
     to_pil,
 )
 from openldm.pipelines.generate import (
@@ -42,6 +43,8 @@ class SDGenerator:
     """A loaded SD v1-family checkpoint (text-to-image, image-to-image, inpainting), with LoRAs per request
     (``request.loras`` and ``<lora:NAME:WEIGHT>`` prompt tags, NAME resolved in ``lora_dir``)."""
 
+    compiled: str | None = None  # None, or what ``compile_modules`` did: "frozen weights" / "live weights"
+
     def __init__(self, parts, source: str, lora_dir: str | Path | None = None,
                  embeddings: dict[str, torch.Tensor] | None = None):
         self.parts = parts
@@ -65,7 +68,8 @@ class SDGenerator:
              unsafe_load: bool = False, prediction: str | None = None, lora_dir: str | Path | None = None,
              embeddings_dir: str | Path | None = None, compile: bool = False) -> "SDGenerator":
         """``embeddings_dir``: textual-inversion files (see ``openldm.io.embeddings``) the prompts may name.
-        ``compile``: torch.compile the UNet and the autoencoder's decoder (``compile_modules``)."""
+        ``compile``: torch.compile the UNet and the autoencoder's decoder (``compile_modules``), with frozen weights
+        unless ``lora_dir`` is given; the first request with LoRAs recompiles a frozen UNet live (``thaw_modules``)."""
         from openldm.io.embeddings import load_embeddings
         from openldm.io.sd import load_sd
 
@@ -75,9 +79,10 @@ class SDGenerator:
         place(parts, device, dtype)  # once, at load: requests never move or cast the modules
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.eval().requires_grad_(False)
+        generator = cls(parts, str(path) if source is None else source, lora_dir, embeddings)
         if compile:
-            compile_modules(parts.unet, parts.vae.decoder)
-        return cls(parts, str(path) if source is None else source, lora_dir, embeddings)
+            generator.compiled = compile_modules(parts.unet, parts.vae.decoder, freeze=lora_dir is None)
+        return generator
 
     def generate(self, request: GenerationRequest, *, on_progress: OnProgress | None = None,
                  should_stop: ShouldStop | None = None, progress: bool = False) -> GenerationResult:
@@ -88,6 +93,8 @@ class SDGenerator:
                 self.loras.read(path)  # a bad file is the request's error (read once, cached for use below)
         except (ValueError, FileNotFoundError) as e:
             raise RequestError("loras" if r.loras else "prompt", str(e)) from None
+        if loras and self.compiled == "frozen weights":  # frozen graphs would not see the fused LoRA weights
+            self.compiled = thaw_modules(self.parts.unet)
         with self.loras.use(loras):
             return self._generate(r, prompt, negative_prompt, on_progress, should_stop, progress)
 

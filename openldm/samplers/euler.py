@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from openldm.nn.slots import Slots
-from openldm.samplers.base import (OnStep, after_step, ancestral_sigmas, check_sigmas, churn, denoise, randn_like,
-                                   steps)
+from openldm.samplers.base import OnStep, after_step, ancestral_sigmas, check_sigmas, churn, denoise, randn_like, steps
 
 
 @torch.no_grad()

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from openldm.nn.slots import Slots
 from openldm.diffusion.analytic import GaussianMixtureDenoiser
 from openldm.diffusion.denoiser import DiscreteDenoiser
 from openldm.diffusion.schedules import (
@@ -11,6 +10,7 @@ from openldm.diffusion.schedules import (
     sigma_to_t,
     sigmas_from_alphas_cumprod,
 )
+from openldm.nn.slots import Slots
 
 AB = make_alphas_cumprod(ScheduleConfig())
 DATA = GaussianMixtureDenoiser(torch.tensor([[1.0, -0.5, 0.2], [-0.8, 0.4, 0.0]]).view(2, 3, 1, 1).expand(2, 3, 2, 2),

@@ -249,8 +249,14 @@ def test_tiled_reconstruction_of_a_trained_model_is_as_good_as_untiled(overfit_k
 
 
 def test_latent_mode_takes_the_kl_mode_and_keeps_vq_latents():
-    from openldm.models.autoencoder import AutoencoderKL, VQAutoencoder, latent_mode, tiny_autoencoder_kl, tiny_vq
-    from openldm.models.autoencoder import LatentCodec
+    from openldm.models.autoencoder import (
+        AutoencoderKL,
+        LatentCodec,
+        VQAutoencoder,
+        latent_mode,
+        tiny_autoencoder_kl,
+        tiny_vq,
+    )
 
     torch.manual_seed(0)
     x = torch.rand(2, 3, 16, 16) * 2 - 1

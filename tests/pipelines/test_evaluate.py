@@ -7,8 +7,8 @@ import torch
 
 from openldm.config import from_dict
 from openldm.evaluation.classifier import train_classifier
-from openldm.pipelines.evaluate import EvalSettings, HeldOutData, _distribution_row, evaluate_model, format_table
 from openldm.io.native import save_model
+from openldm.pipelines.evaluate import EvalSettings, HeldOutData, _distribution_row, evaluate_model, format_table
 from openldm.pipelines.trained import load_run
 from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
 

@@ -267,22 +267,31 @@ def test_the_server_accepts_tags_in_prompts(tiny, generator):
 
 
 def test_compiled_models_give_eager_images_and_see_loras_fused_between_requests(tiny, generator, tmp_path, capsys):
-    """compile=True (--compile): torch.compile'd UNet and decoder give the eager images, and LoRAs fused into the
-    weights per request reach the compiled graphs (no frozen weights), also after the LoRA is taken out again;
-    generate --compile says how long compiling took."""
+    """compile=True (--compile): torch.compile'd UNet and decoder give the eager images. With a LoRA directory the
+    weights stay live, so LoRAs fused per request reach the graphs, also after the LoRA is taken out again; without
+    one they are frozen into the graphs, and the first request with a LoRA recompiles the UNet live (a frozen graph
+    would give the image without the LoRA); generate --compile says how long compiling took and which it did."""
     from openldm.pipelines.common import compile_seconds
 
     folder, _, loras = tiny
-    before = compile_seconds()
-    compiled = load_generator(folder, lora_dir=loras, compile=True)
     lora = [(loras / "locon.safetensors", 0.7)]
+    before = compile_seconds()
+    frozen = load_generator(folder, compile=True)
+    assert frozen.compiled == "frozen weights"
+    assert np.abs(_ours(frozen) - _ours(generator)).max() <= 1
+    assert compile_seconds() > before  # the graphs were compiled, and the time is counted
+    with_lora = _ours(generator, lora)
+    assert np.abs(with_lora - _ours(generator)).max() > 8, "the LoRA changes the image"
+    assert np.abs(_ours(frozen, lora) - with_lora).max() <= 1 and frozen.compiled == "live weights"
+    compiled = load_generator(folder, lora_dir=loras, compile=True)
+    assert compiled.compiled == "live weights"
     for chosen in ((), lora, ()):
         assert np.abs(_ours(compiled, chosen) - _ours(generator, chosen)).max() <= 1, chosen
-    assert compile_seconds() > before  # the graphs were compiled, and the time is counted
     out = tmp_path / "compiled.png"
     capsys.readouterr()
     assert main(["generate", "--model", str(folder), "--prompt", CALL["prompt"], "--negative-prompt",
                  CALL["negative_prompt"], "--steps", "4", "--width", "32", "--height", "32", "--seed", "4",
                  "--sampler", "euler", "--compile", "--quiet", "--out", str(out)]) == 0
     assert np.abs(np.asarray(Image.open(out).convert("RGB"), dtype=np.int16) - _ours(generator)).max() <= 1
-    assert re.search(r"--compile: \d+\.\d s of this run compiled the UNet and decoder", capsys.readouterr().err)
+    assert re.search(r"--compile: \d+\.\d s of this run compiled the UNet and decoder \(frozen weights\)",
+                     capsys.readouterr().err)

@@ -5,10 +5,10 @@ import pytest
 import torch
 from sampler_oracles import SD, diffusers
 
-from openldm.nn.slots import Slots
 from openldm.diffusion.denoiser import DiscreteDenoiser
 from openldm.diffusion.schedules import make_alphas_cumprod, t_to_sigma
 from openldm.diffusion.spacing import make_plan
+from openldm.nn.slots import Slots
 from openldm.samplers import CFGDenoiser, rescale_guidance, sample_euler
 
 rescale_noise_cfg = pytest.importorskip(

@@ -9,9 +9,9 @@ import pytest
 import torch
 from sampler_oracles import SD, mixture
 
-from openldm.nn.slots import Slots
 from openldm.diffusion.analytic import GaussianDenoiser, compare
 from openldm.diffusion.spacing import make_plan
+from openldm.nn.slots import Slots
 from openldm.registry import SAMPLERS
 from openldm.samplers import SamplerSpec, blend_known
 

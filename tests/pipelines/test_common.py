@@ -1,0 +1,41 @@
+"""compile_modules / thaw_modules (--compile): frozen weights are constants of the compiled graph, so a change to
+the weights is not seen until the module is recompiled live; live graphs read the weights at every call."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from openldm.pipelines.common import compile_modules, thaw_modules
+
+
+class Scaled(nn.Module):
+    """A linear map whose weight is computed from parameters alone (as SD's GroupNorm32 casts and LoRA-free layers
+    reshape theirs): freezing folds that computation into a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        return torch.tanh(x @ (self.weight * self.scale).t())
+
+
+@torch.no_grad()
+def test_frozen_graphs_keep_their_weights_until_thawed_live_graphs_read_them():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(Scaled(), Scaled()).eval().requires_grad_(False)
+    x = torch.randn(4, 8)
+    eager = net(x)
+    assert compile_modules(net, None, freeze=True) == "frozen weights"
+    torch.testing.assert_close(net(x), eager)
+    net[0].weight.mul_(2)  # what fusing a LoRA does to a weight, in place
+    changed = nn.Sequential(*net)(x)  # the same layers, uncompiled
+    assert not torch.allclose(changed, eager)
+    torch.testing.assert_close(net(x), eager)  # the frozen graph still holds the old weight
+    assert thaw_modules(net) == "live weights"
+    torch.testing.assert_close(net(x), changed)
+    net[0].weight.div_(2)
+    torch.testing.assert_close(net(x), eager)  # a live graph reads the weights at each call
+    torch._dynamo.reset()
