@@ -364,6 +364,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return _generate(args)
 
 
+def _print_line(text) -> None:
+    """``text`` and its newline in one write: under torchrun the processes share stdout, and with
+    PYTHONUNBUFFERED ``print`` writes the newline apart, so another process's line could land between them."""
+    sys.stdout.write(f"{text}\n")
+    sys.stdout.flush()
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     """``--prompts-file``'s prompts, one a line (blank lines skipped)."""
     if args.prompt is not None or getattr(args, "from_png", None) is not None:
@@ -550,7 +557,7 @@ def _generate(args: argparse.Namespace) -> int:
             result = generator.generate(replace(request, prompt=prompts[i], seed=request.seed + i),
                                         progress=not args.quiet)
             for path in save_images(result.images, outs[i], result.params[0]):
-                print(path)
+                _print_line(path)
         _report_compile(generator)
         return 0
     result = generator.generate(request, progress=not args.quiet)
@@ -561,7 +568,7 @@ def _generate(args: argparse.Namespace) -> int:
         images = [tile(torch.stack([pil_to_tensor(im) * 2 - 1 for im in images]))]
         params = [replace(params[0], num_images=1)]
     for path in save_images(images, args.out, params[0]):
-        print(path)
+        _print_line(path)
     _report_compile(generator)
     return 0
 
