@@ -98,8 +98,8 @@ def worker(side: str, args: argparse.Namespace) -> dict:
         from openldm.pipelines.text_to_image import text_to_image
 
         sd = load_sd(single, device=args.device, dtype=dtype)
-        if side == "ours-compiled":  # as --compile: graphs compile during the warm-up image (its time: compile_s)
-            compile_modules(sd.unet, sd.vae.decoder)
+        if side == "ours-compiled":  # as --compile (no LoRAs): graphs compile during the warm-up image (compile_s)
+            compile_modules(sd.unet, sd.vae.decoder, freeze=True)
         sync(args.device)
 
         def generate() -> None:
@@ -318,8 +318,8 @@ def main() -> None:
                         help="diffusers' UNet/VAE memory format (default channels_last, its documented CPU set-up; "
                              "ours is always channels_last)")
     parser.add_argument("--compile", action="store_true",
-                        help="also ours with torch.compile of the UNet and decoder (openldm --compile; the warm-up "
-                             "image compiles, keep --warmup >= 1), rows marked 'compiled'")
+                        help="also ours with torch.compile of the UNet and decoder, weights frozen (openldm --compile "
+                             "without LoRAs; the warm-up image compiles, keep --warmup >= 1), rows marked 'compiled'")
     parser.add_argument("--no-peaks", action="store_true",
                         help="skip the machine's matmul / convolution peaks and the steps as fractions of them")
     parser.add_argument("--worker", choices=["ours", "ours-compiled", "diffusers"], help=argparse.SUPPRESS)
