@@ -14,6 +14,7 @@ guided UNet calls), "decode" the time from the last step to the images (VAE deco
     python benchmarks/sd15.py --size 256 --steps 2 --repeats 2 --dtype float32
     python benchmarks/sd15.py --gpu                            # + UNet iterations/s at 512x512, batch 2, bf16 (CUDA)
     python benchmarks/sd15.py --size 256 --dtype bfloat16 --compile   # + ours with torch.compile (openldm --compile)
+    python benchmarks/sd15.py --steps 20 --dtype bfloat16 --cutters   # + ours with the step cutters on
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ import torch
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "openldm" / "benchmarks" / "sd15-random"
+
+# ours first, diffusers last (the reference of every ratio); --compile and --cutters add the middle ones
+SIDES = ("ours", "ours-compiled", "ours-cutters", "ours-compiled-cutters", "diffusers")
 
 
 # ---- the random-weight SD v1.5 checkpoint, built once -----------------------------------------------------------
@@ -92,19 +96,24 @@ def worker(side: str, args: argparse.Namespace) -> dict:
     single, folder = Path(args.cache) / "sd15.safetensors", Path(args.cache) / "diffusers"
     stamps: list[float] = []
     start = time.perf_counter()
-    if side in ("ours", "ours-compiled"):
+    if side.startswith("ours"):
         from openldm.io.sd import load_sd
         from openldm.pipelines.common import compile_modules
         from openldm.pipelines.text_to_image import text_to_image
 
         sd = load_sd(single, device=args.device, dtype=dtype)
-        if side == "ours-compiled":  # as --compile (no LoRAs): graphs compile during the warm-up image (compile_s)
+        if "compiled" in side:  # as --compile (no LoRAs): graphs compile during the warm-up image (compile_s)
             compile_modules(sd.unet, sd.vae.decoder, freeze=True)
+        cutters = None
+        if "cutters" in side:  # step_cutters.py's combined row, the one the issue's 0.35x target is about
+            from step_cutters import GUIDANCE_INTERVAL, variants
+
+            cutters = dict(variants(GUIDANCE_INTERVAL))["interval + DeepCache 3 + ToMe 0.5"]
         sync(args.device)
 
         def generate() -> None:
             text_to_image(sd, PROMPT, negative_prompt=NEGATIVE, sampler="euler", steps=args.steps, guidance_scale=7.5,
-                          seed=0, height=args.size, width=args.size, progress=False,
+                          seed=0, height=args.size, width=args.size, progress=False, cutters=cutters,
                           on_step=lambda *_: stamps.append(time.perf_counter()) and None)
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
@@ -322,7 +331,10 @@ def main() -> None:
                              "without LoRAs; the warm-up image compiles, keep --warmup >= 1), rows marked 'compiled'")
     parser.add_argument("--no-peaks", action="store_true",
                         help="skip the machine's matmul / convolution peaks and the steps as fractions of them")
-    parser.add_argument("--worker", choices=["ours", "ours-compiled", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--cutters", action="store_true",
+                        help="also ours with the step cutters of step_cutters.py's combined row (guidance interval, "
+                             "DeepCache 3, ToMe 0.5), compiled too with --compile; rows marked 'cutters'")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2 (per-step time is measured between steps)")
@@ -341,7 +353,8 @@ def main() -> None:
     rows = []
     step_medians: dict[tuple[str, str], float] = {}
     for dtype in args.dtype:
-        sides = ("ours", "ours-compiled", "diffusers") if args.compile else ("ours", "diffusers")
+        sides = tuple(side for side in SIDES if (args.compile or "compiled" not in side)
+                      and (args.cutters or "cutters" not in side))
         results: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(args.rounds):
             for side in (sides if r % 2 == 0 else sides[::-1]):
@@ -361,18 +374,19 @@ def main() -> None:
                                  ("seconds per step", "step_s", "s"), ("decode", "decode_s", "s")):
             for side in sides[:-1]:
                 ours, ref = med(side, key), med("diffusers", key)
-                rows.append((dtype, f"{label} ({unit})" + (", compiled" if side != "ours" else ""), ours, ref,
-                             ours / ref))
+                rows.append((dtype, f"{label} ({unit})" + side.removeprefix("ours").replace("-", ", "), ours,
+                             ref, ours / ref))
         for side in sides:
-            step_medians[(dtype, side)] = med(side, "step_s")
+            if "cutters" not in side:  # a cutter's steps are not all full guided UNet calls
+                step_medians[(dtype, side)] = med(side, "step_s")
         if args.compile:
             rows.append((dtype, "compile (s), compiled", med("ours-compiled", "compile_s"), float("nan"), float("nan")))
 
-    header = f"| {'dtype':<8} | {'measure':<36} | {'ours':>10} | {'diffusers':>10} | {'ratio':>6} |"
+    header = f"| {'dtype':<8} | {'measure':<46} | {'ours':>10} | {'diffusers':>10} | {'ratio':>6} |"
     print("\n" + header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for dtype, label, ours, ref, ratio in rows:
         ref_s, ratio_s = ("-", "-") if ref != ref else (f"{ref:.2f}", f"{ratio:.3f}")  # nan: no diffusers figure
-        print(f"| {dtype:<8} | {label:<36} | {ours:>10.2f} | {ref_s:>10} | {ratio_s:>6} |")
+        print(f"| {dtype:<8} | {label:<46} | {ours:>10.2f} | {ref_s:>10} | {ratio_s:>6} |")
     print("\nratio = median ours / median diffusers (below 1: ours faster or smaller). Wall-clock medians over "
           f"{args.rounds} process(es) x {args.repeats} image(s) per side; timings on a shared machine are noisy.")
     if not args.no_peaks:
