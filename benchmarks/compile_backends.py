@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sd15 import DEFAULT_CACHE, build_cache  # noqa: E402  (the shared random-weight checkpoint)
+from benchlib import DEFAULT_CACHE, build_cache  # noqa: E402  (the shared random-weight checkpoint)
 
 VARIANTS = ("eager", "inductor", "inductor-frozen", "openvino")
 

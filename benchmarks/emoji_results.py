@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cutters import GUIDANCE_INTERVAL, variants
+from benchlib import GUIDANCE_INTERVAL, variants
 
 from openldm.data import build_dataset
 from openldm.data.emoji import _article as _a

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -30,53 +29,11 @@ from pathlib import Path
 
 import torch
 
-PROMPT = "a photograph of an astronaut riding a horse"
-NEGATIVE = "blurry, low quality"
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "openldm" / "benchmarks" / "sd15-random"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import CUTTER_ROW, DEFAULT_CACHE, FLOP_FORMULAS, NEGATIVE, PROMPT, build_cache, variants  # noqa: E402
 
 # ours first, diffusers last (the reference of every ratio); --compile and --cutters add the middle ones
 SIDES = ("ours", "ours-compiled", "ours-cutters", "ours-compiled-cutters", "diffusers")
-
-
-# ---- the random-weight SD v1.5 checkpoint, built once -----------------------------------------------------------
-
-def build_cache(cache: Path) -> Path:
-    """``cache/sd15.safetensors`` (original layout, float32, written by our converter from a diffusers folder that
-    diffusers itself saved). Built on the first run only."""
-    single = cache / "sd15.safetensors"
-    if single.is_file():
-        return single
-    import transformers
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    from openldm.io.sd import convert
-    from openldm.tokenizers.clip_bpe import CLIPTokenizer
-
-    print(f"building the random-weight SD v1.5 checkpoint in {cache} (once) ...", flush=True)
-    start = time.perf_counter()
-    torch.manual_seed(0)
-    # diffusers' defaults are SD v1's UNet; the VAE and CLIP configs are those of runwayml/stable-diffusion-v1-5
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
-    tok_dir = cache / "tokenizer-src"
-    CLIPTokenizer.from_bpe_file().save_folder(tok_dir)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
-    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                   num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    folder = cache / "diffusers"
-    pipe.save_pretrained(str(folder))
-    del pipe, unet, vae, text
-    convert(folder, single, to="original")
-    print(f"  built in {time.perf_counter() - start:.0f} s: {single} ({single.stat().st_size / 2**30:.2f} GiB)",
-          flush=True)
-    return single
 
 
 # ---- one side in its own process -------------------------------------------------------------------------------
@@ -106,9 +63,7 @@ def worker(side: str, args: argparse.Namespace) -> dict:
             compile_modules(sd.unet, sd.vae.decoder, freeze=True)
         cutters = None
         if "cutters" in side:  # step_cutters.py's combined row, the one the issue's 0.35x target is about
-            from step_cutters import GUIDANCE_INTERVAL, variants
-
-            cutters = dict(variants(GUIDANCE_INTERVAL))["interval + DeepCache 3 + ToMe 0.5"]
+            cutters = dict(variants())[CUTTER_ROW]
         sync(args.device)
 
         def generate() -> None:
@@ -204,7 +159,6 @@ def hardware_peaks(device: str, dtypes: list[str]) -> list[tuple[str, str, float
 def guided_step_gflop(size: int) -> float:
     """FLOP of one guided sampler step (the UNet on a batch of 2) at ``size`` px, counted by torch's flop counter on
     the meta device (shapes only, no arithmetic; attention counted as its two matmuls)."""
-    from step_cutters import FLOP_FORMULAS
     from torch.utils.flop_counter import FlopCounterMode
 
     from openldm.models.presets import sd15_unet

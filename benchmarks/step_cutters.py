@@ -34,27 +34,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd15 import DEFAULT_CACHE, NEGATIVE, PROMPT, build_cache
+from benchlib import DEFAULT_CACHE, FLOP_FORMULAS, GUIDANCE_INTERVAL, NEGATIVE, PROMPT, build_cache, variants
 
 from openldm.pipelines.common import StepCutters, sampling_plan
-
-GUIDANCE_INTERVAL = (0.28, 5.42)  # sigmas of the guidance-interval rows (--guidance-interval's default)
-
-
-def variants(interval: tuple[float, float]) -> list[tuple[str, StepCutters]]:
-    """(name, cutters) of every row, plain first."""
-    lo, hi = interval
-    return [
-        ("plain", StepCutters()),
-        (f"guidance in [{lo:g}, {hi:g}]", StepCutters(guidance_interval=interval)),
-        ("DeepCache N=2", StepCutters(deepcache_interval=2)),
-        ("DeepCache N=3", StepCutters(deepcache_interval=3)),
-        ("DeepCache N=5", StepCutters(deepcache_interval=5)),
-        ("ToMe 0.5 (top level)", StepCutters(token_merging_ratio=0.5)),
-        ("ToMe 0.5 (levels <= 2)", StepCutters(token_merging_ratio=0.5, token_merging_max_downsample=2)),
-        ("interval + DeepCache 3 + ToMe 0.5", StepCutters(guidance_interval=interval, deepcache_interval=3,
-                                                          token_merging_ratio=0.5)),
-    ]
 
 
 class UNetCounter:
@@ -78,15 +60,6 @@ class UNetCounter:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def _sdpa_flops(query, key, value, *args, **kwargs) -> int:
-    """Two matmuls of (B, heads, T, d) x (B, heads, S, d): CPU attention, which flop_counter does not count itself."""
-    B, heads, T, d = query
-    return 4 * B * heads * T * key[2] * d
-
-
-FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 
 
 def guided_steps(plan, interval: tuple[float, float] | None) -> str:
