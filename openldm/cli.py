@@ -495,7 +495,8 @@ def _generate(args: argparse.Namespace) -> int:
     from openldm.io.run_dir import resolve_source
     from openldm.pipelines import read_png_params, save_images
     from openldm.pipelines.common import output_paths
-    from openldm.pipelines.generate import load_generator, process_share, request_from_params
+    from openldm.pipelines.generate import process_share, request_from_params
+    from openldm.pipelines.sources import load_generator
 
     if args.model is not None:
         resolve_source(args.model)  # a missing model is named first, before any other flag

@@ -12,7 +12,8 @@ from PIL import Image
 from openldm.bundled import bundled_dir
 from openldm.cli import build_parser, main
 from openldm.pipelines import read_png_params
-from openldm.pipelines.generate import GenerationRequest, RequestError, load_generator
+from openldm.pipelines.generate import GenerationRequest, RequestError
+from openldm.pipelines.sources import load_generator
 
 BUNDLED = bundled_dir()
 NO_CUDA = not torch.cuda.is_available()
@@ -202,9 +203,9 @@ def _no_work(monkeypatch) -> None:
     The bundled model, loaded as the CLI loads it, is loaded once for the table (loading is tested elsewhere)."""
     import uvicorn
 
-    from openldm.pipelines import generate
+    from openldm.pipelines import sources
 
-    real = generate.load_generator
+    real = sources.load_generator
 
     def load_once(source=None, **options):
         if source not in (None, "fashion_mnist") or options.get("vae") is not None:
@@ -214,7 +215,7 @@ def _no_work(monkeypatch) -> None:
             _LOADED[key] = real(source, **options)
         return _LOADED[key]
 
-    monkeypatch.setattr(generate, "load_generator", load_once)
+    monkeypatch.setattr(sources, "load_generator", load_once)
 
     import openldm.evaluation.classifier
     import openldm.pipelines.demo

@@ -1,10 +1,7 @@
-"""The one generation entry point: load any model source into a :class:`Generator` that says what it can do
-(:class:`Capabilities`) and makes images from one typed :class:`GenerationRequest`.
-
-Model sources (``load_generator``): a bundled model's name (``fashion_mnist``) or None for the default one, a run
-directory of ``openldm train`` (or an exported / bundled run), a Stable Diffusion v1 single file
-(``.safetensors`` / ``.ckpt``), a diffusers folder, or an openldm SD folder. The CLI (``openldm generate`` and
-``openldm sample``), the server (``openldm serve``) and the Python API all call :meth:`Generator.generate`.
+"""The one generation interface: a :class:`Generator` (any model source loaded by
+``openldm.pipelines.sources.load_generator``) says what it can do (:class:`Capabilities`) and makes images from one
+typed :class:`GenerationRequest`. The CLI (``openldm generate`` and ``openldm sample``), the server (``openldm
+serve``) and the Python API all call :meth:`Generator.generate`.
 
 A request names only what the user chose; :meth:`GenerationRequest.resolve` fills the rest from the model's
 recommended settings (``Capabilities.recommended``, read from the model's own files) and checks every field
@@ -435,48 +432,5 @@ def process_share(count: int) -> range:
     return range(rank, count, world)
 
 
-def load_generator(source: str | Path | None = None, *, device: str | torch.device = "cpu",
-                   dtype: str | torch.dtype = "float32", unsafe_load: bool = False, ema: bool = True,
-                   vae: str | Path | None = None, step: int | None = None,
-                   prediction: str | None = None, lora_dir: str | Path | None = None,
-                   embeddings_dir: str | Path | None = None, compile: bool = False) -> Generator:
-    """Load ``source`` (see the module docstring; None = the default bundled model) behind the generation
-    interface. ``dtype`` applies to the network weights. Models trained here: ``ema`` picks the EMA weights,
-    ``vae`` decodes through another autoencoder file with the same encoder, ``step`` an EMA snapshot. Stable
-    Diffusion weights: ``prediction`` (eps | v) overrides what the model says (``openldm.io.sd.load_sd``);
-    ``lora_dir`` is where prompt tags ``<lora:NAME:WEIGHT>`` find ``NAME.safetensors``;
-    ``embeddings_dir`` holds textual-inversion embeddings its prompts may name. ``compile``: torch.compile the
-    UNet and the autoencoder's decoder (``openldm.pipelines.common.compile_modules``; graphs compile on first use)."""
-    from openldm.io.run_dir import is_run_dir, resolve_source
-
-    path = resolve_source(source)
-    label = _bundled_name(path) or str(source)  # what PNGs record: a bundled model's name, else the source as given
-    if is_run_dir(path):
-        if prediction is not None:
-            raise ValueError("prediction= is for Stable Diffusion weights; a run directory's config says what its "
-                             "network predicts")
-        from openldm.pipelines.trained_generator import TrainedGenerator
-
-        if embeddings_dir is not None:
-            raise ValueError("embeddings_dir= (--embeddings-dir) is for Stable Diffusion weights, not a model trained "
-                             "here")
-        return TrainedGenerator.load(path, label, device=device, dtype=dtype, ema=ema, vae=vae, step=step,
-                                     compile=compile)
-    for flag, value in (("vae", vae), ("step", step)):
-        if value is not None:
-            raise ValueError(f"{flag}= is for models trained here (a run directory), not Stable Diffusion weights")
-    from openldm.pipelines.sd_generator import SDGenerator
-
-    return SDGenerator.load(path, label, device=device, dtype=dtype, unsafe_load=unsafe_load, prediction=prediction,
-                            lora_dir=lora_dir, embeddings_dir=embeddings_dir, compile=compile)
-
-
-def _bundled_name(path: Path) -> str | None:
-    """The name of the bundled model at ``path`` (however it was spelled), so that PNGs name it portably."""
-    from openldm.bundled import BUNDLED, bundled_dir
-
-    return next((name for name in BUNDLED if path.resolve() == bundled_dir(name, must_exist=False).resolve()), None)
-
-
 __all__ = ["Capabilities", "GenerationRequest", "GenerationResult", "Generator", "InputField", "Progress",
-           "Recommended", "RequestError", "load_generator"]
+           "Recommended", "RequestError"]

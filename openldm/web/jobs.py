@@ -21,12 +21,8 @@ from PIL import Image
 
 from openldm.io.run_dir import is_run_dir, resolve_source
 from openldm.pipelines.common import GenerationParams
-from openldm.pipelines.generate import (
-    GenerationRequest,
-    Generator,
-    Progress,
-    load_generator,
-)
+from openldm.pipelines.generate import GenerationRequest, Generator, Progress
+from openldm.pipelines.sources import load_generator
 
 FINISHED = ("done", "interrupted", "failed")
 

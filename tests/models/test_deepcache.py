@@ -20,7 +20,8 @@ from openldm.models.unet import UNet, UNetConfig
 from openldm.nn.slots import Slots
 from openldm.pipelines import read_png_params
 from openldm.pipelines.common import GenerationParams
-from openldm.pipelines.generate import GenerationRequest, RequestError, load_generator
+from openldm.pipelines.generate import GenerationRequest, RequestError
+from openldm.pipelines.sources import load_generator
 from openldm.samplers import sample_euler
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,7 +19,8 @@ from openldm.nn.tome import TokenMerging, TokenMergingNet, active_merging, bipar
 from openldm.nn.transformer import TransformerBlock
 from openldm.pipelines import read_png_params
 from openldm.pipelines.common import GenerationParams
-from openldm.pipelines.generate import GenerationRequest, RequestError, load_generator
+from openldm.pipelines.generate import GenerationRequest, RequestError
+from openldm.pipelines.sources import load_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

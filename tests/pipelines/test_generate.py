@@ -12,7 +12,8 @@ from sd_testing import tiny_pipeline
 
 from openldm.cli import main
 from openldm.pipelines import read_png_params
-from openldm.pipelines.generate import GenerationRequest, RequestError, load_generator
+from openldm.pipelines.generate import GenerationRequest, RequestError
+from openldm.pipelines.sources import load_generator
 from openldm.pipelines.text_to_image import text_to_image
 from openldm.pipelines.trained import sample_trained
 

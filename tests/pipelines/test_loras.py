@@ -15,8 +15,9 @@ from sd_testing import tiny_pipeline
 
 from openldm.cli import main
 from openldm.pipelines import read_png_params
-from openldm.pipelines.generate import GenerationRequest, RequestError, load_generator
+from openldm.pipelines.generate import GenerationRequest, RequestError
 from openldm.pipelines.loras import extract_tags, request_loras, resolve_name
+from openldm.pipelines.sources import load_generator
 
 TOLERANCE = 2  # pixel values, out of 255
 

@@ -16,7 +16,8 @@ from openldm.diffusion.spacing import make_plan
 from openldm.nn.slots import Slots
 from openldm.pipelines import read_png_params
 from openldm.pipelines.common import GenerationParams, StepCutters
-from openldm.pipelines.generate import GenerationRequest, RequestError, load_generator, request_from_params
+from openldm.pipelines.generate import GenerationRequest, RequestError, request_from_params
+from openldm.pipelines.sources import load_generator
 from openldm.samplers import CFGDenoiser, sample_euler
 from openldm.samplers.guidance import with_guidance
 

@@ -13,7 +13,8 @@ from PIL import Image
 from sd_testing import tiny_pipeline
 
 from openldm.cli import main
-from openldm.pipelines.generate import GenerationRequest, load_generator
+from openldm.pipelines.generate import GenerationRequest
+from openldm.pipelines.sources import load_generator
 from openldm.web.app import create_app
 
 
