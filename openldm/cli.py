@@ -737,7 +737,7 @@ def _emoji_judges(model, args: argparse.Namespace):
                           "runs/emoji_clip/clip.safetensors")
     if not Path(args.clip).is_file():
         raise ConfigError(f"--clip {args.clip!r} does not exist; give a clip.safetensors of `openldm train-clip`")
-    from openldm.io.run_dir import find_in_run
+    from openldm.io.files import find_in_run
 
     own = {find_in_run(c.options["path"], Path(args.model), "text encoder").resolve()  # as load_run found them
            for c in model.config.conditions if c.options.get("path")}

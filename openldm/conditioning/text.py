@@ -370,7 +370,7 @@ class TextConditioner(Conditioner):
         if config.backend == "external":
             return cls(config, resources.prompt_encoder)
         if config.backend == "clip" and resources.run_dir is not None:
-            from openldm.io.run_dir import find_in_run
+            from openldm.io.files import find_in_run
 
             return cls(config, CLIPTowerPromptEncoder(str(find_in_run(config.path, resources.run_dir, "text encoder"))))
         return cls(config)

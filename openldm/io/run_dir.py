@@ -23,7 +23,7 @@ A run directory (``out_dir`` of ``openldm train``, an exported run, a bundled mo
 - ``metrics.jsonl``, ``samples/``, ``latents/``, ``tensorboard/``: training's logs and caches
 
 Paths inside the config (``autoencoder``, ``base_model``) are looked up in the run directory first, so a run that
-carries its autoencoder can be moved anywhere (:func:`find_in_run`).
+carries its autoencoder can be moved anywhere (``openldm.io.files.find_in_run``).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from openldm.config import PRECISIONS, DataSpec, LoRAConfig, OptimConfig, from_d
 from openldm.diffusion.objectives import PREDICTION_TYPES
 from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io.components import read_tensors
-from openldm.io.files import atomic_path
+from openldm.io.files import atomic_path, find_in_run
 from openldm.io.lora import save_kohya_lora
 from openldm.io.native import load_model, read_metadata, save_model
 from openldm.io.tensor_files import check_finite
@@ -275,17 +275,6 @@ def save_lora(out_dir: Path, *, unet_config, ema_lora: dict[str, torch.Tensor],
         state = {**{k: v.contiguous() for k, v in lora.items()}, **{f"ema.{k}": v.contiguous() for k, v in ema_lora.items()}}
         with atomic_path(out_dir / LORA_WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp))
-
-
-def find_in_run(path: str, run_dir: Path, what: str = "autoencoder") -> Path:
-    """A path the config names (its autoencoder, base model, a conditioner's file): inside the run directory (an exported run keeps
-    its autoencoder there), else as written (relative to the working directory training ran in)."""
-    candidates = ([run_dir / path] if not Path(path).is_absolute() else []) + [Path(path)]
-    for p in candidates:
-        if p.is_file() or (what == "base_model" and p.is_dir()):
-            return p
-    fix = f"pass {what}=PATH to load_run" if what in ("autoencoder", "base_model") else "put it in the run directory"
-    raise FileNotFoundError(f"the run's {what} {path!r} was not found (tried {[str(p) for p in candidates]}); {fix}")
 
 
 # ---- model sources ---------------------------------------------------------------------------------------------
