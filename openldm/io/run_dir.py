@@ -174,22 +174,10 @@ def write_config(cfg: Any, out_dir: Path) -> None:
         tmp.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def read_data_facts(run_dir: Path, cfg: DiffusionTrainConfig, channels: int, f: int) -> dict[str, Any]:
-    """The run's ``data.json``; for runs without one, probed from the dataset config (empty when the data is not
-    available here)."""
+def read_data_facts(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``data.json`` (see :func:`data_facts`), None for a run written before runs had one."""
     path = run_dir / DATA_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    from openldm.data import build_dataset
-
-    try:
-        dataset = build_dataset(cfg.data.name, cfg.data.options)
-        item = dataset[0]
-    except (OSError, ValueError, IndexError, KeyError):
-        return {}
-    shape = item["latent"].shape if "latent" in item else (channels, *(s // f for s in item["image"].shape[-2:]))
-    names = list(getattr(dataset, "class_names", None) or []) or None
-    return {"data_shape": [int(s) for s in shape], "class_names": names}
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def read_sampling(run_dir: Path) -> dict[str, Any]:

@@ -101,6 +101,21 @@ class TrainedModel:
 
 # --------------------------------------------------------------------------------------------------- loading
 
+def _probe_data_facts(cfg: DiffusionTrainConfig, channels: int, f: int) -> dict[str, Any]:
+    """What ``data.json`` would say, for a run written before runs had one: probed from its dataset config (empty
+    when the data is not available here)."""
+    from openldm.data import build_dataset
+
+    try:
+        dataset = build_dataset(cfg.data.name, cfg.data.options)
+        item = dataset[0]
+    except (OSError, ValueError, IndexError, KeyError):
+        return {}
+    shape = item["latent"].shape if "latent" in item else (channels, *(s // f for s in item["image"].shape[-2:]))
+    names = list(getattr(dataset, "class_names", None) or []) or None
+    return {"data_shape": [int(s) for s in shape], "class_names": names}
+
+
 def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
              autoencoder: str | Path | None = None, resources: Resources | None = None,
              dtype: torch.dtype = torch.float32, step: int | None = None,
@@ -150,7 +165,9 @@ def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.devic
     conditioner.to(device).eval().requires_grad_(False)
 
     f = 1 if ae is None else int(ae.downsampling_factor)
-    facts = runs.read_data_facts(run_dir, cfg, unet.config.in_channels, f)
+    facts = runs.read_data_facts(run_dir)
+    if facts is None:
+        facts = _probe_data_facts(cfg, unet.config.in_channels, f)
     shape, crop = facts.get("data_shape"), facts.get("crop_size")
     if autoencoder is not None and ae is not None and shape and latent_channels(ae) != shape[0]:
         raise ValueError(f"autoencoder {str(autoencoder)!r} has {latent_channels(ae)} latent channels but "

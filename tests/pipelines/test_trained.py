@@ -355,6 +355,19 @@ def test_a_run_loads_from_its_data_json_when_the_dataset_is_absent(fmnist_run, t
     assert sample_trained(model, class_label="ankle boot", steps=2).shape == (1, 1, 28, 28)
 
 
+def test_a_run_without_data_json_probes_its_dataset_for_the_same_facts(fmnist_run, tmp_path):
+    """Runs written before runs had a data.json: shape and class names come from the dataset config instead."""
+    import json
+    import shutil
+
+    moved = tmp_path / "old"
+    shutil.copytree(fmnist_run, moved)
+    facts = json.loads((moved / "data.json").read_text())
+    (moved / "data.json").unlink()
+    model = load_run(moved)
+    assert model.data_shape == tuple(facts["data_shape"]) and model.class_names == facts["class_names"]
+
+
 def test_exported_runs_hold_half_precision_weights_and_sample_like_the_run(fmnist_run, tmp_path):
     from openldm.io.native import read_metadata
     from openldm.pipelines.trained import export_run
