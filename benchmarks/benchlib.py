@@ -66,7 +66,7 @@ CUTTER_ROW = "interval + DeepCache 3 + ToMe 0.5"  # all three together: the row 
 
 
 def variants(interval: tuple[float, float] = GUIDANCE_INTERVAL) -> list[tuple[str, StepCutters]]:
-    """(name, cutters) of every row, plain first, the cutters together (``CUTTER_ROW``) last."""
+    """(name, cutters) of every row, plain first, the cutters together (``CUTTER_ROW`` and a faster one) last."""
     lo, hi = interval
     return [
         ("plain", StepCutters()),
@@ -77,6 +77,8 @@ def variants(interval: tuple[float, float] = GUIDANCE_INTERVAL) -> list[tuple[st
         ("ToMe 0.5 (top level)", StepCutters(token_merging_ratio=0.5)),
         ("ToMe 0.5 (levels <= 2)", StepCutters(token_merging_ratio=0.5, token_merging_max_downsample=2)),
         (CUTTER_ROW, StepCutters(guidance_interval=interval, deepcache_interval=3, token_merging_ratio=0.5)),
+        ("interval + DeepCache 5 + ToMe 0.5", StepCutters(guidance_interval=interval, deepcache_interval=5,
+                                                          token_merging_ratio=0.5)),
     ]
 
 

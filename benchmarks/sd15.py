@@ -62,8 +62,8 @@ def worker(side: str, args: argparse.Namespace) -> dict:
         if "compiled" in side:  # as --compile (no LoRAs): graphs compile during the warm-up image (compile_s)
             compile_modules(sd.unet, sd.vae.decoder, freeze=True)
         cutters = None
-        if "cutters" in side:  # step_cutters.py's combined row, the one the 0.35x target is about
-            cutters = dict(variants())[CUTTER_ROW]
+        if "cutters" in side:  # a row of step_cutters.py (default: the three cutters together)
+            cutters = dict(variants())[args.cutters]
         sync(args.device)
 
         def generate() -> None:
@@ -113,7 +113,8 @@ def worker(side: str, args: argparse.Namespace) -> dict:
 def run_worker(side: str, args: argparse.Namespace, dtype: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--dtype", dtype, "--size", str(args.size), "--steps",
            str(args.steps), "--device", args.device, "--cache", str(args.cache), "--repeats", str(args.repeats),
-           "--warmup", str(args.warmup), "--diffusers-layout", args.diffusers_layout]
+           "--warmup", str(args.warmup), "--diffusers-layout", args.diffusers_layout,
+           *(["--cutters", args.cutters] if args.cutters else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} worker ({dtype}) failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -285,9 +286,9 @@ def main() -> None:
                              "without LoRAs; the warm-up image compiles, keep --warmup >= 1), rows marked 'compiled'")
     parser.add_argument("--no-peaks", action="store_true",
                         help="skip the machine's matmul / convolution peaks and the steps as fractions of them")
-    parser.add_argument("--cutters", action="store_true",
-                        help="also ours with the step cutters of step_cutters.py's combined row (guidance interval, "
-                             "DeepCache 3, ToMe 0.5), compiled too with --compile; rows marked 'cutters'")
+    parser.add_argument("--cutters", nargs="?", const=CUTTER_ROW, choices=[name for name, _ in variants()[1:]],
+                        metavar="ROW", help="also ours with the step cutters of a row of step_cutters.py (default "
+                        f"{CUTTER_ROW!r}), compiled too with --compile; rows marked 'cutters'")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2:
