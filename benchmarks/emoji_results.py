@@ -31,6 +31,7 @@ from benchlib import GUIDANCE_INTERVAL, variants
 
 from openldm.data import build_dataset
 from openldm.data.emoji import _article as _a
+from openldm.evaluation.classifier import ImageClassifier, accuracy
 from openldm.evaluation.emoji import HELD_OUT, EmojiJudges, EmojiSplit, load_judge_clip, load_style_judge
 from openldm.evaluation.grid import image_grid
 from openldm.evaluation.metrics import psnr, ssim
@@ -104,22 +105,30 @@ def cutters_table(judges: EmojiJudges, run: Path, *, steps: int, guidance_scale:
     return rows
 
 
+AUTOENCODERS = ("emoji_autoencoder_kl_f4", "emoji_autoencoder_kl_f8", "emoji_autoencoder_kl_f4_wide")
+
+
 @torch.no_grad()
-def autoencoder_table(runs: Path) -> list[str]:
-    rows = ["| autoencoder | latents | split | images | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|"]
-    for name in ("emoji_autoencoder_kl_f4", "emoji_autoencoder_kl_f8"):
+def autoencoder_table(runs: Path, style: ImageClassifier) -> list[str]:
+    """Reconstruction PSNR / SSIM of each autoencoder run on the held-out splits, and the style judge's accuracy on
+    its round trips beside the real images' own (the ceiling the autoencoder puts on a model's style accuracy)."""
+    rows = ["| autoencoder | latents | split | images | PSNR (dB) | SSIM | style accuracy (real: round trip) |",
+            "|---|---|---|---|---|---|---|"]
+    splits = {name: EmojiSplit.load(name) for name in HELD_OUT}
+    for name in AUTOENCODERS:
         path = runs / name / "autoencoder.safetensors"
         if not path.is_file():
             print(f"skipped {name}: {path} is missing (train it with configs/{name}.yaml)")
             continue
         model = load_model(path).eval()
-        for split in HELD_OUT:
-            x = EmojiSplit.load(split).images
+        for split, data in splits.items():
+            x = data.images
             y = torch.cat([model.decode(model.encode(x[i:i + 128]).mode()).clamp(-1, 1)
                            for i in range(0, len(x), 128)])
             z = model.encode(x[:1]).mode()
             rows.append(f"| {name} | {' x '.join(map(str, z.shape[1:]))} | {split} | {len(x)} | "
-                        f"{psnr(y, x).mean():.2f} | {ssim(y, x).mean():.4f} |")
+                        f"{psnr(y, x).mean():.2f} | {ssim(y, x).mean():.4f} | "
+                        f"{100 * accuracy(style, x, data.styles):.1f}%: {100 * accuracy(style, y, data.styles):.1f}% |")
     return rows
 
 
@@ -154,13 +163,14 @@ def main() -> None:
     p.add_argument("--guidance-scale", type=float, default=4.0)
     args = p.parse_args()
     torch.manual_seed(0)
-    print("\n".join(autoencoder_table(Path(args.runs))))
+    style = load_style_judge()
+    print("\n".join(autoencoder_table(Path(args.runs), style)))
     print()
     clip_path, run = Path(args.runs) / "emoji_clip" / "clip.safetensors", Path(args.runs) / args.run
     if not clip_path.is_file() or not (run / "config.yaml").is_file():
         print(f"skipped the quality tables: {clip_path} (configs/emoji_clip.yaml) or {run} is missing")
     else:
-        judges = EmojiJudges(style=load_style_judge(), clip=load_judge_clip(clip_path))
+        judges = EmojiJudges(style=style, clip=load_judge_clip(clip_path))
         figures = dict(steps=args.steps, guidance_scale=args.guidance_scale)
         print("\n".join(quality_table(judges, run, **figures)))
         if args.progress:
