@@ -120,7 +120,7 @@ def autoencoder_table(runs: Path, style: ImageClassifier) -> list[str]:
         if not path.is_file():
             print(f"skipped {name}: {path} is missing (train it with configs/{name}.yaml)")
             continue
-        model = load_model(path).eval()
+        model = load_model(path, dtype=torch.float32).eval()  # an exported copy may be float16
         for split, data in splits.items():
             x = data.images
             y = torch.cat([model.decode(model.encode(x[i:i + 128]).mode()).clamp(-1, 1)

@@ -6,9 +6,10 @@ downloads. Each is an exported run directory (``openldm.pipelines.trained.export
   ``configs/fmnist_autoencoder_kl.yaml``, ``configs/fmnist_autoencoder_kl_decoder.yaml`` (its decoder fine-tuned,
   encoder fixed) then ``configs/fmnist_class_text.yaml`` (``openldm demo --retrain``).
 - ``emoji``: a text-conditional latent diffusion model of 64x64 colour emoji in three art styles (Noto, Twemoji,
-  Fluent 3D; ``ATTRIBUTION.md`` beside it) with its KL-f4 autoencoder; prompts through the bundled MiniLM
-  encoder. Trained by ``configs/emoji_autoencoder_kl_f4.yaml`` then ``configs/emoji_text_minilm.yaml`` on
-  ``openldm data emoji``.
+  Fluent 3D; ``ATTRIBUTION.md`` beside it) with its KL-f4 autoencoder; prompts through the frozen text tower of
+  a small CLIP trained here on the emoji captions (``text_encoder.safetensors`` beside it). Trained by
+  ``configs/emoji_autoencoder_kl_f4_wide.yaml``, ``configs/emoji_clip_text.yaml`` then
+  ``configs/emoji_text_clip_wide.yaml`` on ``openldm data emoji``.
 """
 from __future__ import annotations
 
