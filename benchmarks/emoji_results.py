@@ -1,8 +1,9 @@
 """The README's emoji results from the runs the emoji recipes leave under runs/ (each section skipped, and said
 so, when its run is missing):
 
-- autoencoders: reconstruction PSNR / SSIM of runs/emoji_autoencoder_kl_f4 and _f8 on the two held-out splits
-  (unseen images of seen emoji; emoji never seen in training), the figures the factor was chosen by;
+- autoencoders: reconstruction PSNR / SSIM of runs/emoji_autoencoder_kl_f4, _f8 and _f4_wide on the two held-out
+  splits (unseen images of seen emoji; emoji never seen in training), the figures the factor was chosen by, and the
+  style judge's accuracy on their round trips beside the real images';
 - quality, per held-out split (unseen images of seen emoji; unseen emoji), on one sample per real image prompted by
   its caption, as ``openldm evaluate --clip runs/emoji_clip/clip.safetensors`` measures it
   (openldm.pipelines.evaluate_emoji): style accuracy (a small CNN trained here on the three art styles judges
@@ -112,9 +113,10 @@ AUTOENCODERS = ("emoji_autoencoder_kl_f4", "emoji_autoencoder_kl_f8", "emoji_aut
 def autoencoder_table(runs: Path, style: ImageClassifier) -> list[str]:
     """Reconstruction PSNR / SSIM of each autoencoder run on the held-out splits, and the style judge's accuracy on
     its round trips beside the real images' own (the ceiling the autoencoder puts on a model's style accuracy)."""
-    rows = ["| autoencoder | latents | split | images | PSNR (dB) | SSIM | style accuracy (real: round trip) |",
+    rows = ["| autoencoder | latents | split | images | PSNR (dB) | SSIM | style accuracy: real / round trip |",
             "|---|---|---|---|---|---|---|"]
     splits = {name: EmojiSplit.load(name) for name in HELD_OUT}
+    real_style = {name: accuracy(style, data.images, data.styles) for name, data in splits.items()}
     for name in AUTOENCODERS:
         path = runs / name / "autoencoder.safetensors"
         if not path.is_file():
@@ -128,7 +130,7 @@ def autoencoder_table(runs: Path, style: ImageClassifier) -> list[str]:
             z = model.encode(x[:1]).mode()
             rows.append(f"| {name} | {' x '.join(map(str, z.shape[1:]))} | {split} | {len(x)} | "
                         f"{psnr(y, x).mean():.2f} | {ssim(y, x).mean():.4f} | "
-                        f"{100 * accuracy(style, x, data.styles):.1f}%: {100 * accuracy(style, y, data.styles):.1f}% |")
+                        f"{100 * real_style[split]:.1f}% / {100 * accuracy(style, y, data.styles):.1f}% |")
     return rows
 
 
