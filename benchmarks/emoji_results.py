@@ -13,7 +13,7 @@ so, when its run is missing):
   ``snapshot_every``) and against sampling steps;
 - with --cutters, the training-free step cutters of benchmarks/step_cutters.py (guidance interval, DeepCache, ToMe)
   on the seen emoji: quality and seconds beside the plain sampler;
-- text-to-image: a grid of samples from runs/emoji_text_minilm (``--run``) for seen emoji in the three styles,
+- text-to-image: a grid of samples from runs/emoji_text_clip_wide (``--run``, the bundled model's recipe) for seen emoji in the three styles,
   unseen emoji and novel combinations (docs/results/emoji-text.png).
 
     python benchmarks/emoji_results.py            # needs `openldm data emoji` and the runs
@@ -156,7 +156,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs")
     p.add_argument("--out", default="docs/results/emoji-text.png")
-    p.add_argument("--run", default="emoji_text_minilm", help="the text-to-image run under --runs")
+    p.add_argument("--run", default="emoji_text_clip_wide", help="the text-to-image run under --runs")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--progress", action="store_true",
                    help="also quality against training steps (the run's snapshots) and sampling steps")
