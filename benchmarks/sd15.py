@@ -55,12 +55,12 @@ def worker(side: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     if side.startswith("ours"):
         from openldm.io.sd import load_sd
-        from openldm.pipelines.common import compile_modules
+        from openldm.pipelines.common import compile_networks
         from openldm.pipelines.text_to_image import text_to_image
 
         sd = load_sd(single, device=args.device, dtype=dtype)
         if "compiled" in side:  # as --compile (no LoRAs): graphs compile during the warm-up image (compile_s)
-            compile_modules(sd.unet, sd.vae.decoder, freeze=True)
+            compile_networks(sd.unet, sd.vae.decoder, freeze=True)
         cutters = None
         if "cutters" in side:  # a row of step_cutters.py (default: the three cutters together)
             cutters = dict(variants())[args.cutters]
@@ -73,6 +73,10 @@ def worker(side: str, args: argparse.Namespace) -> dict:
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
+        if args.diffusers_allocator == "kept":  # the malloc setting ours makes on a CPU, to tell it apart
+            from openldm.runtime import keep_freed_memory
+
+            keep_freed_memory()
         pipe = StableDiffusionPipeline.from_single_file(str(single), config=str(folder), torch_dtype=dtype,
                                                         safety_checker=None, requires_safety_checker=False)
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -114,6 +118,7 @@ def run_worker(side: str, args: argparse.Namespace, dtype: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--dtype", dtype, "--size", str(args.size), "--steps",
            str(args.steps), "--device", args.device, "--cache", str(args.cache), "--repeats", str(args.repeats),
            "--warmup", str(args.warmup), "--diffusers-layout", args.diffusers_layout,
+           "--diffusers-allocator", args.diffusers_allocator,
            *(["--cutters", args.cutters] if args.cutters else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -281,8 +286,12 @@ def main() -> None:
     parser.add_argument("--diffusers-layout", choices=["channels_last", "nchw"], default="channels_last",
                         help="diffusers' UNet/VAE memory format (default channels_last, its documented CPU set-up; "
                              "ours is always channels_last)")
+    parser.add_argument("--diffusers-allocator", choices=["default", "kept"], default="default",
+                        help="diffusers' process with glibc malloc as it comes (default) or with the setting ours "
+                             "makes on a CPU (kept: openldm.runtime.keep_freed_memory), to tell that part apart")
     parser.add_argument("--compile", action="store_true",
-                        help="also ours with torch.compile of the UNet and decoder, weights frozen (openldm --compile "
+                        help="also ours with torch.compile as --compile does it (compile_networks), weights frozen "
+                             "(openldm --compile "
                              "without LoRAs; the warm-up image compiles, keep --warmup >= 1), rows marked 'compiled'")
     parser.add_argument("--no-peaks", action="store_true",
                         help="skip the machine's matmul / convolution peaks and the steps as fractions of them")
@@ -304,7 +313,8 @@ def main() -> None:
     build_cache(args.cache)
     print(f"device={args.device} size={args.size}x{args.size} steps={args.steps} sampler=euler guidance=7.5 "
           f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats} warmup={args.warmup} "
-          f"rounds={args.rounds} diffusers_layout={args.diffusers_layout}", flush=True)
+          f"rounds={args.rounds} diffusers_layout={args.diffusers_layout} "
+          f"diffusers_allocator={args.diffusers_allocator}", flush=True)
     rows = []
     step_medians: dict[tuple[str, str], float] = {}
     for dtype in args.dtype:

@@ -293,7 +293,8 @@ def _dtype_arg(p: argparse.ArgumentParser) -> None:
 
 def _compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile (inductor) the UNet and the autoencoder's decoder: the first image compiles "
+                   help="torch.compile (inductor) the UNet (and off a CPU the autoencoder's decoder, which inductor "
+                        "slows down on a CPU): the first image compiles "
                         "them (minutes on a CPU, the time is reported), later steps and images reuse the graphs "
                         "(needs a C++ compiler on a CPU). Weights are frozen into the graphs (faster) unless "
                         "--lora-dir is given; the first request with LoRAs recompiles the UNet with live weights")
@@ -578,7 +579,7 @@ def _report_compile(generator) -> None:
     if generator.compiled is not None:
         from openldm.pipelines.common import compile_seconds
 
-        print(f"--compile: {compile_seconds():.1f} s of this run compiled the UNet and decoder ({generator.compiled})",
+        print(f"--compile: {compile_seconds():.1f} s of this run compiled the networks ({generator.compiled})",
               file=sys.stderr)
 
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from openldm.pipelines.common import (
-    compile_modules,
+    compile_networks,
     decode_latents,
     module_device_dtype,
     place,
@@ -43,7 +43,7 @@ class SDGenerator:
     """A loaded SD v1-family checkpoint (text-to-image, image-to-image, inpainting), with LoRAs per request
     (``request.loras`` and ``<lora:NAME:WEIGHT>`` prompt tags, NAME resolved in ``lora_dir``)."""
 
-    compiled: str | None = None  # None, or what ``compile_modules`` did: "frozen weights" / "live weights"
+    compiled: str | None = None  # None, or what ``compile_networks`` did: "frozen weights" / "live weights"
 
     def __init__(self, parts, source: str, lora_dir: str | Path | None = None,
                  embeddings: dict[str, torch.Tensor] | None = None):
@@ -68,7 +68,7 @@ class SDGenerator:
              unsafe_load: bool = False, prediction: str | None = None, lora_dir: str | Path | None = None,
              embeddings_dir: str | Path | None = None, compile: bool = False) -> "SDGenerator":
         """``embeddings_dir``: textual-inversion files (see ``openldm.io.embeddings``) the prompts may name.
-        ``compile``: torch.compile the UNet and the autoencoder's decoder (``compile_modules``), with frozen weights
+        ``compile``: torch.compile the UNet and, off a CPU, the decoder (``compile_networks``), with frozen weights
         unless ``lora_dir`` is given; the first request with LoRAs recompiles a frozen UNet live (``thaw_modules``)."""
         from openldm.io.embeddings import load_embeddings
         from openldm.io.sd import load_sd
@@ -81,7 +81,7 @@ class SDGenerator:
             module.eval().requires_grad_(False)
         generator = cls(parts, str(path) if source is None else source, lora_dir, embeddings)
         if compile:
-            generator.compiled = compile_modules(parts.unet, parts.vae.decoder, freeze=lora_dir is None)
+            generator.compiled = compile_networks(parts.unet, parts.vae.decoder, freeze=lora_dir is None)
         return generator
 
     def generate(self, request: GenerationRequest, *, on_progress: OnProgress | None = None,

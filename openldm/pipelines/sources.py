@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from openldm.pipelines.generate import Generator
+from openldm.runtime import keep_freed_memory
 
 
 def load_generator(source: str | Path | None = None, *, device: str | torch.device = "cpu",
@@ -25,9 +26,12 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
     Diffusion weights: ``prediction`` (eps | v) overrides what the model says (``openldm.io.sd.load_sd``);
     ``lora_dir`` is where prompt tags ``<lora:NAME:WEIGHT>`` find ``NAME.safetensors``;
     ``embeddings_dir`` holds textual-inversion embeddings its prompts may name. ``compile``: torch.compile the
-    UNet and the autoencoder's decoder (``openldm.pipelines.common.compile_modules``; graphs compile on first use)."""
+    UNet, and off a CPU the autoencoder's decoder (``openldm.pipelines.common.compile_networks``; graphs compile on
+    first use)."""
     from openldm.io.run_dir import is_run_dir, resolve_source
 
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # activations freed by one network call are reused by the next without page faults
     path = resolve_source(source)
     label = _bundled_name(path) or str(source)  # what PNGs record: a bundled model's name, else the source as given
     if is_run_dir(path):

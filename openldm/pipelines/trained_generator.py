@@ -9,7 +9,7 @@ from PIL import Image
 
 from openldm.data.image_io import tensor_to_pil
 from openldm.io import run_dir as runs
-from openldm.pipelines.common import compile_modules, module_device_dtype, resolve_dtype, sampling_plan
+from openldm.pipelines.common import compile_networks, module_device_dtype, resolve_dtype, sampling_plan
 from openldm.pipelines.generate import (
     Capabilities,
     GenerationRequest,
@@ -31,7 +31,7 @@ class TrainedGenerator:
     """A run trained here. Images come out at the run's channels (greyscale for Fashion-MNIST), cropped back to the
     dataset's own size when its images were padded."""
 
-    compiled: str | None = None  # None, or what ``compile_modules`` did (its weights never change: frozen)
+    compiled: str | None = None  # None, or what ``compile_networks`` did (its weights never change: frozen)
 
     def __init__(self, model: TrainedModel, source: str):
         from openldm.registry import SAMPLERS
@@ -56,12 +56,13 @@ class TrainedGenerator:
     def load(cls, path: str | Path, source: str | None = None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
              ema: bool = True, vae: str | Path | None = None, step: int | None = None,
              compile: bool = False) -> "TrainedGenerator":
-        """``compile``: torch.compile the UNet and the autoencoder's decoder with frozen weights (``compile_modules``)."""
+        """``compile``: torch.compile the UNet (and off a CPU the decoder) with frozen weights
+        (``compile_networks``)."""
         model = load_run(path, ema=ema, device=device, dtype=resolve_dtype(dtype, device) or torch.float32, autoencoder=vae,
                          step=step)
         generator = cls(model, str(path) if source is None else source)
         if compile:
-            generator.compiled = compile_modules(model.unet, getattr(model.autoencoder, "decoder", None), freeze=True)
+            generator.compiled = compile_networks(model.unet, getattr(model.autoencoder, "decoder", None), freeze=True)
         return generator
 
     def sample(self, request: GenerationRequest, *, on_progress: OnProgress | None = None,

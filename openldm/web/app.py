@@ -120,7 +120,8 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     models, ``app.state.queue`` the job queue (``close()`` it to stop its worker). ``preload`` loads the first
     model now (a bad model fails here, not at the first request). ``lora_dir``: where prompts' ``<lora:NAME:W>``
     tags find their files; ``embeddings_dir``: textual-inversion embeddings for the Stable Diffusion models
-    served; ``compile``: torch.compile each model's UNet and decoder (the graphs stay with the loaded models)."""
+    served; ``compile``: torch.compile each model's UNet, and decoder off a CPU (the graphs stay with the loaded
+    models)."""
     pool = ModelPool(model_sources(models), device=device, dtype=dtype, lora_dir=lora_dir,
                      embeddings_dir=embeddings_dir, compile=compile)
     if preload:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from openldm.pipelines.common import compile_modules, thaw_modules
+from openldm.pipelines.common import compile_modules, compile_networks, thaw_modules
 
 
 class Scaled(nn.Module):
@@ -39,3 +39,10 @@ def test_frozen_graphs_keep_their_weights_until_thawed_live_graphs_read_them():
     net[0].weight.div_(2)
     torch.testing.assert_close(net(x), eager)  # a live graph reads the weights at each call
     torch._dynamo.reset()
+
+
+def test_compile_networks_leaves_a_cpu_decoder_eager():
+    """--compile on a CPU compiles the UNet only: inductor's decoder is slower there than the eager one."""
+    unet, decoder = nn.Linear(4, 4), nn.Linear(4, 4)
+    assert compile_networks(unet, decoder, freeze=False) == "live weights"
+    assert unet._compiled_call_impl is not None and decoder._compiled_call_impl is None
