@@ -6,10 +6,10 @@ high-level features a UNet computes change little from one denoising step to the
 ``interval``-th call runs the whole network and keeps the feature map entering the shallow up branch; the calls in
 between run only the stem, the first ``branch`` down blocks and the shallow up branch on the kept feature.
 
-In the UNet's flat block lists (``openldm.models.unet``): a cheap call runs ``down[:branch]`` and
-``up[-(branch + 1):]``; the kept feature is the output of ``up[-(branch + 2)]`` (the middle block's output when
-``branch`` is every down block). ``branch=1`` is DeepCache's default for Stable Diffusion (its cache branch 0:
-the first ResBlock/transformer pair of the top level, and the last two up blocks).
+The two passes are the UNet's (``UNet.forward_keep``, ``UNet.forward_shallow``, so that a compiled UNet runs them
+compiled); in its flat block lists a cheap call runs ``down[:branch]`` and ``up[-(branch + 1):]``, and the kept
+feature is the output of ``up[-(branch + 2)]``. ``branch=1`` is DeepCache's default for Stable Diffusion (its cache
+branch 0: the first ResBlock/transformer pair of the top level, and the last two up blocks).
 
 The wrapper holds per-sampling-run state; make one per run (``openldm.pipelines.common.guided_denoiser`` does).
 It counts network *calls*, so with a sampler that evaluates twice per step (Heun) the interval is in calls. A call
@@ -53,16 +53,12 @@ class DeepCacheUNet(nn.Module):
         if self.interval == 1:
             self.full_passes += 1
             return self.unet(x, timesteps, **slots)
-        unet, cut = self.unet, len(self.unet.up) - self.branch - 1  # up[cut:] is the shallow up branch
-        h, inputs = unet.stem(x, timesteps, **slots)
         key = tuple(x.shape)
         if self._deep is None or self._since_full >= self.interval or key != self._key:
-            h, skips = unet.run_down(h, inputs, unet.down)
-            h = unet.run_up(unet.run_mid(h, inputs), skips, inputs, unet.up[:cut])
-            self._deep, self._key, self._since_full = h, key, 0
+            out, self._deep = self.unet.forward_keep(x, timesteps, branch=self.branch, **slots)
+            self._key, self._since_full = key, 0
             self.full_passes += 1
         else:
-            _, skips = unet.run_down(h, inputs, unet.down[:self.branch])  # the skips of the shallow branch only
-            h = self._deep
+            out = self.unet.forward_shallow(x, timesteps, self._deep, branch=self.branch, **slots)
         self._since_full += 1
-        return unet.head(unet.run_up(h, skips, inputs, unet.up[cut:]))  # (B, out_channels, H, W)
+        return out  # (B, out_channels, H, W)

@@ -182,7 +182,31 @@ class UNet(nn.Module):
         h = self.run_mid(h, inputs)
         return self.head(self.run_up(h, skips, inputs, self.up))
 
-    # The forward's pieces, also for wrappers that run part of the network (openldm.models.deepcache).
+    # DeepCache's two passes (openldm.models.deepcache keeps the feature and decides which runs): methods of the
+    # UNet, so that --compile compiles them as it compiles the forward (``compiled_methods``).
+
+    compiled_methods = ("forward_keep", "forward_shallow")  # compiled beside the forward (pipelines.common)
+
+    def forward_keep(self, x: torch.Tensor, timesteps: torch.Tensor | float, *, branch: int,
+                     **slots: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward, and the feature entering the shallow up branch: the output of ``up[-(branch + 2)]`` (the
+        middle block's output when ``branch`` is every down block), which the shallow branch
+        (``down[:branch]``, ``up[-(branch + 1):]``) is joined to."""
+        h, inputs = self.stem(x, timesteps, **slots)
+        h, skips = self.run_down(h, inputs, self.down)
+        cut = len(self.up) - branch - 1  # up[cut:] is the shallow up branch
+        deep = self.run_up(self.run_mid(h, inputs), skips, inputs, self.up[:cut])
+        return self.head(self.run_up(deep, skips, inputs, self.up[cut:])), deep
+
+    def forward_shallow(self, x: torch.Tensor, timesteps: torch.Tensor | float, deep: torch.Tensor, *, branch: int,
+                        **slots: torch.Tensor | None) -> torch.Tensor:
+        """The shallow branch alone on a kept ``deep`` feature (of :meth:`forward_keep` with the same ``branch``):
+        the stem, ``down[:branch]`` for their skips, and ``up[-(branch + 1):]`` from ``deep``."""
+        h, inputs = self.stem(x, timesteps, **slots)
+        _, skips = self.run_down(h, inputs, self.down[:branch])
+        return self.head(self.run_up(deep, skips, inputs, self.up[len(self.up) - branch - 1:]))
+
+    # The forward's pieces.
 
     def stem(self, x: torch.Tensor, timesteps: torch.Tensor | float, *, vector: torch.Tensor | None = None,
              context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,

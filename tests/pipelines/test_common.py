@@ -46,3 +46,34 @@ def test_compile_networks_leaves_a_cpu_decoder_eager():
     unet, decoder = nn.Linear(4, 4), nn.Linear(4, 4)
     assert compile_networks(unet, decoder, freeze=False) == "live weights"
     assert unet._compiled_call_impl is not None and decoder._compiled_call_impl is None
+
+
+@torch.no_grad()
+def test_a_compiled_unet_runs_its_deepcache_passes_compiled():
+    """compile_modules also compiles a module's ``compiled_methods``: a DeepCache run on a compiled UNet goes
+    through compiled graphs (compile time is spent on its first full and first cheap call) and draws what the eager
+    UNet draws."""
+    from model_testing import randomize
+
+    from openldm.models.deepcache import DeepCacheUNet
+    from openldm.models.unet import UNet, UNetConfig
+    from openldm.pipelines.common import compile_seconds
+
+    torch._dynamo.reset()
+    cfg = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_levels=(0, 1), num_heads=2, context_dim=12, norm_groups=8)
+    torch.manual_seed(0)
+    unet = randomize(UNet(cfg)).eval().requires_grad_(False)
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12)
+    eager = DeepCacheUNet(unet, 2)
+    steps = [torch.full((2,), 500.0 - 100 * i) for i in range(3)]  # tensors, as the denoisers pass them
+    expected = [eager(x * (1 + i / 10), t, context=context) for i, t in enumerate(steps)]  # full, cheap, full
+    assert compile_modules(unet, freeze=True) == "frozen weights"
+    compiled, seconds = DeepCacheUNet(unet, 2), []
+    for i, t in enumerate(steps):
+        before = compile_seconds()
+        torch.testing.assert_close(compiled(x * (1 + i / 10), t, context=context), expected[i],
+                                   rtol=1e-4, atol=1e-5)
+        seconds.append(compile_seconds() - before)
+    assert seconds[0] > 0 and seconds[1] > 0 and seconds[2] == 0, seconds  # each pass compiled once, then reused
+    torch._dynamo.reset()
