@@ -1,8 +1,9 @@
 """Token merging (ToMe for SD, Bolya & Hoffman 2023): the bipartite soft matching worked by hand on four tokens;
 merge-then-unmerge is lossless when the merged tokens are identical; one destination per 2x2 cell; ratio 0 is the
 plain network; self-attention sees N - r tokens only at the levels asked for; a small ratio stays close to the plain
-UNet and a larger one drifts further; the setting is per call and per thread; a compiled UNet is one graph and still merges under the wrapper; requests, PNG parameters and the CLI
-carry it to the bundled model (whose top level has no attention, so the default level changes nothing)."""
+UNet and a larger one drifts further; the setting is per call and per thread; a compiled UNet is one graph and runs
+eagerly, merging, under the wrapper; requests, PNG parameters and the CLI carry it to the bundled model (whose top
+level has no attention, so the default level changes nothing)."""
 from __future__ import annotations
 
 import threading
@@ -143,15 +144,24 @@ def test_the_setting_is_per_thread():
 def test_compiled_unet_is_one_graph_and_still_merges_when_asked(unet):
     """Without merging the UNet traces to a single graph (fullgraph=True raises at any graph break; a break at the
     setting's lookup made dynamo compile every block as its own frame); under a TokenMergingNet the same compiled
-    UNet is traced again (the run count is guarded) and merges as in eager mode."""
+    UNet runs eagerly (nothing more is compiled) and merges as in eager mode."""
     torch._dynamo.reset()
     x, context = smooth_input()
     whole = torch.compile(unet, backend="eager", fullgraph=True)
-    assert torch.equal(whole(x, 500.0, context=context), unet(x, 500.0, context=context))
-    compiled = torch.compile(unet, backend="eager")
+    # traced, the feed-forward's matmuls are split (openldm.nn.transformer): the same values to rounding
+    torch.testing.assert_close(whole(x, 500.0, context=context), unet(x, 500.0, context=context))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(unet, backend=backend)
     compiled(x, 500.0, context=context)
+    assert len(graphs) == 1
     merged_eager = TokenMergingNet(unet, 0.5, seed=3)(x, 500.0, context=context)
     merged_compiled = TokenMergingNet(compiled, 0.5, seed=3)(x, 500.0, context=context)
+    assert len(graphs) == 1, "a merging call compiled graphs"
     assert not torch.equal(merged_eager, unet(x, 500.0, context=context))
     torch.testing.assert_close(merged_compiled, merged_eager)
     torch._dynamo.reset()

@@ -79,6 +79,29 @@ def test_geglu_value_first_gate_second():
     torch.testing.assert_close(ff(x), ff.out(value * F.gelu(gate)))
 
 
+def test_geglu_compiled_splits_the_projection_and_keeps_adapter_hooks():
+    """Traced by torch.compile the feed-forward runs its value and gate as two matmuls over the weight's halves
+    (the same values, to rounding); a layer with a forward hook (a training LoRA adapter) keeps the one call."""
+    ff = randomize(GEGLUFeedForward(8, mult=2)).eval()
+    x = torch.randn(3, 8)
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(ff, backend=backend)(x), ff(x))
+    assert sum("linear" in op for op in ops) == 3 and not any("chunk" in op for op in ops), ops
+    seen = []
+    ff.proj.register_forward_hook(lambda module, args, out: seen.append(out.shape) or out)
+    ops.clear()
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(ff, backend=backend)(x), ff(x))
+    assert seen == [(3, 32), (3, 32)] and sum("linear" in op for op in ops) == 2, (seen, ops)
+    torch._dynamo.reset()
+
+
 def test_embed_sequential_hands_each_layer_what_it_declares():
     calls = []
 
