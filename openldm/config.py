@@ -257,3 +257,19 @@ class LoRAConfig:
             raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
         if not self.targets:
             raise ValueError("lora.targets is empty; give module name patterns, e.g. ['*_attn.to_q', '*.ff.proj']")
+
+
+@dataclass
+class ConditionConfig:
+    """One condition of a model: a registered conditioner ``kind`` ("class_label", "text", "segmentation",
+    "low_res", "inpaint"), its own config as ``options`` (checked strictly against the conditioner's config
+    class), its dropout probability, and a ``name`` (default: the kind) unique within the model."""
+
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+    drop_prob: float = 0.1
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_prob <= 1.0:
+            raise ValueError(f"drop_prob={self.drop_prob} for condition {self.kind!r}; it must lie in [0, 1]")

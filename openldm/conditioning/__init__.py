@@ -8,7 +8,6 @@ from openldm.conditioning.brightness import BrightnessConditioner, BrightnessCon
 from openldm.conditioning.class_label import ClassLabelConditioner, ClassLabelConfig
 from openldm.conditioning.compose import (
     ComposedConditioner,
-    ConditionConfig,
     Conditioner,
     Resources,
     SlotDims,
@@ -26,6 +25,7 @@ from openldm.conditioning.spatial import (
     SegmentationConfig,
 )
 from openldm.conditioning.text import PromptEncoder, TextConditioner, TextConfig, wrap_text_encoder
+from openldm.config import ConditionConfig  # a model's list of conditions is config (openldm.config)
 from openldm.nn.slots import Slots
 
 __all__ = [

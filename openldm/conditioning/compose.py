@@ -20,13 +20,13 @@ Registry: ``CONDITIONERS`` maps a name to a :class:`Conditioner` subclass with `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from openldm.config import from_dict
+from openldm.config import ConditionConfig, from_dict
 from openldm.nn.slots import Slots
 from openldm.registry import CONDITIONERS
 
@@ -56,8 +56,6 @@ class Resources:
 def latent_resources(resources: Resources | None, autoencoder: nn.Module | None, scaling_factor: float) -> Resources:
     """``resources`` with ``encode`` (and its ``latent_channels``) filled in from the autoencoder (a latent run)
     when it has none: the run's :class:`~openldm.models.autoencoder.LatentCodec`."""
-    from dataclasses import replace
-
     from openldm.models.autoencoder import LatentCodec, latent_channels
 
     resources = resources or Resources()
@@ -240,22 +238,6 @@ def where_dropped(drop: torch.Tensor, null: Slots, cond: Slots) -> Slots:
 
 
 # ----------------------------------------------------------------------------------------- composition
-
-
-@dataclass
-class ConditionConfig:
-    """One condition of a model: a registered conditioner ``kind`` ("class_label", "text", "segmentation",
-    "low_res", "inpaint"), its own config as ``options`` (checked strictly against the conditioner's config
-    class), its dropout probability, and a ``name`` (default: the kind) unique within the model."""
-
-    kind: str
-    options: dict[str, Any] = field(default_factory=dict)
-    drop_prob: float = 0.1
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.drop_prob <= 1.0:
-            raise ValueError(f"drop_prob={self.drop_prob} for condition {self.kind!r}; it must lie in [0, 1]")
 
 
 class ComposedConditioner(nn.Module):

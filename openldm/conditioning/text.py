@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -288,6 +288,16 @@ def wrap_text_encoder(tokenizer: Any, encoder: Any, *, trainable: bool = False,
     """The plug for a CLIP-style text encoder: ``tokenizer(prompts) -> ids (B, 77)``, ``encoder(ids) -> (B, 77, 768)``.
     Pass the result as ``Resources(prompt_encoder=...)`` with the text backend ``"external"``."""
     return TokenizerEncoderAdapter(tokenizer, encoder, trainable=trainable, max_length=max_length, hidden_dim=hidden_dim)
+
+
+def base_resources(sd, resources: Resources | None) -> Resources:
+    """``resources`` with the checkpoint's frozen CLIP text encoder + tokenizer as the ``prompt_encoder`` (the
+    text backend "external"), unless the caller gave one: ``tokenizer(prompts)`` (B, 77) -> the encoder's last
+    layer (B, 77, D), every position attended, as SD v1 and ``pipelines.common.encode_text`` do."""
+    resources = resources or Resources()
+    if resources.prompt_encoder is not None:
+        return resources
+    return replace(resources, prompt_encoder=wrap_text_encoder(sd.tokenizer, sd.text_encoder))
 
 
 # --------------------------------------------------------------------------------------- the conditioner

@@ -28,7 +28,7 @@ carries its autoencoder can be moved anywhere (``openldm.io.files.find_in_run``)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,8 +37,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from openldm.conditioning.compose import ConditionConfig, Resources
-from openldm.config import PRECISIONS, DataSpec, LoRAConfig, OptimConfig, from_dict, to_dict
+from openldm.config import PRECISIONS, ConditionConfig, DataSpec, LoRAConfig, OptimConfig, from_dict, to_dict
 from openldm.diffusion.objectives import PREDICTION_TYPES
 from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io.components import read_tensors
@@ -377,18 +376,6 @@ def load_base_run(cfg: DiffusionTrainConfig, path: str | Path, *, device: torch.
         vae = load_model(find_in_run(base.autoencoder, path), device=device, dtype=dtype).eval().requires_grad_(False)
     return BaseRun(base, unet, {k[4:]: v for k, v in cond.items() if k.startswith("ema.")}, vae,
                    read_scaling_factor(folder / UNET_EMA_FILE))
-
-
-def base_resources(sd, resources: Resources | None) -> Resources:
-    """``resources`` with the checkpoint's frozen CLIP text encoder + tokenizer as the ``prompt_encoder`` (the
-    text backend "external"), unless the caller gave one: ``tokenizer(prompts)`` (B, 77) -> the encoder's last
-    layer (B, 77, D), every position attended, as SD v1 and ``pipelines.common.encode_text`` do."""
-    from openldm.conditioning.text import wrap_text_encoder
-
-    resources = resources or Resources()
-    if resources.prompt_encoder is not None:
-        return resources
-    return replace(resources, prompt_encoder=wrap_text_encoder(sd.tokenizer, sd.text_encoder))
 
 
 def data_facts(data_shape: Sequence[int], image_size: Sequence[int] | None, image_channels: int | None,

@@ -35,11 +35,12 @@ from openldm.conditioning.compose import (
     merge_slots,
 )
 from openldm.conditioning.inputs import ImageInput, as_images, batched, fill_mask
+from openldm.conditioning.text import base_resources
 from openldm.data.transforms import crop_center
 from openldm.diffusion.schedules import ScheduleConfig
 from openldm.io import run_dir as runs
 from openldm.io.native import load_model, save_model
-from openldm.io.run_dir import DiffusionTrainConfig, base_resources, load_base_model
+from openldm.io.run_dir import DiffusionTrainConfig, load_base_model
 from openldm.models.autoencoder import LatentCodec, latent_channels
 from openldm.nn.slots import Slots
 from openldm.pipelines.common import (

@@ -55,6 +55,7 @@ from openldm.conditioning.compose import (
     build_conditioning,
     latent_resources,
 )
+from openldm.conditioning.text import base_resources
 from openldm.config import from_dict, to_dict
 from openldm.diffusion.objectives import (
     min_snr_weight,
@@ -75,7 +76,6 @@ from openldm.io.run_dir import (  # noqa: F401  (DiffusionTrainConfig, upgrade_c
     UNET_FILE,
     BaseRun,
     DiffusionTrainConfig,
-    base_resources,
     data_facts,
     is_run_dir,
     load_base_model,

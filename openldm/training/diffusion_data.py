@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from openldm.conditioning.compose import ComposedConditioner, ConditionConfig
+from openldm.conditioning.compose import ComposedConditioner
+from openldm.config import ConditionConfig
 from openldm.data import build_dataset
 from openldm.io.run_dir import DATA_FILE, DiffusionTrainConfig, data_facts, write_json
 from openldm.models.autoencoder import LatentCodec

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from openldm.conditioning.compose import ConditionConfig, Resources, build_conditioning
+from openldm.conditioning.compose import Resources, build_conditioning
 from openldm.conditioning.text import (
     ByteTokenizer,
     PromptEncoder,
@@ -19,6 +19,7 @@ from openldm.conditioning.text import (
     WordTokenizer,
     wrap_text_encoder,
 )
+from openldm.config import ConditionConfig
 from openldm.registry import CONDITIONERS
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from sd_testing import tiny_pipeline
 
 from openldm.conditioning.compose import build_conditioning
+from openldm.conditioning.text import base_resources
 from openldm.config import ConfigError, from_dict
 from openldm.io.native import load_model
 from openldm.io.sd import load_sd
@@ -20,7 +21,6 @@ from openldm.pipelines.trained import load_run, sample_trained
 from openldm.training import diffusion
 from openldm.training.diffusion import (
     DiffusionTrainConfig,
-    base_resources,
     build_unet,
     train_diffusion,
     upgrade_config,
