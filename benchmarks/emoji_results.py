@@ -13,8 +13,8 @@ so, when its run is missing):
   ``snapshot_every``) and against sampling steps;
 - with --cutters, the training-free step cutters of benchmarks/step_cutters.py (guidance interval, DeepCache, ToMe)
   on the seen emoji: quality and seconds beside the plain sampler;
-- text-to-image: a grid of samples from runs/emoji_text_clip_wide (``--run``, the bundled model's recipe) for seen emoji in the three styles,
-  unseen emoji and novel combinations (docs/results/emoji-text.png).
+- text-to-image: a grid of samples from runs/emoji_text_clip_wide (``--run``, the bundled model's recipe) for seen
+  emoji in the three styles, unseen emoji and novel combinations (docs/results/emoji-text.png).
 
     python benchmarks/emoji_results.py            # needs `openldm data emoji` and the runs
     python benchmarks/emoji_results.py --progress --cutters

@@ -291,8 +291,8 @@ def main() -> None:
                              "makes on a CPU (kept: openldm.runtime.keep_freed_memory), to tell that part apart")
     parser.add_argument("--compile", action="store_true",
                         help="also ours with torch.compile as --compile does it (compile_networks), weights frozen "
-                             "(openldm --compile "
-                             "without LoRAs; the warm-up image compiles, keep --warmup >= 1), rows marked 'compiled'")
+                             "(openldm --compile without LoRAs; the warm-up image compiles, keep --warmup >= 1), "
+                             "rows marked 'compiled'")
     parser.add_argument("--no-peaks", action="store_true",
                         help="skip the machine's matmul / convolution peaks and the steps as fractions of them")
     parser.add_argument("--cutters", nargs="?", const=CUTTER_ROW, choices=[name for name, _ in variants()[1:]],

@@ -23,9 +23,11 @@ _applied: bool | None = None
 def keep_freed_memory() -> bool:
     """Make glibc's malloc serve every block from its heap (no ``mmap``) and keep the heap's free top (up to
     2 GiB), so that memory a network call frees is reused by the next call without page faults. Process-wide and
-    lasting; the process's resident memory then stays near its peak instead of falling between calls. Inference
-    calls it on a CPU (``openldm.pipelines``). Returns whether it applied: False off glibc Linux, or when the
-    environment sets ``OPENLDM_KEEP_FREED_MEMORY=0``. Calling it again does nothing more.
+    lasting; the process's resident memory then stays near its peak instead of falling between calls, and blocks
+    that no longer fit the holes between small allocations grow the heap further (a float32 SD v1.5 512 px image:
+    peak RSS 8,754 MiB against 8,038 without). Inference calls it on a CPU (``openldm.pipelines``). Returns whether
+    it applied: False off glibc Linux, or when the environment sets ``OPENLDM_KEEP_FREED_MEMORY=0``. Calling it
+    again does nothing more.
 
     SD v1.5 UNet call at 512x512, batch 2, bfloat16, channels_last, 2 threads of an AMX Xeon, quiet: page faults
     per call 150,000 -> 0, eager 1.85-2.13 s -> 1.67 s."""
