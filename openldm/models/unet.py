@@ -18,6 +18,7 @@ the concatenated skip, SpatialTransformer?] and an Upsample except at the first 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -115,11 +116,12 @@ class UNet(nn.Module):
         def res(ch_in: int, ch_out: int) -> ResBlock:
             return ResBlock(ch_in, ch_out, emb_dim, c.dropout, c.norm_eps, c.scale_shift, c.norm_groups)
 
+        transformers = itertools.count()  # numbered in build order (token merging's per-block draws)
+
         def attn(level: int) -> SpatialTransformer:
             heads, head_dim = c.heads(level)
-            return SpatialTransformer(
-                c.channels(level), heads, head_dim, c.transformer_depth, c.context_dim, c.use_linear_projection, c.norm_groups
-            )
+            return SpatialTransformer(c.channels(level), heads, head_dim, c.transformer_depth, c.context_dim,
+                                      c.use_linear_projection, c.norm_groups, index=next(transformers))
 
         self.time_embed = TimestepMLP(c.model_channels, emb_dim)
         self.vector_embed = TimestepMLP(c.vector_dim, emb_dim) if c.vector_dim is not None else None

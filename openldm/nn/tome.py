@@ -10,17 +10,15 @@ As in the paper's default, only self-attention is merged, and only at the transf
 
 A sampling run turns merging on for its network calls with :class:`TokenMergingNet` (a wrapper made per run: the
 shared model is never changed); the spatial transformer asks :func:`active_merging` for the setting of the call
-it is in. The setting lives in a ``ContextVar``, so concurrent runs in other threads never see each other's. A plain
-count of the runs in progress guards the lookup: with none (the usual call) the UNet never touches the ContextVar,
-which ``torch.compile`` cannot trace, so a compiled UNet stays one graph (a graph break there split every block
-into a frame of its own and hit dynamo's recompile limit). Calls with merging on run eagerly, compiled or not
-(process-wide while they last: ``torch.compiler.set_stance``).
+it is in. The setting lives in a ``threading.local``, so concurrent runs in other threads never see each other's,
+and ``torch.compile`` traces its lookup: a compiled UNet is one graph without merging and one with it. Each call
+draws one seed, and every block hashes it with its own place into its destinations (:func:`cell_picks`), so the
+plan has fixed shapes and no generator inside the graph, and eager and compiled calls draw alike.
 """
 from __future__ import annotations
 
 import math
 import threading
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -61,12 +59,14 @@ class TokenMerge:
 
 
 def bipartite_soft_matching(metric: torch.Tensor, height: int, width: int, r: int, stride: tuple[int, int] = (2, 2),
-                            generator: torch.Generator | None = None) -> TokenMerge | None:
+                            seed: torch.Tensor | None = None, salt: int = 0) -> TokenMerge | None:
     """The plan merging ``r`` of the (B, height*width, C) row-major tokens, by the cosine similarity of ``metric``.
 
-    One destination per (sy, sx) = ``stride`` cell: drawn from ``generator`` (CPU; the same cells for the whole
-    batch, so the conditional and unconditional halves of a guided batch are merged alike), or the cell's top-left
-    token without one. Rows/columns past the last whole cell are sources. None when there is nothing to merge."""
+    One destination per (sy, sx) = ``stride`` cell: drawn by :func:`cell_picks` from ``seed`` (an int64 scalar
+    tensor) and ``salt`` (the same cells for the whole batch, so the conditional and unconditional halves of a guided
+    batch are merged alike), or the cell's top-left token without a seed. Rows/columns past the last whole cell are
+    sources. None when there is nothing to merge. Every shape is known from the arguments, so the plan traces into
+    a compiled graph."""
     N = metric.shape[1]
     sy, sx = stride
     cells_h, cells_w = height // sy, width // sx
@@ -74,16 +74,17 @@ def bipartite_soft_matching(metric: torch.Tensor, height: int, width: int, r: in
         raise ValueError(f"{N} tokens are not a {height}x{width} grid")
     if r <= 0 or cells_h == 0 or cells_w == 0:
         return None
-    if generator is None:
-        pick = torch.zeros(cells_h, cells_w, 1, dtype=torch.long)
+    if seed is None:
+        pick = torch.zeros(cells_h, cells_w, 1, dtype=torch.long, device=metric.device)
     else:
-        pick = torch.randint(sy * sx, (cells_h, cells_w, 1), generator=generator)
-    in_cell = torch.zeros(cells_h, cells_w, sy * sx, dtype=torch.bool).scatter_(2, pick, True)
-    is_dst = torch.zeros(height, width, dtype=torch.bool)
+        pick = cell_picks(seed.to(metric.device), salt, cells_h * cells_w, sy * sx).view(cells_h, cells_w, 1)
+    in_cell = torch.zeros(cells_h, cells_w, sy * sx, dtype=torch.bool, device=metric.device).scatter_(2, pick, True)
+    is_dst = torch.zeros(height, width, dtype=torch.bool, device=metric.device)
     is_dst[:cells_h * sy, :cells_w * sx] = in_cell.view(cells_h, cells_w, sy, sx).transpose(1, 2).reshape(
         cells_h * sy, cells_w * sx)
-    is_dst = is_dst.flatten().to(metric.device)
-    dst, src = is_dst.nonzero().squeeze(1), (~is_dst).nonzero().squeeze(1)  # (N_dst,), (N_src,)
+    n_dst = cells_h * cells_w
+    order = is_dst.flatten().to(torch.uint8).argsort(stable=True)  # sources, then destinations, each ascending
+    src, dst = order[:N - n_dst], order[N - n_dst:]  # (N_src,), (N_dst,)
 
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True)
@@ -96,42 +97,54 @@ def bipartite_soft_matching(metric: torch.Tensor, height: int, width: int, r: in
     return TokenMerge(dst=dst, kept=src[kept], merged=src[merged], into=into)
 
 
-@dataclass
+_MASK32 = 0xFFFFFFFF
+
+
+def cell_picks(seed: torch.Tensor, salt: int, cells: int, choices: int) -> torch.Tensor:
+    """(cells,) integers in [0, choices): a 32-bit hash of (``seed``, ``salt``, cell), scaled to the range.
+
+    Murmur-style mixing in int64 tensor arithmetic (every product stays below 2^63): the same integers eagerly,
+    compiled and on any device, where a ``torch.Generator`` cannot be traced into a graph."""
+    x = (seed + salt * 0x9E3779B1 + torch.arange(cells, device=seed.device) * 0x632BE5AB) & _MASK32
+    for multiplier in (0x7FEB352D, 0x5BD1E995):
+        x = ((x ^ (x >> 16)) * multiplier) & _MASK32
+    x = x ^ (x >> 15)
+    return (x * choices) >> 32
+
+
+@dataclass(frozen=True, eq=False)
 class TokenMerging:
     """Token merging as one network call applies it: ``ratio`` of the tokens merged at transformers at most
-    ``max_downsample`` times below the input size ``size`` (H, W), destinations drawn from ``generator``."""
+    ``max_downsample`` times below the input size ``size`` (H, W), destinations drawn from ``seed`` (an int64
+    scalar tensor; None: each cell's top-left token)."""
 
     ratio: float
     size: tuple[int, int]
     max_downsample: int = 1
-    generator: torch.Generator | None = None
+    seed: torch.Tensor | None = None
     stride: tuple[int, int] = (2, 2)
 
-    def plan(self, tokens: torch.Tensor, height: int, width: int) -> TokenMerge | None:
-        """The merge plan for the (B, height*width, C) tokens entering a transformer block (None: leave them)."""
+    def plan(self, tokens: torch.Tensor, height: int, width: int, salt: int = 0) -> TokenMerge | None:
+        """The merge plan for the (B, height*width, C) tokens entering a transformer block (None: leave them);
+        ``salt`` tells the blocks of one call apart, so each draws its own destinations."""
         downsample = max(math.ceil(self.size[0] / height), math.ceil(self.size[1] / width))
         if self.ratio <= 0 or downsample > self.max_downsample:
             return None
         return bipartite_soft_matching(tokens, height, width, int(tokens.shape[1] * self.ratio), self.stride,
-                                       self.generator)
+                                       self.seed, salt)
 
 
-_ACTIVE: ContextVar[TokenMerging | None] = ContextVar("openldm_token_merging", default=None)
-_RUNS = 0  # TokenMergingNet calls in progress, in any thread (changed under _RUNS_LOCK)
-_RUNS_LOCK = threading.Lock()
+class _ThreadState(threading.local):
+    def __init__(self):
+        self.merging: TokenMerging | None = None  # the setting of this thread's network call in progress
+
+
+_STATE = _ThreadState()  # set in every thread before its first read, so a compiled UNet sees one shape of it
 
 
 def active_merging() -> TokenMerging | None:
-    """The token merging of the network call in progress (None: none)."""
-    if _RUNS == 0:  # read as a constant by torch.compile (guarded), so the usual call compiles to one graph
-        return None
-    return _ACTIVE.get()
-
-
-def _count_run(delta: int) -> None:
-    global _RUNS
-    with _RUNS_LOCK:
-        _RUNS += delta
+    """The token merging of the network call in progress in this thread (None: none)."""
+    return _STATE.merging
 
 
 def check_merging(ratio: float, max_downsample: int = 1) -> None:
@@ -144,8 +157,8 @@ def check_merging(ratio: float, max_downsample: int = 1) -> None:
 
 class TokenMergingNet(nn.Module):
     """``net`` (e.g. the UNet) whose spatial transformers merge ``ratio`` of their tokens before self-attention
-    during its calls (see the module docstring); destinations are drawn from a CPU generator seeded with ``seed``
-    at construction, so a run is reproducible. ``ratio=0`` calls ``net`` untouched."""
+    during its calls (see the module docstring); each call draws its destinations' seed from a CPU generator seeded
+    with ``seed`` at construction, so a run is reproducible. ``ratio=0`` calls ``net`` untouched."""
 
     def __init__(self, net: nn.Module, ratio: float, max_downsample: int = 1, seed: int = 0):
         super().__init__()
@@ -158,14 +171,10 @@ class TokenMergingNet(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.ratio == 0:
             return self.net(x, *args, **kwargs)
-        token = _ACTIVE.set(TokenMerging(self.ratio, tuple(x.shape[-2:]), self.max_downsample, self.generator))
-        _count_run(+1)
+        seed = torch.randint(2**31 - 1, (), generator=self.generator)
+        outer = active_merging()
+        _STATE.merging = TokenMerging(self.ratio, tuple(x.shape[-2:]), self.max_downsample, seed)
         try:
-            # eager even where ``net`` is compiled: the merge plans (the setting's lookup, data-dependent indices)
-            # break a graph into pieces that ran slower than eager (SD v1.5, 512 px, 20 steps with the guidance
-            # interval, DeepCache 5 and ToMe 0.5, bf16, 2 AMX threads: 15.1 s compiled against 14.2 s eager)
-            with torch.compiler.set_stance("force_eager"):
-                return self.net(x, *args, **kwargs)
+            return self.net(x, *args, **kwargs)
         finally:
-            _count_run(-1)
-            _ACTIVE.reset(token)
+            _STATE.merging = outer

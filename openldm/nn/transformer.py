@@ -91,8 +91,10 @@ class SpatialTransformer(nn.Module):
         linear_projection: bool = False,
         norm_groups: int = 32,
         dropout: float = 0.0,
+        index: int = 0,
     ):
         super().__init__()
+        self.index = index  # its place among the network's transformers: token merging draws per block
         inner = heads * head_dim
         self.norm = group_norm(channels, eps=1e-6, groups=norm_groups)
         if linear_projection:
@@ -110,7 +112,8 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C)
         h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, H*W, inner)
         merging = active_merging()  # token merging of the network call in progress, if any
-        for block in self.blocks:
-            h = block(h, context, context_mask, merging.plan(h, H, W) if merging is not None else None)
+        for i, block in enumerate(self.blocks):
+            plan = merging.plan(h, H, W, salt=self.index * len(self.blocks) + i) if merging is not None else None
+            h = block(h, context, context_mask, plan)
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, H*W, C)
         return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)

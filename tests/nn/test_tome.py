@@ -1,8 +1,8 @@
 """Token merging (ToMe for SD, Bolya & Hoffman 2023): the bipartite soft matching worked by hand on four tokens;
 merge-then-unmerge is lossless when the merged tokens are identical; one destination per 2x2 cell; ratio 0 is the
 plain network; self-attention sees N - r tokens only at the levels asked for; a small ratio stays close to the plain
-UNet and a larger one drifts further; the setting is per call and per thread; a compiled UNet is one graph and runs
-eagerly, merging, under the wrapper; requests, PNG parameters and the CLI carry it to the bundled model (whose top
+UNet and a larger one drifts further; the setting is per call and per thread; a compiled UNet is one graph with
+merging and one without; requests, PNG parameters and the CLI carry it to the bundled model (whose top
 level has no attention, so the default level changes nothing)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from openldm.cli import main
 from openldm.models.unet import UNet, UNetConfig
-from openldm.nn.tome import TokenMerging, TokenMergingNet, active_merging, bipartite_soft_matching
+from openldm.nn.tome import TokenMerging, TokenMergingNet, active_merging, bipartite_soft_matching, cell_picks
 from openldm.nn.transformer import TransformerBlock
 from openldm.pipelines import read_png_params
 from openldm.pipelines.common import GenerationParams
@@ -39,12 +39,30 @@ def test_four_tokens_by_hand():
 
 def test_one_destination_per_cell_drawn_reproducibly():
     x = torch.randn(2, 8 * 6, 5)
-    plans = [bipartite_soft_matching(x, 8, 6, r=10, generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
-    assert torch.equal(plans[0].dst, plans[1].dst) and not torch.equal(plans[0].dst, plans[2].dst)
+    plans = [bipartite_soft_matching(x, 8, 6, r=10, seed=torch.tensor(s), salt=salt) for s, salt in
+             [(0, 0), (0, 0), (1, 0), (0, 1)]]
+    assert torch.equal(plans[0].dst, plans[1].dst), "the same seed and salt draw the same destinations"
+    assert not torch.equal(plans[0].dst, plans[2].dst) and not torch.equal(plans[0].dst, plans[3].dst)
     rows, cols = plans[0].dst // 6, plans[0].dst % 6
     cells = sorted(zip((rows // 2).tolist(), (cols // 2).tolist()))
     assert cells == [(i, j) for i in range(4) for j in range(3)], "exactly one destination in every 2x2 cell"
     assert plans[0].merge(x).shape == (2, 48 - 10, 5) and plans[0].unmerge(plans[0].merge(x)).shape == x.shape
+
+
+def test_cell_picks_are_uniform_and_independent_of_the_salt():
+    """Each cell's pick is uniform over the 4 cells of a 2x2 stride (chi-square over 40,000 cells, 3 degrees of
+    freedom: 16.3 is its 0.1% tail), and the picks of two salts agree only by chance (1 in 4)."""
+    picks = cell_picks(torch.tensor(12345), 0, 40_000, 4)
+    counts = torch.bincount(picks, minlength=4).double()
+    assert picks.min() >= 0 and picks.max() <= 3
+    assert ((counts - 10_000) ** 2 / 10_000).sum() < 16.3, counts
+    agree = (picks == cell_picks(torch.tensor(12345), 1, 40_000, 4)).double().mean()
+    assert abs(agree - 0.25) < 0.01, agree
+    torch._dynamo.reset()
+    inductor = torch.compile(cell_picks)  # compiled C++ integer arithmetic: the same draws to the bit
+    for seed in (0, 12345, 2**31 - 2):
+        assert torch.equal(inductor(torch.tensor(seed), 5, 4096, 4), cell_picks(torch.tensor(seed), 5, 4096, 4))
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("r", [12, 25, 36])
@@ -53,7 +71,7 @@ def test_merge_then_unmerge_is_lossless_for_identical_tokens(r):
     H, W = 8, 6
     cell_tokens = torch.randint(-8, 9, (2, H // 2, W // 2, 7), generator=g).float()  # integers: exact means
     x = cell_tokens.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(2, H * W, 7)  # each 2x2 cell identical
-    plan = bipartite_soft_matching(x, H, W, r=r, generator=torch.Generator().manual_seed(3))
+    plan = bipartite_soft_matching(x, H, W, r=r, seed=torch.tensor(3))
     assert torch.equal(plan.unmerge(plan.merge(x)), x)
     noisy = x + 0.5 * torch.randn(x.shape, generator=g)
     assert not torch.equal(plan.unmerge(plan.merge(noisy)), noisy), "merging does lose the differences"
@@ -141,15 +159,18 @@ def test_the_setting_is_per_thread():
 
 
 @torch.no_grad()
-def test_compiled_unet_is_one_graph_and_still_merges_when_asked(unet):
-    """Without merging the UNet traces to a single graph (fullgraph=True raises at any graph break; a break at the
-    setting's lookup made dynamo compile every block as its own frame); under a TokenMergingNet the same compiled
-    UNet runs eagerly (nothing more is compiled) and merges as in eager mode."""
+def test_compiled_unet_is_one_graph_with_merging_and_one_without(unet):
+    """Without merging the UNet traces to a single graph (fullgraph=True raises at any graph break); merging traces
+    to a single graph too (the plan's shapes follow from the setting, its draws are tensor arithmetic), compiled
+    once for every call's new seed, gives eager's values, and leaves the plain graph in use after it."""
     torch._dynamo.reset()
     x, context = smooth_input()
     whole = torch.compile(unet, backend="eager", fullgraph=True)
     # traced, the feed-forward's matmuls are split (openldm.nn.transformer): the same values to rounding
     torch.testing.assert_close(whole(x, 500.0, context=context), unet(x, 500.0, context=context))
+    torch.testing.assert_close(TokenMergingNet(whole, 0.5, seed=3)(x, 500.0, context=context),
+                               TokenMergingNet(unet, 0.5, seed=3)(x, 500.0, context=context))
+    torch._dynamo.reset()
     graphs = []
 
     def backend(gm, example_inputs):
@@ -159,11 +180,16 @@ def test_compiled_unet_is_one_graph_and_still_merges_when_asked(unet):
     compiled = torch.compile(unet, backend=backend)
     compiled(x, 500.0, context=context)
     assert len(graphs) == 1
-    merged_eager = TokenMergingNet(unet, 0.5, seed=3)(x, 500.0, context=context)
-    merged_compiled = TokenMergingNet(compiled, 0.5, seed=3)(x, 500.0, context=context)
-    assert len(graphs) == 1, "a merging call compiled graphs"
-    assert not torch.equal(merged_eager, unet(x, 500.0, context=context))
-    torch.testing.assert_close(merged_compiled, merged_eager)
+    merged_eager, merged_compiled = TokenMergingNet(unet, 0.5, seed=3), TokenMergingNet(compiled, 0.5, seed=3)
+    outputs = []
+    for _ in range(3):  # a new seed each call
+        outputs.append(merged_eager(x, 500.0, context=context))
+        torch.testing.assert_close(merged_compiled(x, 500.0, context=context), outputs[-1])
+    assert len(graphs) == 2, "merging compiled once, not once a call"
+    assert not torch.equal(outputs[0], outputs[1]), "each call draws its own destinations"
+    assert not torch.equal(outputs[0], unet(x, 500.0, context=context))
+    torch.testing.assert_close(compiled(x, 500.0, context=context), unet(x, 500.0, context=context))
+    assert len(graphs) == 2, "the plain call recompiled after merging"
     torch._dynamo.reset()
 
 
