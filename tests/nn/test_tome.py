@@ -162,7 +162,7 @@ def test_the_setting_is_per_thread():
 def test_compiled_unet_is_one_graph_with_merging_and_one_without(unet):
     """Without merging the UNet traces to a single graph (fullgraph=True raises at any graph break); merging traces
     to a single graph too (the plan's shapes follow from the setting, its draws are tensor arithmetic), compiled
-    once for every call's new seed, gives eager's values, and leaves the plain graph in use after it."""
+    once whatever each call's seed, gives eager's values, and leaves the plain graph in use after it."""
     torch._dynamo.reset()
     x, context = smooth_input()
     whole = torch.compile(unet, backend="eager", fullgraph=True)
