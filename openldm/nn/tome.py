@@ -83,8 +83,8 @@ def bipartite_soft_matching(metric: torch.Tensor, height: int, width: int, r: in
     is_dst[:cells_h * sy, :cells_w * sx] = in_cell.view(cells_h, cells_w, sy, sx).transpose(1, 2).reshape(
         cells_h * sy, cells_w * sx)
     n_dst = cells_h * cells_w
-    order = is_dst.flatten().to(torch.uint8).argsort(stable=True)  # sources, then destinations, each ascending
-    src, dst = order[:N - n_dst], order[N - n_dst:]  # (N_src,), (N_dst,)
+    by_role = is_dst.flatten().to(torch.uint8).argsort(stable=True)  # sources, then destinations, each ascending
+    src, dst = by_role[:N - n_dst], by_role[N - n_dst:]  # (N_src,), (N_dst,)
 
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True)
