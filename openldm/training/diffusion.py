@@ -284,7 +284,8 @@ def _train(cfg: DiffusionTrainConfig, info: DistInfo, *, resume: bool | str, ove
     base = _load_base(cfg, device)
     ae = base.vae if base is not None else None
     if cfg.autoencoder is not None:
-        ae = load_model(cfg.autoencoder, device=device).eval().requires_grad_(False)
+        # float32 whatever the file holds: the bundled and exported autoencoders are float16 copies
+        ae = load_model(cfg.autoencoder, device=device, dtype=torch.float32).eval().requires_grad_(False)
     if base is not None and not isinstance(base, BaseRun):
         resources = base_resources(base, resources)
     # every process encodes its share of a latent cache

@@ -240,6 +240,21 @@ def test_low_res_input_is_derived_from_the_image():
         condition_inputs({"latent": torch.zeros(2, 4, 4, 4)}, conditioner)
 
 
+def test_a_float16_autoencoder_file_encodes_in_float32(tmp_path):
+    """The bundled and exported autoencoders are float16 files: a latent run takes one as its autoencoder (it once
+    failed in the first convolution on float32 pixels) and caches the latents of the same weights in float32."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(tiny_autoencoder_kl(z_channels=3)).half()
+    half = save_model(ae, tmp_path / "half.safetensors")
+    full = save_model(ae.float(), tmp_path / "full.safetensors")  # the same (float16-rounded) values
+    for name, path in (("half", half), ("full", full)):
+        train_diffusion(tiny(tmp_path / name, autoencoder=str(path), steps=1), progress=False)
+    latents = [np.load(tmp_path / name / "latents" / "latents.npy") for name in ("half", "full")]
+    assert latents[0].shape[1] == 3 and np.array_equal(latents[0], latents[1])
+
+
 def test_latent_run_inpaints_and_upscales_through_the_autoencoder(tmp_path):
     """Latent runs: the cache keeps the pixels the inpaint and low-res conditions read (column "pixels"), and the
     inpaint condition encodes the masked image with the run's autoencoder, whose 3 latent channels it takes
