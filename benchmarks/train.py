@@ -7,12 +7,18 @@ MiniLM encoder's, so diffusers' cross-attention UNet applies) on one set of rand
 build_pair), 4x16x16 latents, batch 32 by default.
 
 Variants, each its own model + optimiser, timed in rounds that alternate the order (a change in machine load hits
-all alike): ours and diffusers in fp32 and bf16 autocast, ours in channels_last. torch.compile runs in a subprocess
+all alike): ours and diffusers in fp32 and bf16 autocast, ours in channels_last, alone and with bf16 autocast. torch.compile runs in a subprocess
 under a time limit (``--compile-timeout``), beside an eager fp32 baseline of its own; its compile time (the first
 step) is reported separately. The table shows median images/s and ratios against our fp32 baseline (above 1 =
 faster) and against diffusers at the same setting.
 
+With ``--recipe CONFIG`` it times a whole training recipe instead: ``openldm train``'s own loop (data, conditioners,
+EMA, the run's images/s log) for ``--recipe-steps`` steps per variant, fp32, bf16 autocast, channels_last and both,
+in rounds that alternate the order, all in one run directory so that the latent cache is built once. The first
+logged interval of every run (warm-up) is left out of the median.
+
     python benchmarks/train.py                           # small-unet, batch 32, 4x16x16 latents, CPU
+    python benchmarks/train.py --recipe configs/fmnist_class_text.yaml   # the bundled model's recipe
     python benchmarks/train.py --batch 64 --no-compile
     python benchmarks/train.py --device cuda --compile-timeout 900
 """
@@ -128,6 +134,46 @@ def measure(variants: list[Variant], args: argparse.Namespace) -> tuple[dict[str
     return rates, first
 
 
+RECIPE_VARIANTS = {"fp32": {}, "bf16 autocast": {"precision": "bf16"}, "channels_last": {"channels_last": True},
+                   "bf16 autocast + channels_last": {"precision": "bf16", "channels_last": True}}
+
+
+def recipe_rates(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Images/s of ``--recipe``'s own training loop per variant: every logged interval after each run's first."""
+    import tempfile
+
+    from openldm.config import apply_overrides, from_dict, load_file
+    from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
+
+    data = apply_overrides(load_file(args.recipe), args.recipe_overrides)
+    log_every = max(1, args.recipe_steps // 4)
+    rates: dict[str, list[float]] = {name: [] for name in RECIPE_VARIANTS}
+    with tempfile.TemporaryDirectory() as out:
+        for r in range(args.repeats):
+            names = list(RECIPE_VARIANTS) if r % 2 == 0 else list(RECIPE_VARIANTS)[::-1]
+            for name in names:
+                cfg = from_dict(DiffusionTrainConfig, {
+                    **data, **RECIPE_VARIANTS[name], "device": args.device, "steps": args.recipe_steps,
+                    "log_every": log_every, "sample_every": 0, "snapshot_every": 0, "save_every": 10**9,
+                    "out_dir": out})
+                history = train_diffusion(cfg, overwrite=True, progress=False)["history"]
+                rates[name] += [h["images_per_s"] for h in history[1:]]
+                print(f"  {name}: images/s " + " ".join(f"{h['images_per_s']:.1f}" for h in history[1:]), flush=True)
+    return rates
+
+
+def recipe_main(args: argparse.Namespace) -> None:
+    print(f"recipe={args.recipe} overrides={args.recipe_overrides} device={args.device} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats} x "
+          f"{args.recipe_steps} steps", flush=True)
+    med = {name: statistics.median(r) for name, r in recipe_rates(args).items()}
+    header = f"| {'variant':<30} | {'images/s':>9} | {'vs fp32':>8} |"
+    print("\n" + header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    for name, value in med.items():
+        print(f"| {name:<30} | {value:>9.1f} | {value / med['fp32']:>8.3f} |")
+    print("images/s = median over logged intervals (each run's first left out); ratios above 1: faster.")
+
+
 def compile_worker(args: argparse.Namespace) -> dict:
     variants = [Variant("ours fp32", "ours"), Variant("ours compile", "ours", compile=True)]
     rates, first = measure(variants, args)
@@ -150,6 +196,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile-timeout", type=float, default=600, help="seconds allowed for the compile section")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
+    parser.add_argument("--recipe", default=None,
+                        help="a training config (e.g. configs/fmnist_class_text.yaml): time its own loop instead")
+    parser.add_argument("--recipe-steps", type=int, default=40, help="steps per run of --recipe (default 40)")
+    parser.add_argument("--recipe-override", dest="recipe_overrides", action="append", default=[],
+                        help="a dotted override of --recipe, repeatable (e.g. autoencoder=PATH)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.context_dim is None and args.preset == "small-unet":
@@ -159,6 +210,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(compile_worker(args)))
         return
+    if args.recipe:
+        recipe_main(args)
+        return
 
     print(f"device={args.device} preset={args.preset} batch={args.batch} latents=4x{args.latent_size}x{args.latent_size} "
           f"context={args.tokens}x{unet_config(args).context_dim} threads={torch.get_num_threads()} torch={torch.__version__} "
@@ -166,7 +220,8 @@ def main() -> None:
     variants = [Variant("ours fp32", "ours"), Variant("diffusers fp32", "diffusers"),
                 Variant("ours bf16 autocast", "ours", autocast=torch.bfloat16),
                 Variant("diffusers bf16 autocast", "diffusers", autocast=torch.bfloat16),
-                Variant("ours channels_last", "ours", channels_last=True)]
+                Variant("ours channels_last", "ours", channels_last=True),
+                Variant("ours bf16 + channels_last", "ours", autocast=torch.bfloat16, channels_last=True)]
     rates, first = measure(variants, args)
     for v in variants:
         print(f"  {v.name}: images/s per run " + " ".join(f"{r:.1f}" for r in rates[v.name]), flush=True)
@@ -199,12 +254,12 @@ def main() -> None:
         print(f"  torch.compile section: {time.perf_counter() - start:.0f} s wall", flush=True)
 
     base = med["ours fp32"]
-    header = f"| {'variant':<24} | {'images/s':>9} | {'vs ours fp32':>12} | {'vs diffusers same setting':>25} |"
+    header = f"| {'variant':<26} | {'images/s':>9} | {'vs ours fp32':>12} | {'vs diffusers same setting':>25} |"
     print("\n" + header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for name, value in med.items():
         ref = {"ours fp32": "diffusers fp32", "ours bf16 autocast": "diffusers bf16 autocast"}.get(name)
         ref_text = f"{value / med[ref]:.3f}" if ref else "-"
-        print(f"| {name:<24} | {value:>9.1f} | {value / base:>12.3f} | {ref_text:>25} |")
+        print(f"| {name:<26} | {value:>9.1f} | {value / base:>12.3f} | {ref_text:>25} |")
     print(f"\ntorch.compile: {compile_note}")
     print("images/s = median over runs; ratios above 1: faster. 'ours compile' is scaled from its own process's "
           "eager baseline. Timings on a shared machine are noisy.")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from openldm.nn.attention import attention
 from openldm.registry import MODELS
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class CLIPAttention(nn.Module):
         B, T, D = x.shape
         q, k, v = (proj(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, heads, T, head_dim)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, head_dim)
+        out = attention(q, k, v, is_causal=True)  # (B, heads, T, head_dim)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
 

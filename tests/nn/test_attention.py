@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
-from openldm.nn.attention import Attention, SpatialSelfAttention
+from openldm.nn.attention import SHORT_KEYS, Attention, SpatialSelfAttention, attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,3 +90,42 @@ def test_spatial_self_attention_matches_explicit():
     h = block.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
     expected = x + explicit_attention(block.attn, h).transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def _qkv(dtype: torch.dtype, keys: int, grad: bool) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(4, 2, 32, 16, generator=g).to(dtype).requires_grad_(grad)
+    k, v = (torch.randn(4, 2, keys, 16, generator=g).to(dtype).requires_grad_(grad) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "additive", "autocast"])
+def test_half_precision_training_attention_over_short_keys_runs_in_float32(mask):
+    """Under autograd on a CPU, bf16 attention over fewer than SHORT_KEYS keys gives the float32 attention of the
+    same values, cast back, and its gradients (PyTorch's bf16 backward is slow there): more precise, not less. Also
+    inside bf16 autocast, as in training, which would otherwise cast the float32 inputs back down."""
+    q, k, v = _qkv(torch.bfloat16, 24, grad=True)
+    m = None if mask in (None, "autocast") else random_bool_mask((4, 1, 32, 24))
+    if mask == "additive":
+        m = torch.zeros(m.shape, dtype=torch.bfloat16).masked_fill(~m, -1e4)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mask == "autocast"):
+        out = attention(q, k, v, m)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=None if m is None else
+                                         (m if m.dtype == torch.bool else m.float()))
+    assert torch.equal(out, ref.to(torch.bfloat16))
+    ref.to(torch.bfloat16).float().square().sum().backward()
+    for t, t32 in ((q, q32), (k, k32), (v, v32)):
+        assert torch.equal(t.grad, t32.grad.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("keys, grad", [(24, False), (SHORT_KEYS, True)])
+def test_inference_and_long_keys_keep_the_half_precision_kernel(keys, grad):
+    """Without a gradient, or over SHORT_KEYS keys or more, the attention is PyTorch's bf16 kernel itself."""
+    q, k, v = _qkv(torch.bfloat16, keys, grad)
+    bf16 = F.scaled_dot_product_attention(q, k, v)
+    f32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(torch.bfloat16)
+    out = attention(q, k, v)
+    assert torch.equal(out, bf16) and not torch.equal(out, f32)  # the two kernels differ on these values
