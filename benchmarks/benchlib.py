@@ -1,6 +1,6 @@
 """What the benchmark scripts share: the random-weight SD v1.5 checkpoint they all run on (built once, from code, no
-download), its prompts, the step-cutter rows of issue 16, and the FLOP formula for CPU attention that
-``torch.utils.flop_counter`` lacks."""
+download), its prompts, the step-cutter rows of issue 16, the FLOP formula for CPU attention that
+``torch.utils.flop_counter`` lacks, and the Markdown table header the scripts print."""
 from __future__ import annotations
 
 import os
@@ -89,3 +89,8 @@ def _sdpa_flops(query, key, value, *args, **kwargs) -> int:
 
 
 FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
+def markdown_header(header: str) -> str:
+    """``header`` (a Markdown row, "| a | b |") after a blank line, and its separator row of matching widths."""
+    return "\n" + header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|"

@@ -30,7 +30,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import CUTTER_ROW, DEFAULT_CACHE, FLOP_FORMULAS, NEGATIVE, PROMPT, build_cache, variants  # noqa: E402
+from benchlib import (  # noqa: E402
+    CUTTER_ROW,
+    DEFAULT_CACHE,
+    FLOP_FORMULAS,
+    NEGATIVE,
+    PROMPT,
+    build_cache,
+    markdown_header,
+    variants,
+)
 
 # ours first, diffusers last (the reference of every ratio); --compile and --cutters add the middle ones
 SIDES = ("ours", "ours-compiled", "ours-cutters", "ours-compiled-cutters", "diffusers")
@@ -348,7 +357,7 @@ def main() -> None:
             rows.append((dtype, "compile (s), compiled", med("ours-compiled", "compile_s"), float("nan"), float("nan")))
 
     header = f"| {'dtype':<8} | {'measure':<46} | {'ours':>10} | {'diffusers':>10} | {'ratio':>6} |"
-    print("\n" + header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    print(markdown_header(header))
     for dtype, label, ours, ref, ratio in rows:
         ref_s, ratio_s = ("-", "-") if ref != ref else (f"{ref:.2f}", f"{ratio:.3f}")  # nan: no diffusers figure
         print(f"| {dtype:<8} | {label:<46} | {ours:>10.2f} | {ref_s:>10} | {ratio_s:>6} |")

@@ -7,10 +7,10 @@ MiniLM encoder's, so diffusers' cross-attention UNet applies) on one set of rand
 build_pair), 4x16x16 latents, batch 32 by default.
 
 Variants, each its own model + optimiser, timed in rounds that alternate the order (a change in machine load hits
-all alike): ours and diffusers in fp32 and bf16 autocast, ours in channels_last, alone and with bf16 autocast. torch.compile runs in a subprocess
-under a time limit (``--compile-timeout``), beside an eager fp32 baseline of its own; its compile time (the first
-step) is reported separately. The table shows median images/s and ratios against our fp32 baseline (above 1 =
-faster) and against diffusers at the same setting.
+all alike): ours and diffusers in fp32 and bf16 autocast, ours in channels_last, alone and with bf16 autocast.
+torch.compile runs in a subprocess under a time limit (``--compile-timeout``), beside an eager fp32 baseline of its
+own; its compile time (the first step) is reported separately. The table shows median images/s and ratios against
+our fp32 baseline (above 1 = faster) and against diffusers at the same setting.
 
 With ``--recipe CONFIG`` it times a whole training recipe instead: ``openldm train``'s own loop (data, conditioners,
 EMA, the run's images/s log) for ``--recipe-steps`` steps per variant, fp32, bf16 autocast, channels_last and both,
@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from benchlib import markdown_header  # noqa: E402
 from unet import build_pair  # noqa: E402  (benchmarks/unet.py: both UNets on one set of random weights)
 
 import openldm.models.presets  # noqa: E402,F401  (registers the presets)
@@ -134,28 +135,25 @@ def measure(variants: list[Variant], args: argparse.Namespace) -> tuple[dict[str
     return rates, first
 
 
-RECIPE_VARIANTS = {"fp32": {}, "bf16 autocast": {"precision": "bf16"}, "channels_last": {"channels_last": True},
-                   "bf16 autocast + channels_last": {"precision": "bf16", "channels_last": True}}
+RECIPE_VARIANTS = {"fp32": [], "bf16 autocast": ["precision=bf16"], "channels_last": ["channels_last=true"],
+                   "bf16 autocast + channels_last": ["precision=bf16", "channels_last=true"]}
 
 
 def recipe_rates(args: argparse.Namespace) -> dict[str, list[float]]:
     """Images/s of ``--recipe``'s own training loop per variant: every logged interval after each run's first."""
     import tempfile
 
-    from openldm.config import apply_overrides, from_dict, load_file
+    from openldm.config import load
     from openldm.training.diffusion import DiffusionTrainConfig, train_diffusion
 
-    data = apply_overrides(load_file(args.recipe), args.recipe_overrides)
-    log_every = max(1, args.recipe_steps // 4)
     rates: dict[str, list[float]] = {name: [] for name in RECIPE_VARIANTS}
     with tempfile.TemporaryDirectory() as out:
+        run = [f"device={args.device}", f"steps={args.recipe_steps}", f"log_every={max(1, args.recipe_steps // 4)}",
+               "sample_every=0", "snapshot_every=0", "save_every=1000000000", f"out_dir={out}"]
         for r in range(args.repeats):
             names = list(RECIPE_VARIANTS) if r % 2 == 0 else list(RECIPE_VARIANTS)[::-1]
             for name in names:
-                cfg = from_dict(DiffusionTrainConfig, {
-                    **data, **RECIPE_VARIANTS[name], "device": args.device, "steps": args.recipe_steps,
-                    "log_every": log_every, "sample_every": 0, "snapshot_every": 0, "save_every": 10**9,
-                    "out_dir": out})
+                cfg = load(DiffusionTrainConfig, args.recipe, [*args.recipe_overrides, *RECIPE_VARIANTS[name], *run])
                 history = train_diffusion(cfg, overwrite=True, progress=False)["history"]
                 rates[name] += [h["images_per_s"] for h in history[1:]]
                 print(f"  {name}: images/s " + " ".join(f"{h['images_per_s']:.1f}" for h in history[1:]), flush=True)
@@ -168,7 +166,7 @@ def recipe_main(args: argparse.Namespace) -> None:
           f"{args.recipe_steps} steps", flush=True)
     med = {name: statistics.median(r) for name, r in recipe_rates(args).items()}
     header = f"| {'variant':<30} | {'images/s':>9} | {'vs fp32':>8} |"
-    print("\n" + header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    print(markdown_header(header))
     for name, value in med.items():
         print(f"| {name:<30} | {value:>9.1f} | {value / med['fp32']:>8.3f} |")
     print("images/s = median over logged intervals (each run's first left out); ratios above 1: faster.")
@@ -255,7 +253,7 @@ def main() -> None:
 
     base = med["ours fp32"]
     header = f"| {'variant':<26} | {'images/s':>9} | {'vs ours fp32':>12} | {'vs diffusers same setting':>25} |"
-    print("\n" + header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    print(markdown_header(header))
     for name, value in med.items():
         ref = {"ours fp32": "diffusers fp32", "ours bf16 autocast": "diffusers bf16 autocast"}.get(name)
         ref_text = f"{value / med[ref]:.3f}" if ref else "-"

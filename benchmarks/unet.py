@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 import torch
+from benchlib import markdown_header
 from torch.nn import functional as F
 
 from openldm.io.keymaps import unet as keymap
@@ -146,7 +147,7 @@ def main() -> None:
     rows = [row for case in cases for row in run_case(case, args.device, dtype, args.warmup, args.channels_last)]
 
     header = f"| {'case':<32} | {'phase':<10} | {'ours (s)':>9} | {'diffusers (s)':>13} | {'ratio':>6} | {'ratio (CPU time)':>16} |"
-    print("\n" + header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    print(markdown_header(header))
     for name, phase, ours_s, ref_s, ratio, cpu_ratio in rows:
         cpu_text = "-" if cpu_ratio is None else f"{cpu_ratio:.3f}"
         print(f"| {name:<32} | {phase:<10} | {ours_s:>9.4f} | {ref_s:>13.4f} | {ratio:>6.3f} | {cpu_text:>16} |")

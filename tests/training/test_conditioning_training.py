@@ -11,6 +11,7 @@ features (sample grids, TensorBoard, latent runs with pixel-reading conditions) 
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -243,8 +244,6 @@ def test_low_res_input_is_derived_from_the_image():
 def test_a_float16_autoencoder_file_encodes_in_float32(tmp_path):
     """The bundled and exported autoencoders are float16 files: a latent run takes one as its autoencoder (it once
     failed in the first convolution on float32 pixels) and caches the latents of the same weights in float32."""
-    import numpy as np
-
     torch.manual_seed(0)
     ae = AutoencoderKL(tiny_autoencoder_kl(z_channels=3)).half()
     half = save_model(ae, tmp_path / "half.safetensors")
