@@ -18,10 +18,25 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None and self.weight.dtype != x.dtype:
+            if _cpu_mixed(x, self.weight):
+                return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
             w = self.weight.float()
             b = None if self.bias is None else self.bias.float()
             return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
         return super().forward(x)
+
+
+def _cpu_mixed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether PyTorch's CPU kernel takes half-precision ``x`` with float32 ``weight`` itself (bf16 autocast training).
+
+    It accumulates in float32 and rounds once, as the float32 round trip does, without its two casts. Forward +
+    backward, 2 AMX threads, NCHW bf16: (32, 64, 16, 16) 0.69 against 1.41 ms, (32, 256, 4, 4) 0.24 against 0.38 ms;
+    a small-unet bf16 training step 20 -> 15 ms in GroupNorm and 63 -> 46 ms in copies. Its channels_last variant is
+    slower than the round trip at small spatial sizes (4.3 against 1.4 ms at (32, 64, 16, 16)), and going through
+    NCHW and back won at 16x16 but lost at 8x8 and below, so channels_last inputs keep the round trip.
+    """
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == torch.float32
+            and x.is_contiguous())
 
 
 def group_norm(channels: int, eps: float = 1e-5, groups: int = 32) -> GroupNorm32:
