@@ -223,6 +223,9 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (to min_lr_ratio * lr at total_steps)
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
+    # PyTorch's fused AdamW kernel where every parameter is a CPU or CUDA float tensor (the same update to float
+    # rounding; on a CPU the small-unet step's 494 tensors take 11 ms against 46 ms op by op); false: op by op
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.schedule not in LR_SCHEDULES:

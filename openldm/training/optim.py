@@ -22,7 +22,11 @@ def lr_factor(step: int, config: OptimConfig, total_steps: int) -> float:
 
 def make_optimizer(params: list[nn.Parameter], config: OptimConfig, total_steps: int
                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``params`` and its per-step LambdaLR schedule."""
-    opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    """AdamW over ``params`` (tensors or param groups) and its per-step LambdaLR schedule."""
+    params = list(params)
+    tensors = [t for group in params for t in (group["params"] if isinstance(group, dict) else [group])]
+    fused = config.fused and all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+                            fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config, total_steps))
     return opt, sched

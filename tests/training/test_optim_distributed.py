@@ -26,6 +26,37 @@ def test_scheduler_drives_optimizer_lr():
     assert lrs == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
 
 
+def _adamw_by_hand(p0, grads, lr, betas, eps, weight_decay):
+    """AdamW (Loshchilov & Hutter) in float64: decoupled decay, bias-corrected moments."""
+    p, m, v = p0.double(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
+    for t, g in enumerate(grads, 1):
+        g = g.double()
+        p = p * (1 - lr * weight_decay)
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        p = p - lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+    return p
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_fused_or_op_by_op_is_adamw(fused):
+    cfg = OptimConfig(lr=0.01, weight_decay=0.1, fused=fused)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, generator=g), torch.randn(5, generator=g)
+    grads = [[torch.randn(3, 4, generator=g), torch.randn(5, generator=g)] for _ in range(5)]
+    pa, pb = torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())
+    groups = [{"params": [pa], "weight_decay": 0.1}, {"params": [pb], "weight_decay": 0.0}]  # as CLIP's are
+    opt, _ = make_optimizer(groups, cfg, total_steps=5)
+    assert bool(opt.defaults["fused"]) == fused
+    for ga, gb in grads:
+        pa.grad, pb.grad = ga.clone(), gb.clone()
+        opt.step()
+    expect_a = _adamw_by_hand(a, [ga for ga, _ in grads], 0.01, cfg.betas, cfg.eps, 0.1)
+    expect_b = _adamw_by_hand(b, [gb for _, gb in grads], 0.01, cfg.betas, cfg.eps, 0.0)
+    torch.testing.assert_close(pa.detach().double(), expect_a, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pb.detach().double(), expect_b, rtol=0, atol=1e-6)
+
+
 def test_bad_schedule_named():
     with pytest.raises(ValueError, match="'linear'"):
         OptimConfig(schedule="linear")
