@@ -33,7 +33,8 @@ def _cpu_mixed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     backward, 2 AMX threads, NCHW bf16: (32, 64, 16, 16) 0.69 against 1.41 ms, (32, 256, 4, 4) 0.24 against 0.38 ms;
     a small-unet bf16 training step 20 -> 15 ms in GroupNorm and 63 -> 46 ms in copies. Its channels_last variant is
     slower than the round trip at small spatial sizes (4.3 against 1.4 ms at (32, 64, 16, 16)), and going through
-    NCHW and back won at 16x16 but lost at 8x8 and below, so channels_last inputs keep the round trip.
+    NCHW and back won only at (128, 48, 16, 16) (5.0 against 6.5 ms) and tied or lost elsewhere (0.92 against 0.57 ms
+    at (128, 96, 4, 4)), so channels_last inputs keep the round trip.
     """
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == torch.float32
             and x.is_contiguous())
