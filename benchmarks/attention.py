@@ -28,15 +28,21 @@ import torch
 from benchlib import markdown_header
 from torch.nn import functional as F
 
+from openldm.models.presets import sd15_unet
+
 
 def shapes(size: int) -> list[tuple[str, int, int, int, int]]:
-    """(name, heads, head_dim, queries, keys) of SD v1.5's attention layers at ``size`` px (heads 8, width 320 x mult)."""
+    """(name, heads, head_dim, queries, keys) of the attention layers of the SD v1.5 UNet preset at ``size`` px."""
+    cfg = sd15_unet()
+    latent = size // 8
+    places = [*cfg.attention_levels, *([len(cfg.channel_mult) - 1] if cfg.mid_attention else [])]  # levels, mid
     rows = []
-    for level, width in enumerate((320, 640, 1280, 1280)):
-        tokens = (size // 8 // 2 ** level) ** 2
-        rows.append((f"self {tokens} tokens", 8, width // 8, tokens, tokens))
-    top = (size // 8) ** 2
-    rows.append((f"cross {top} x 77", 8, 40, top, 77))
+    for level in places:
+        width, tokens = cfg.model_channels * cfg.channel_mult[level], (latent // 2 ** level) ** 2
+        heads = cfg.num_heads or width // cfg.head_dim
+        rows.append((f"self {tokens} tokens", heads, width // heads, tokens, tokens))
+    _, heads, head_dim, tokens, _ = rows[0]  # the top level's cross-attention, over CLIP's 77 text tokens
+    rows.append((f"cross {tokens} x 77", heads, head_dim, tokens, 77))
     return rows
 
 
