@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from openldm.io.lora import Lora, read_lora
+from openldm.io.tensor_files import read_header
 
 # <lora:NAME> or <lora:NAME:WEIGHT>; NAME may hold anything but ':' and '>'
 TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
 SUFFIX = ".safetensors"
+ALIAS_KEY = "ss_output_name"  # where kohya's trainer writes the name it gave a LoRA
 CACHED_FILES = 8  # LoRA files a loaded model keeps read (the most recently used)
 
 
@@ -45,27 +47,62 @@ def extract_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return TAG.sub(take, prompt), found
 
 
-def resolve_name(name: str, lora_dir: str | Path | None) -> Path:
-    """The file of a prompt tag's NAME: ``NAME.safetensors`` in ``lora_dir`` or, when unique, in a folder under it.
-    Names may not leave the folder."""
+def _root(lora_dir: str | Path | None, name: str) -> Path:
     if lora_dir is None:
         raise ValueError(f"the prompt names LoRA {name!r} (<lora:{name}:...>) but no LoRA folder is set; pass "
                          "--lora-dir DIR (lora_dir=)")
     root = Path(lora_dir).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"LoRA folder {str(lora_dir)!r} does not exist")
+    return root
+
+
+def available(lora_dir: str | Path) -> dict[str, Path]:
+    """Every LoRA file in ``lora_dir`` (and the folders under it) by the name a prompt tag gives it: the file's
+    stem, or its path under the folder without the suffix where two files share a stem; sorted by name."""
+    root = Path(lora_dir).resolve()
+    files = sorted(p for p in root.rglob(f"*{SUFFIX}") if p.is_file() and p.resolve().is_relative_to(root))
+    stems: dict[str, int] = {}
+    for p in files:
+        stems[p.stem] = stems.get(p.stem, 0) + 1
+    named = {p.stem if p.parent == root or stems[p.stem] == 1 else p.relative_to(root).with_suffix("").as_posix(): p
+             for p in files}
+    return dict(sorted(named.items()))
+
+
+def metadata(path: str | Path) -> dict[str, str]:
+    """A LoRA file's safetensors ``__metadata__`` (trainers' ``ss_*`` keys); empty when the file has none or cannot
+    be read as safetensors."""
+    try:
+        return read_header(path).metadata
+    except (OSError, ValueError):
+        return {}
+
+
+def alias(path: str | Path) -> str | None:
+    """The name a LoRA's trainer gave it (kohya's ``ss_output_name``), which A1111 also accepts in prompt tags."""
+    return metadata(path).get(ALIAS_KEY) or None
+
+
+def resolve_name(name: str, lora_dir: str | Path | None) -> Path:
+    """The file of a prompt tag's NAME: ``NAME.safetensors`` in ``lora_dir`` or, when unique, in a folder under it;
+    failing that, as A1111 does, the one file whose trainer named it NAME (its alias). Names may not leave the
+    folder."""
+    root = _root(lora_dir, name)
     path = (root / f"{name}{SUFFIX}").resolve()
     if not path.is_relative_to(root):
         raise ValueError(f"LoRA name {name!r} points outside the LoRA folder {str(lora_dir)!r}")
     if path.is_file():
         return path
     found = sorted(p for p in root.rglob(f"{name}{SUFFIX}") if p.is_file()) if "/" not in name else []
+    if not found:
+        found = [p for p in available(root).values() if alias(p) == name]
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
         raise ValueError(f"LoRA name {name!r} is ambiguous in {str(lora_dir)!r}: {[str(p) for p in found]}; name "
                          "it by its path under the folder, e.g. <lora:SUBFOLDER/NAME:1>")
-    known = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob(f"*{SUFFIX}"))
+    known = list(available(root))
     raise FileNotFoundError(f"no LoRA {name!r} ({name}{SUFFIX}) in {str(lora_dir)!r}; it holds "
                             f"{known[:20] or 'no .safetensors files'}")
 

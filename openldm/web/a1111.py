@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import secrets
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -214,6 +216,28 @@ def embeddings(loaded: dict[str, Any]) -> dict[str, Any]:
     return {"loaded": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                               "shape": int(v.shape[-1]), "vectors": int(v.shape[0])} for name, v in loaded.items()},
             "skipped": {}}
+
+
+def loras(lora_dir: str | Path | None) -> list[dict[str, Any]]:
+    """``/sdapi/v1/loras``: the LoRA files prompts can name, as A1111 lists them: ``name`` (what a
+    ``<lora:NAME:W>`` tag resolves), ``alias`` (the trainer's ``ss_output_name``, which tags may use too; the name
+    when there is none), ``path`` and ``metadata`` (the file's ``__metadata__``, with values that hold JSON objects
+    decoded, as A1111 decodes them). Read from the folder at each call; no folder, no LoRAs."""
+    from openldm.pipelines.loras import ALIAS_KEY, available, metadata
+
+    if lora_dir is None or not Path(lora_dir).is_dir():
+        return []
+    listed = []
+    for name, path in available(lora_dir).items():
+        meta: dict[str, Any] = metadata(path)
+        for key, value in meta.items():
+            if value.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    meta[key] = json.loads(value)
+        alias = meta.get(ALIAS_KEY)
+        listed.append({"name": name, "alias": alias if isinstance(alias, str) and alias else name,
+                       "path": str(path), "metadata": meta})
+    return listed
 
 
 def samplers() -> list[dict[str, Any]]:

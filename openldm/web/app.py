@@ -379,6 +379,18 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     def embeddings():
         return a1111.embeddings(getattr(pool.get(), "embeddings", {}))
 
+    @app.get("/sdapi/v1/loras")
+    def loras():
+        return a1111.loras(pool.lora_dir)
+
+    @app.post("/sdapi/v1/refresh-loras")
+    def refresh_loras():
+        return None  # /sdapi/v1/loras reads the folder at each call; nothing is cached to refresh
+
+    @app.get("/internal/ping")
+    def ping():
+        return {}
+
     @app.get("/sdapi/v1/scripts")
     def scripts():
         return {"txt2img": [], "img2img": []}

@@ -16,7 +16,7 @@ from sd_testing import tiny_pipeline
 from openldm.cli import main
 from openldm.pipelines import read_png_params
 from openldm.pipelines.generate import GenerationRequest, RequestError
-from openldm.pipelines.loras import extract_tags, request_loras, resolve_name
+from openldm.pipelines.loras import available, extract_tags, request_loras, resolve_name
 from openldm.pipelines.sources import load_generator
 
 TOLERANCE = 2  # pixel values, out of 255
@@ -163,6 +163,39 @@ def test_names_resolve_in_the_folder_and_errors_name_the_problem(tiny, tmp_path)
     assert chosen == [(loras / "kohya.safetensors", 2.0), ((loras / "peft.safetensors").resolve(), 0.3)]
 
 
+def _with_metadata(source, target, **metadata):
+    """A copy of the LoRA file ``source`` at ``target`` with ``metadata`` added to its own."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(source), "pt") as f:
+        kept = f.metadata() or {}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(load_file(str(source)), str(target), metadata={**kept, **metadata})
+    return target
+
+
+def test_every_listed_name_resolves_to_its_file_and_trainer_aliases_resolve_as_in_a1111(tiny, tmp_path):
+    kohya = tiny[2] / "kohya.safetensors"
+    _with_metadata(kohya, tmp_path / "ink.safetensors")
+    _with_metadata(kohya, tmp_path / "styles" / "ink.safetensors")  # a shared stem: named by its path
+    _with_metadata(kohya, tmp_path / "styles" / "wash.safetensors", ss_output_name="watercolour_v2")
+    _with_metadata(kohya, tmp_path / "a" / "one.safetensors", ss_output_name="twin")
+    _with_metadata(kohya, tmp_path / "b" / "two.safetensors", ss_output_name="twin")
+    _with_metadata(kohya, tmp_path / "decoy.safetensors", ss_output_name="ink")  # a file name beats an alias
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    named = available(tmp_path)
+    assert list(named) == ["broken", "decoy", "ink", "one", "styles/ink", "two", "wash"]
+    for name, path in named.items():
+        assert resolve_name(name, tmp_path) == path, name
+    assert resolve_name("watercolour_v2", tmp_path) == tmp_path.resolve() / "styles" / "wash.safetensors"
+    assert resolve_name("ink", tmp_path) == tmp_path.resolve() / "ink.safetensors"
+    with pytest.raises(ValueError, match="'twin' is ambiguous"):
+        resolve_name("twin", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no LoRA 'nope'.*'styles/ink'"):
+        resolve_name("nope", tmp_path)
+
+
 def test_bad_loras_are_request_errors(tiny, generator):
     with pytest.raises(RequestError) as info:
         generator.generate(GenerationRequest(**{**CALL, "prompt": "<lora:missing:1>"}))
@@ -265,6 +298,47 @@ def test_the_server_accepts_tags_in_prompts(tiny, generator):
             assert missing.status_code == 500 and "no LoRA 'nope'" in missing.text
     finally:
         app.state.queue.close()
+
+
+def test_the_a1111_lora_routes_list_the_folder_and_an_alias_tag_gives_the_files_image(tiny, generator, tmp_path):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from openldm.web.app import create_app
+
+    folder, _, loras = tiny
+    tags = '{"img": {"red circle": 3}}'
+    copy = _with_metadata(loras / "peft.safetensors", tmp_path / "lora" / "peft_v1.safetensors",
+                          ss_output_name="circles", ss_tag_frequency=tags)
+    _with_metadata(loras / "kohya.safetensors", tmp_path / "lora" / "sub" / "plain.safetensors")
+    expect = _ours(generator, [(loras / "peft.safetensors", 0.8)])
+    app = create_app([str(folder)], lora_dir=copy.parent)
+    try:
+        with TestClient(app) as client:
+            listed = client.get("/sdapi/v1/loras").json()
+            assert [(e["name"], e["alias"], e["path"]) for e in listed] == [
+                ("peft_v1", "circles", str(copy.resolve())),
+                ("plain", "plain", str((copy.parent / "sub" / "plain.safetensors").resolve()))]
+            assert listed[0]["metadata"]["ss_tag_frequency"] == {"img": {"red circle": 3}}  # decoded, as A1111 does
+            assert listed[0]["metadata"]["ss_output_name"] == "circles"
+            assert client.post("/sdapi/v1/refresh-loras").status_code == 200
+            assert client.get("/internal/ping").json() == {}
+            body = {"prompt": "a red circle <lora:circles:0.8>", "negative_prompt": CALL["negative_prompt"],
+                    "steps": 4, "width": 32, "height": 32, "seed": 4, "sampler_name": "Euler", "cfg_scale": 7.5}
+            r = client.post("/sdapi/v1/txt2img", json=body)
+            assert r.status_code == 200, r.text
+            image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+            assert np.array_equal(np.asarray(image.convert("RGB"), dtype=np.int16), expect)
+    finally:
+        app.state.queue.close()
+    bare = create_app([str(folder)])
+    try:
+        with TestClient(bare) as client:
+            assert client.get("/sdapi/v1/loras").json() == []
+    finally:
+        bare.state.queue.close()
 
 
 def test_compiled_models_give_eager_images_and_see_loras_fused_between_requests(tiny, generator, tmp_path, capsys):
