@@ -204,6 +204,8 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
 
     def finished(job: Job) -> Job:
         job.done.wait()
+        if isinstance(job.failure, RequestError):  # found only at generation time (a prompt's LoRA tag): a 422
+            raise job.failure
         if job.state == "failed":
             raise HTTPException(500, f"generation failed: {job.error}")
         return job

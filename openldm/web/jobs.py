@@ -131,6 +131,7 @@ class Job:
     images: list[Image.Image] = field(default_factory=list)
     params: list[GenerationParams] = field(default_factory=list)
     error: str | None = None
+    failure: Exception | None = None  # what ``error`` says, kept so that a bad request is answered as one
     interrupt_flag: bool = False
     skip_flag: bool = False
     latest: torch.Tensor | None = None  # the sampler's latest estimate of the clean sample
@@ -172,7 +173,7 @@ class Job:
                     break
             self.state = "interrupted" if self.interrupt_flag else "done"
         except Exception as e:  # a failed job reports why; the worker goes on with the next
-            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            self.state, self.error, self.failure = "failed", f"{type(e).__name__}: {e}", e
         finally:
             self.latest, self.finished = None, time.time()
             self.done.set()

@@ -295,7 +295,8 @@ def test_the_server_accepts_tags_in_prompts(tiny, generator):
                 time.sleep(0.1)
             assert state["state"] == "done" and np.array_equal(pixels(state["images"][0]), expect)
             missing = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "<lora:nope:1>"})
-            assert missing.status_code == 500 and "no LoRA 'nope'" in missing.text
+            assert missing.status_code == 422 and missing.json()["field"] == "prompt", missing.text
+            assert missing.json()["error"].startswith("no LoRA 'nope'")
     finally:
         app.state.queue.close()
 
