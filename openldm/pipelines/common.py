@@ -384,18 +384,9 @@ class GenerationParams:
     deepcache_interval: int = 1
     token_merging_ratio: float = 0.0
     token_merging_max_downsample: int = 1
-
-    def pipeline_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for the pipeline functions (``batch_index`` and ``model`` are not among them)."""
-        d = asdict(self)
-        for key in ("batch_index", "model", "prompt", "class_label"):
-            d.pop(key)
-        if d["strength"] is None:
-            d.pop("strength")
-        d["cutters"] = self.cutters()
-        for key in CUTTER_FIELDS:
-            d.pop(key)
-        return d
+    hires_scale: float | None = None  # hires fix (text-to-image): the second pass's size over the first's
+    hires_upscaler: str | None = None
+    hires_steps: int | None = None  # None: the first pass's steps
 
     def cutters(self) -> StepCutters:
         """The step cutters these parameters ask for."""
@@ -412,6 +403,10 @@ class GenerationParams:
             items.append(("Class label", self.class_label))
         if self.strength is not None:
             items.append(("Denoising strength", _num(self.strength)))
+        if self.hires_scale is not None:
+            items += [("Hires upscale", _num(self.hires_scale)), ("Hires upscaler", self.hires_upscaler)]
+            if self.hires_steps is not None:
+                items.append(("Hires steps", self.hires_steps))
         if self.clip_skip != 1:
             items.append(("Clip skip", self.clip_skip))
         if self.guidance_rescale:
@@ -462,7 +457,9 @@ class GenerationParams:
                        "Guidance interval": ("guidance_interval", lambda v: tuple(float(x) for x in v.split(","))),
                        "DeepCache interval": ("deepcache_interval", int),
                        "Token merging ratio": ("token_merging_ratio", float),
-                       "Token merging max downsample": ("token_merging_max_downsample", int)}
+                       "Token merging max downsample": ("token_merging_max_downsample", int),
+                       "Hires upscale": ("hires_scale", float), "Hires upscaler": ("hires_upscaler", str),
+                       "Hires steps": ("hires_steps", int)}
         for key, (name, convert) in conversions.items():
             if key in settings:
                 setattr(p, name, convert(settings[key]))
@@ -558,10 +555,19 @@ def denoise_and_decode(parts: ModelParts, x: torch.Tensor, plan: SamplingPlan, c
                        sampler: str, guidance_scale: float, guidance_rescale: float, generator: torch.Generator,
                        on_step: OnStep | None = None, vae_tiling: bool = False, progress: bool = True,
                        cutters: StepCutters | None = None) -> torch.Tensor:
-    """Sample from ``x`` (at ``plan.sigmas[0]``) with guidance, then decode: images (B, 3, H, W) in [0, 1].
-    The sampler's state is float32 whatever the network's dtype."""
+    """Sample from ``x`` (at ``plan.sigmas[0]``) with guidance, then decode: images (B, 3, H, W) in [0, 1]."""
+    latents = denoise(parts, x, plan, cond, uncond, sampler=sampler, guidance_scale=guidance_scale,
+                      guidance_rescale=guidance_rescale, generator=generator, on_step=on_step, progress=progress,
+                      cutters=cutters)
+    return decode_latents(parts.vae, latents, tiling=vae_tiling)
+
+
+def denoise(parts: ModelParts, x: torch.Tensor, plan: SamplingPlan, cond: Slots, uncond: Slots, *, sampler: str,
+            guidance_scale: float, guidance_rescale: float, generator: torch.Generator,
+            on_step: OnStep | None = None, progress: bool = True, cutters: StepCutters | None = None) -> torch.Tensor:
+    """Sample from ``x`` (at ``plan.sigmas[0]``) with guidance: the clean latents. The sampler's state is float32
+    whatever the network's dtype."""
     device, _ = module_device_dtype(parts.unet)
     denoiser = guided_denoiser(parts, plan, uncond.to(device=device), guidance_scale, guidance_rescale, cutters)
-    latents = run_sampler(sampler, denoiser, x.to(device, torch.float32), plan, cond.to(device=device), generator,
-                          on_step=on_step, progress=progress)
-    return decode_latents(parts.vae, latents, tiling=vae_tiling)
+    return run_sampler(sampler, denoiser, x.to(device, torch.float32), plan, cond.to(device=device), generator,
+                       on_step=on_step, progress=progress)

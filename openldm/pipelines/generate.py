@@ -95,6 +95,7 @@ class Capabilities:
     max_clip_skip: int = 1  # clip_skip may be 1..this (1: the model has no CLIP layers to skip)
     chunked_prompts: bool = False  # takes prompts over 75 tokens in chunks (A1111's ``chunked``)
     vae_tiling: bool = False  # can decode in overlapping tiles
+    hires_fix: bool = False  # text-to-image in two passes, the second larger (A1111's hires fix)
     device: str = "cpu"  # where the modules are: whose free memory bounds a request
     # working memory one output pixel of one image needs at least (estimates): sampling, decoding
     sample_bytes_per_pixel: float = 0.0
@@ -120,7 +121,9 @@ class GenerationRequest:
     Stable Diffusion models, LoRA files and their weights, applied with those the prompts name (``<lora:NAME:W>``,
     resolved in the generator's LoRA folder).
     ``prompt_weighting``: "none" reads prompts as diffusers does; "a1111" reads AUTOMATIC1111's syntax
-    (``(word:1.3)``, ``[word]``, ``BREAK``) over 75-token chunks."""
+    (``(word:1.3)``, ``[word]``, ``BREAK``) over 75-token chunks. ``hires_scale``: text-to-image in two passes
+    (A1111's hires fix, ``openldm.pipelines.hires``): ``width`` x ``height`` first, then that upscaled and redrawn at
+    ``strength`` (default 0.75)."""
 
     prompt: str | None = None
     negative_prompt: str = ""
@@ -148,6 +151,9 @@ class GenerationRequest:
     deepcache_interval: int = 1
     token_merging_ratio: float = 0.0
     token_merging_max_downsample: int = 1
+    hires_scale: float | None = None  # hires fix: a second pass at this times width x height (None: one pass)
+    hires_upscaler: str | None = None  # None: A1111's "Latent"; openldm.pipelines.hires.UPSCALERS
+    hires_steps: int | None = None  # the second pass's steps (None: ``steps``); its strength is ``strength``
 
     def cutters(self) -> StepCutters:
         """The step cutters this request asks for."""
@@ -164,6 +170,11 @@ class GenerationRequest:
         if r.init_image is None:
             r.width = rec.width if r.width is None else r.width
             r.height = rec.height if r.height is None else r.height
+        if r.hires_scale is not None:
+            from openldm.pipelines.hires import DEFAULT_STRENGTH, DEFAULT_UPSCALER
+
+            r.hires_upscaler = DEFAULT_UPSCALER if r.hires_upscaler is None else r.hires_upscaler
+            r.strength = DEFAULT_STRENGTH if r.strength is None else r.strength
         _check(r, caps)
         return r
 
@@ -202,6 +213,7 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
     if r.prompt_weighting not in caps.prompt_weightings:
         raise RequestError("prompt_weighting", f"prompt_weighting={r.prompt_weighting!r}; model {caps.name!r} takes "
                            f"{', '.join(caps.prompt_weightings)}")
+    _check_hires(r, caps)
     _check_memory(r, caps)
     if isinstance(r.clip_skip, bool) or not isinstance(r.clip_skip, int) or not 1 <= r.clip_skip <= caps.max_clip_skip:
         raise RequestError("clip_skip", f"clip_skip={r.clip_skip!r} must be 1 (model {caps.name!r} has no CLIP text "
@@ -236,7 +248,7 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
         raise RequestError("strength", f"strength={r.strength!r} must be in [0, 1]")
     if r.init_image is not None and not caps.image_to_image:
         raise RequestError("init_image", f"model {caps.name!r} does not do image-to-image")
-    if r.init_image is None and r.strength is not None and r.strength < 1:
+    if r.init_image is None and r.hires_scale is None and r.strength is not None and r.strength < 1:
         raise RequestError("strength", f"strength={r.strength} is for image-to-image; give an init image")
     if r.mask is not None and r.init_image is not None and not caps.inpainting:
         raise RequestError("mask", f"model {caps.name!r} does not inpaint")
@@ -257,6 +269,34 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
         r.prompt = ""
 
 
+def _check_hires(r: GenerationRequest, caps: Capabilities) -> None:
+    if r.hires_scale is None:
+        if r.hires_upscaler is not None or r.hires_steps is not None:
+            name = "hires_upscaler" if r.hires_upscaler is not None else "hires_steps"
+            raise RequestError(name, f"{name} is for the hires fix; give hires_scale too (e.g. 2)")
+        return
+    from openldm.pipelines.hires import HiresFix
+
+    if not caps.hires_fix:
+        raise RequestError("hires_scale", f"model {caps.name!r} has no hires fix (Stable Diffusion weights do)")
+    if r.init_image is not None:
+        raise RequestError("hires_scale", "the hires fix is for text-to-image; leave out the init image (or "
+                           "hires_scale)")
+    try:
+        hires = HiresFix(r.hires_scale, r.hires_upscaler, r.hires_steps, r.strength)
+    except ValueError as e:
+        field = "hires_upscaler" if "upscaler" in str(e) else "strength" if "strength" in str(e) else "hires_scale"
+        raise RequestError(field, str(e)) from None
+    if r.hires_steps is not None and (isinstance(r.hires_steps, bool) or not isinstance(r.hires_steps, int)
+                                      or not 1 <= r.hires_steps <= caps.max_steps):
+        raise RequestError("hires_steps", f"hires_steps={r.hires_steps!r} must be an integer in 1..{caps.max_steps}")
+    width, height = hires.size(r.width, r.height)
+    m = caps.size_multiple
+    if width % m or height % m:
+        raise RequestError("hires_scale", f"hires_scale={r.hires_scale:g} makes {r.width}x{r.height} into "
+                           f"{width}x{height}, which is not a multiple of {m}; choose a scale that is (e.g. 2)")
+
+
 def _check_memory(r: GenerationRequest, caps: Capabilities) -> None:
     """Refuse, before anything is allocated, a request whose images cannot fit in the device's free memory (a lower
     bound: the larger of sampling's and decoding's bytes per output pixel, times the pixels of all images; a tiled
@@ -267,6 +307,8 @@ def _check_memory(r: GenerationRequest, caps: Capabilities) -> None:
         width, height = _image_size(r.init_image) or (width, height)
     if width is None or height is None or not per_pixel:
         return
+    if r.hires_scale is not None:  # the second pass's size (checked before this)
+        width, height = int(width * r.hires_scale), int(height * r.hires_scale)
     need = per_pixel * width * height * r.num_images
     free = free_memory(caps.device)
     if free is not None and need > free:
@@ -368,6 +410,7 @@ def request_from_params(params: GenerationParams) -> GenerationRequest:
         guidance_scale=params.guidance_scale, guidance_rescale=params.guidance_rescale, width=params.width,
         height=params.height, num_images=params.num_images, strength=params.strength, paste_back=params.paste_back,
         clip_skip=params.clip_skip, chunked=params.chunked, prompt_weighting=params.prompt_weighting,
+        hires_scale=params.hires_scale, hires_upscaler=params.hires_upscaler, hires_steps=params.hires_steps,
         **{key: getattr(params, key) for key in CUTTER_FIELDS})
 
 
@@ -413,7 +456,8 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
         guidance_scale=float(request.guidance_scale), guidance_rescale=float(request.guidance_rescale),
         seed=request.seed, height=height, width=width, num_images=count, clip_skip=request.clip_skip,
         chunked=request.chunked, prompt_weighting=request.prompt_weighting, strength=request.strength,
-        paste_back=request.paste_back, model=model,
+        paste_back=request.paste_back, model=model, hires_scale=request.hires_scale,
+        hires_upscaler=request.hires_upscaler, hires_steps=request.hires_steps,
         class_label=None if request.class_label is None else str(request.class_label),
         **{key: getattr(request.cutters(), key) for key in CUTTER_FIELDS})
     return [replace(base, batch_index=i) for i in range(count)]

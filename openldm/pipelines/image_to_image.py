@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 import torch
 from PIL import Image
 
+from openldm.nn.slots import Slots
 from openldm.pipelines.common import (
     SD_GUIDANCE_SCALE,
     SD_SAMPLER,
@@ -50,12 +51,23 @@ def image_to_image(parts: ModelParts, prompt: str | Sequence[str], image: Image.
     shape = latent_shape(parts, cond.context.shape[0], init.shape[2], init.shape[3])
     generator = make_generator(seed)
     known = encode_images(parts.vae, init, generator, tiling=vae_tiling).expand(shape[0], -1, -1, -1)
+    return to_pil(redraw(parts, known, cond, uncond, strength=strength, sampler=sampler, karras=karras, steps=steps,
+                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator,
+                         vae_tiling=vae_tiling, progress=progress, on_step=on_step, cutters=cutters))
+
+
+def redraw(parts: ModelParts, known: torch.Tensor, cond: Slots, uncond: Slots, *, strength: float, sampler: str,
+           karras: bool, steps: int, guidance_scale: float, guidance_rescale: float, generator: torch.Generator,
+           vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None,
+           cutters: StepCutters | None = None) -> torch.Tensor:
+    """The latents ``known`` noised to ``strength`` of the way up the schedule of ``steps`` (noise from
+    ``generator``), sampled back down and decoded: images (B, 3, H, W) in [0, 1]; at strength 0, ``known``
+    decoded."""
     if strength == 0.0:
-        return to_pil(decode_latents(parts.vae, known, tiling=vae_tiling))
+        return decode_latents(parts.vae, known, tiling=vae_tiling)
     plan = sampling_plan(parts, sampler, steps, karras).from_strength(strength)
-    noise = draw_noise(shape, generator, *module_device_dtype(parts.unet))
+    noise = draw_noise(known.shape, generator, *module_device_dtype(parts.unet))
     x = plan.noised_input(known.to(noise.device, noise.dtype), noise)
-    images = denoise_and_decode(parts, x, plan, cond, uncond, sampler=sampler, guidance_scale=guidance_scale,
-                                guidance_rescale=guidance_rescale, generator=generator, on_step=on_step,
-                                vae_tiling=vae_tiling, progress=progress, cutters=cutters)
-    return to_pil(images)
+    return denoise_and_decode(parts, x, plan, cond, uncond, sampler=sampler, guidance_scale=guidance_scale,
+                              guidance_rescale=guidance_rescale, generator=generator, on_step=on_step,
+                              vae_tiling=vae_tiling, progress=progress, cutters=cutters)

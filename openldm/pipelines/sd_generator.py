@@ -28,6 +28,7 @@ from openldm.pipelines.generate import (
     params_for,
     progress_hook,
 )
+from openldm.pipelines.hires import HiresFix
 from openldm.pipelines.image_to_image import image_to_image
 from openldm.pipelines.inpaint import inpaint
 from openldm.pipelines.loras import LoraSwitch, request_loras
@@ -61,6 +62,7 @@ class SDGenerator:
             max_steps=int(getattr(parts.schedule, "num_train_steps", 1000)), prompt_weightings=PROMPT_WEIGHTINGS,
             embeddings=tuple(sorted(self.embeddings)),
             max_clip_skip=int(parts.text_encoder.config.num_hidden_layers), chunked_prompts=True, vae_tiling=True,
+            hires_fix=True,
             device=str(module_device_dtype(parts.unet)[0]), **bytes_per_pixel(parts.unet, parts.vae))
 
     @classmethod
@@ -104,6 +106,11 @@ class SDGenerator:
         strength = r.strength if r.strength is not None else (1.0 if r.mask is not None else 0.75)
         plan = sampling_plan(self.parts, r.sampler, r.steps, r.karras)
         total = plan.from_strength(strength).num_steps if r.init_image is not None and strength > 0 else plan.num_steps
+        hires = None
+        if r.hires_scale is not None:
+            hires = HiresFix(r.hires_scale, r.hires_upscaler, r.hires_steps, strength)
+            second = sampling_plan(self.parts, r.sampler, r.hires_steps or r.steps, r.karras)
+            total += second.from_strength(strength).num_steps if strength > 0 else 0
         common = dict(negative_prompt=negative_prompt, sampler=r.sampler, karras=r.karras, steps=r.steps,
                       guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, seed=r.seed,
                       num_images=r.num_images, clip_skip=r.clip_skip, chunked=r.chunked,
@@ -119,12 +126,13 @@ class SDGenerator:
                 images = image_to_image(self.parts, prompt, r.init_image, strength=strength, height=r.height,
                                         width=r.width, **common)
             else:
-                images = text_to_image(self.parts, prompt, height=r.height, width=r.width, **common)
+                images = text_to_image(self.parts, prompt, height=r.height, width=r.width, hires=hires, **common)
         except Stopped as stop:
             images, interrupted = to_pil(decode_latents(self.parts.vae, stop.denoised, tiling=r.vae_tiling)), True
         if r.init_image is not None:
             r.strength = strength
-        params = params_for(r, self.capabilities.source, len(images), images[0].width, images[0].height)
+        width, height = (r.width, r.height) if hires else images[0].size  # A1111's Size: the first pass's
+        params = params_for(r, self.capabilities.source, len(images), width, height)
         return GenerationResult(images, params, interrupted)
 
     def preview(self, denoised: torch.Tensor) -> Image.Image:
