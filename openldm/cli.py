@@ -343,6 +343,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                                                           "(default: none)")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles (Stable "
                                                              "Diffusion weights)")
+    p.add_argument("--hires-scale", type=float, default=None,
+                   help="A1111's hires fix (Stable Diffusion weights): sample at --width x --height, upscale by this "
+                        "(in (1, 4]) and redraw at that size with --strength (default 0.75) (default: one pass)")
+    p.add_argument("--hires-upscaler", default=None,
+                   help="the hires fix's upscaler, by A1111's name: Latent (default), 'Latent (antialiased)', "
+                        "'Latent (bicubic)', 'Latent (bicubic antialiased)', 'Latent (nearest)', "
+                        "'Latent (nearest-exact)', Lanczos, Nearest, None")
+    p.add_argument("--hires-steps", type=int, default=None, help="the hires pass's steps (default: --steps)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     _dtype_arg(p)
     _compile_arg(p)
@@ -406,7 +414,8 @@ def _request(args: argparse.Namespace, inputs: dict):
         mask=args.mask, paste_back=getattr(args, "paste_back", False), inputs=inputs,
         clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
         prompt_weighting=getattr(args, "prompt_weighting", "none"), vae_tiling=getattr(args, "vae_tiling", False),
-        **_cutter_fields(args))
+        hires_scale=getattr(args, "hires_scale", None), hires_upscaler=getattr(args, "hires_upscaler", None),
+        hires_steps=getattr(args, "hires_steps", None), **_cutter_fields(args))
 
 
 def _lora_args(args: argparse.Namespace) -> list[tuple[str, float]]:

@@ -36,6 +36,7 @@ from openldm.pipelines.common import (
     GenerationParams,
     StepCutters,
 )
+from openldm.pipelines.hires import DEFAULT_STRENGTH, DEFAULT_UPSCALER, HiresFix, hires_size
 
 ImageInput = Image.Image | str | Path
 
@@ -171,8 +172,6 @@ class GenerationRequest:
             r.width = rec.width if r.width is None else r.width
             r.height = rec.height if r.height is None else r.height
         if r.hires_scale is not None:
-            from openldm.pipelines.hires import DEFAULT_STRENGTH, DEFAULT_UPSCALER
-
             r.hires_upscaler = DEFAULT_UPSCALER if r.hires_upscaler is None else r.hires_upscaler
             r.strength = DEFAULT_STRENGTH if r.strength is None else r.strength
         _check(r, caps)
@@ -275,8 +274,6 @@ def _check_hires(r: GenerationRequest, caps: Capabilities) -> None:
             name = "hires_upscaler" if r.hires_upscaler is not None else "hires_steps"
             raise RequestError(name, f"{name} is for the hires fix; give hires_scale too (e.g. 2)")
         return
-    from openldm.pipelines.hires import HiresFix
-
     if not caps.hires_fix:
         raise RequestError("hires_scale", f"model {caps.name!r} has no hires fix (Stable Diffusion weights do)")
     if r.init_image is not None:
@@ -308,7 +305,7 @@ def _check_memory(r: GenerationRequest, caps: Capabilities) -> None:
     if width is None or height is None or not per_pixel:
         return
     if r.hires_scale is not None:  # the second pass's size (checked before this)
-        width, height = int(width * r.hires_scale), int(height * r.hires_scale)
+        width, height = hires_size(width, height, r.hires_scale)
     need = per_pixel * width * height * r.num_images
     free = free_memory(caps.device)
     if free is not None and need > free:

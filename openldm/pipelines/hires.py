@@ -43,8 +43,14 @@ class HiresFix:
             raise ValueError(f"the hires pass's strength={self.strength!r} must be in [0, 1]")
 
     def size(self, width: int, height: int) -> tuple[int, int]:
-        """The second pass's (width, height) for a first pass of ``width`` x ``height``, as A1111 rounds it."""
-        return int(width * self.scale), int(height * self.scale)
+        """The second pass's (width, height) for a first pass of ``width`` x ``height``."""
+        return hires_size(width, height, self.scale)
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """``width`` x ``height`` times ``scale``, whole (A1111 truncates; rounding gives the same sizes wherever they
+    are whole, without float error's 1999.9999 -> 1999)."""
+    return round(width * scale), round(height * scale)
 
 
 def upscale(parts: ModelParts, latents: torch.Tensor, width: int, height: int, upscaler: str,

@@ -5,8 +5,9 @@ Fields A1111 clients send that decide the image are honoured (prompt, negative_p
 sampler_index, scheduler, batch_size, n_iter, steps, cfg_scale, width, height, init_images, denoising_strength,
 mask, mask_blur, inpainting_mask_invert, override_settings' sd_model_checkpoint and CLIP_stop_at_last_layers);
 settings a model recommends (steps, cfg_scale, sampler, size) start from the model's own values when a request
-leaves them out. Requests for features openldm does not have (hires fix, restore faces, tiling, scripts, subseeds)
-are refused with a 4xx naming the field rather than silently ignored; every other unknown field is ignored, as
+leaves them out; the hires fix (enable_hr, hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps,
+denoising_strength) runs as A1111's. Requests for features openldm does not have (restore faces, tiling, scripts,
+subseeds) are refused with a 4xx naming the field rather than silently ignored; every other unknown field is ignored, as
 A1111 ignores it.
 """
 from __future__ import annotations
@@ -50,6 +51,19 @@ class Txt2ImgRequest(BaseModel):
     restore_faces: bool | None = None
     tiling: bool | None = None
     enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_checkpoint_name: str | None = None
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    denoising_strength: float | None = None  # txt2img: the hires pass's (A1111's 0.75 when left out)
     override_settings: dict[str, Any] | None = None
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] | None = None
@@ -119,8 +133,40 @@ def _sampler(body: Txt2ImgRequest) -> tuple[str | None, bool | None]:
     return sampler, True if legacy_karras else karras
 
 
+def _hires(body: Txt2ImgRequest, request: GenerationRequest) -> None:
+    """A1111's hires fields onto ``request``: the scale (``hr_scale``, or the size ``hr_resize_x`` / ``_y`` asks
+    for), upscaler, second-pass steps and ``denoising_strength``. What openldm cannot do in the second pass (another
+    sampler, prompt or checkpoint; a resize to another aspect ratio, which A1111 crops) is refused by name."""
+    if body.firstphase_width or body.firstphase_height:
+        raise RequestError("firstphase_width", "firstphase_width / firstphase_height (A1111's old hires fields) are "
+                           "not supported; give width, height and hr_scale")
+    for name, value, same in (("hr_sampler_name", body.hr_sampler_name, body.sampler_name or body.sampler_index),
+                              ("hr_scheduler", body.hr_scheduler, body.scheduler),
+                              ("hr_prompt", body.hr_prompt, body.prompt),
+                              ("hr_negative_prompt", body.hr_negative_prompt, body.negative_prompt)):
+        if value and value != same and not (name == "hr_sampler_name" and value == "Use same sampler") and not (
+                name == "hr_scheduler" and value == "Use same scheduler"):
+            raise RequestError(name, f"{name}: the hires pass uses the first pass's; leave it out or the same")
+    if body.hr_checkpoint_name and body.hr_checkpoint_name != "Use same checkpoint":
+        raise RequestError("hr_checkpoint_name", "hr_checkpoint_name: the hires pass uses the first pass's model")
+    scale = body.hr_scale
+    if body.hr_resize_x or body.hr_resize_y:
+        if body.width is None or body.height is None:
+            raise RequestError("hr_resize_x", "hr_resize_x/y need the first pass's width and height in the request")
+        width, height = body.width, body.height
+        x = body.hr_resize_x or body.hr_resize_y * width // height
+        y = body.hr_resize_y or body.hr_resize_x * height // width
+        if x * height != y * width:
+            raise RequestError("hr_resize_x", f"hr_resize_x/y {x}x{y} has another aspect ratio than {width}x{height} "
+                               "(A1111 would crop); give one of them, or the same ratio")
+        scale = x / width
+    request.hires_scale, request.hires_upscaler = float(scale), body.hr_upscaler
+    request.hires_steps = body.hr_second_pass_steps or None
+    request.strength = body.denoising_strength
+
+
 def _refuse_unsupported(body: Txt2ImgRequest) -> None:
-    for name, asked in (("enable_hr", body.enable_hr), ("restore_faces", body.restore_faces),
+    for name, asked in (("restore_faces", body.restore_faces),
                         ("tiling", body.tiling), ("script_name", body.script_name),
                         ("alwayson_scripts", bool(body.alwayson_scripts)), ("styles", bool(body.styles)),
                         ("subseed_strength", body.subseed_strength > 0)):
@@ -144,6 +190,10 @@ def to_request(body: Txt2ImgRequest, prompt_weighting: str = "a1111") -> Generat
         karras=karras, steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
         num_images=body.batch_size, clip_skip=int(overrides.get("CLIP_stop_at_last_layers", 1)),
         prompt_weighting=prompt_weighting)
+    if body.enable_hr:
+        if isinstance(body, Img2ImgRequest):
+            raise RequestError("enable_hr", "enable_hr is for txt2img (A1111's img2img has no hires fix)")
+        _hires(body, request)
     if isinstance(body, Img2ImgRequest):
         if not body.init_images:
             raise RequestError("init_images", "img2img needs init_images: a list of one base64 image")
@@ -238,6 +288,21 @@ def loras(lora_dir: str | Path | None) -> list[dict[str, Any]]:
         listed.append({"name": name, "alias": alias if isinstance(alias, str) and alias else name,
                        "path": str(path), "metadata": meta})
     return listed
+
+
+def upscalers() -> list[dict[str, Any]]:
+    """``/sdapi/v1/upscalers``: the pixel upscalers the hires fix takes (A1111's built-in ones; no model files)."""
+    from openldm.pipelines.hires import PIXEL_UPSCALERS
+
+    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
+            for name in PIXEL_UPSCALERS]
+
+
+def latent_upscale_modes() -> list[dict[str, str]]:
+    """``/sdapi/v1/latent-upscale-modes``: the latent upscalers the hires fix takes, by A1111's names."""
+    from openldm.pipelines.hires import LATENT_UPSCALERS
+
+    return [{"name": name} for name in LATENT_UPSCALERS]
 
 
 def samplers() -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from openldm.pipelines.common import GenerationParams
 from openldm.pipelines.generate import GenerationRequest, RequestError
+from openldm.pipelines.hires import hires_size
 from openldm.web import a1111
 from openldm.web.jobs import Job, JobQueue, ModelPool, UnknownModel, model_sources
 
@@ -73,6 +74,9 @@ class JobRequest(BaseModel):
     deepcache_interval: int = 1
     token_merging_ratio: float = 0.0
     token_merging_max_downsample: int = 1
+    hires_scale: float | None = None  # the hires fix: GenerationRequest's names
+    hires_upscaler: str | None = None
+    hires_steps: int | None = None
 
 
 class PngInfoRequest(BaseModel):
@@ -191,6 +195,8 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
         if isinstance(r.init_image, Image.Image) and isinstance(r.mask, Image.Image):
             a1111.check_mask_size(r.mask, r.init_image)
         width, height = (r.width, r.height) if r.width else (r.init_image.size if r.init_image else (0, 0))
+        if r.hires_scale is not None:  # the hires pass's size bounds the work
+            width, height = hires_size(width, height, r.hires_scale)
         if width * height * r.num_images > max_pixels:
             raise RequestError("width", f"{width}x{height} x {r.num_images} images = {width * height * r.num_images}"
                                f" pixels is more than this server's --max-pixels {max_pixels}")
@@ -380,6 +386,14 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     @app.get("/sdapi/v1/embeddings")
     def embeddings():
         return a1111.embeddings(getattr(pool.get(), "embeddings", {}))
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers():
+        return a1111.upscalers()
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes():
+        return a1111.latent_upscale_modes()
 
     @app.get("/sdapi/v1/loras")
     def loras():

@@ -1,6 +1,7 @@
 """The hires fix (A1111's two-pass text-to-image) against diffusers on a tiny random-weight SD model: diffusers'
 text-to-image, the upscale as A1111 defines it (latents interpolated, or the image resized), then diffusers'
-image-to-image on a generator seeded again with the seed, as A1111 seeds its second pass, beside one openldm request; its parameters, progress and errors."""
+image-to-image on a generator seeded again with the seed (as A1111 seeds its second pass), beside one openldm
+request; its parameters, progress and errors."""
 from __future__ import annotations
 
 import numpy as np
@@ -103,7 +104,7 @@ def test_progress_counts_both_passes(generator):
 
 @pytest.mark.parametrize("change, field, says", [
     ({"hires_scale": 1.0}, "hires_scale", "in (1, 4]"),
-    ({"hires_scale": 1.3}, "hires_scale", "32x32 into 41x41, which is not a multiple of"),
+    ({"hires_scale": 1.1}, "hires_scale", "32x32 into 35x35, which is not a multiple of"),
     ({"hires_upscaler": "R-ESRGAN 4x+"}, "hires_upscaler", "is not one of Latent"),
     ({"hires_steps": 0}, "hires_steps", "1..1000"),
     ({"strength": 1.5}, "strength", "[0, 1]"),

@@ -150,7 +150,12 @@ RED = b64(Image.new("RGB", (32, 32), (200, 30, 30)))
     ("txt2img", {"steps": "many"}, "steps"),
     ("txt2img", {"cfg_scale": -1}, "guidance_scale"),
     ("txt2img", {"cfg_scale": "NaN"}, "guidance_scale"),
-    ("txt2img", {"enable_hr": True}, "enable_hr"),
+    ("txt2img", {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hires_upscaler"),
+    ("txt2img", {"enable_hr": True, "hr_scale": 8}, "hires_scale"),
+    ("txt2img", {"enable_hr": True, "hr_prompt": "another prompt"}, "hr_prompt"),
+    ("txt2img", {"enable_hr": True, "hr_resize_x": 64, "hr_resize_y": 40}, "hr_resize_x"),
+    ("txt2img", {"enable_hr": True, "hr_scale": 4, "width": 64, "height": 64}, "width"),  # 256x256: over --max-pixels
+    ("img2img", {"init_images": [RED], "enable_hr": True}, "enable_hr"),
     ("img2img", {"init_images": ["not an image"]}, "init_images"),
     ("img2img", {}, "init_images"),
     ("img2img", {"init_images": [RED], "mask": b64(Image.new("L", (16, 16), 255))}, "mask"),
@@ -178,6 +183,30 @@ def test_txt2img_equals_openldm_generate(sd, sd_file, tmp_path):
     assert main(["generate", "--from-png", str(served_file), "--model", str(sd_file), "--out", str(again),
                  "--quiet"]) == 0
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(served))
+
+
+def test_txt2img_hires_fix_equals_openldm_generate_hires(sd, sd_file, tmp_path):
+    body = {"prompt": "a red circle", "negative_prompt": "blue", "seed": 5, "steps": 3, "cfg_scale": 6, "width": 32,
+            "height": 32, "sampler_name": "Euler", "enable_hr": True, "hr_upscaler": "Latent (bicubic)",
+            "hr_second_pass_steps": 4, "denoising_strength": 0.5}
+    r = sd.post("/sdapi/v1/txt2img", json={**body, "hr_scale": 1.5})
+    assert r.status_code == 200, r.text
+    served = unb64(r.json()["images"][0])
+    assert served.size == (48, 48)
+    assert "Hires upscale: 1.5, Hires upscaler: Latent (bicubic), Hires steps: 4" in served.info["parameters"]
+    out = tmp_path / "cli.png"
+    assert main(["generate", "--model", str(sd_file), "--prompt", "a red circle", "--negative-prompt", "blue",
+                 "--seed", "5", "--steps", "3", "--guidance-scale", "6", "--width", "32", "--height", "32",
+                 "--sampler", "euler", "--prompt-weighting", "a1111", "--hires-scale", "1.5", "--hires-upscaler",
+                 "Latent (bicubic)", "--hires-steps", "4", "--strength", "0.5", "--out", str(out), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(served), np.asarray(Image.open(out)))
+    resized = sd.post("/sdapi/v1/txt2img", json={**body, "hr_resize_x": 48})  # the same size asked another way
+    assert np.array_equal(np.asarray(unb64(resized.json()["images"][0])), np.asarray(served))
+    plain = sd.post("/sdapi/v1/txt2img", json={**body, "enable_hr": False})  # hr_* and strength then ignored
+    assert unb64(plain.json()["images"][0]).size == (32, 32)
+    names = [u["name"] for u in sd.get("/sdapi/v1/upscalers").json()]
+    modes = [m["name"] for m in sd.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert names == ["None", "Lanczos", "Nearest"] and modes[0] == "Latent" and "Latent (bicubic)" in modes
 
 
 def _text(image):
