@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from openldm.pipelines.common import GenerationParams
 from openldm.pipelines.generate import GenerationRequest, RequestError
-from openldm.pipelines.hires import hires_size
+from openldm.pipelines.hires import UPSCALERS, hires_size
 from openldm.web import a1111
 from openldm.web.jobs import Job, JobQueue, ModelPool, UnknownModel, model_sources
 
@@ -238,7 +238,8 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
             caps = pool.get(pool.name_of(name)).capabilities
         except UnknownModel as e:
             raise HTTPException(404, str(e)) from None
-        return {**caps.to_dict(), "sampler_labels": {s: a1111_name(s) for s in caps.samplers}}
+        return {**caps.to_dict(), "sampler_labels": {s: a1111_name(s) for s in caps.samplers},
+                "hires_upscalers": list(UPSCALERS) if caps.hires_fix else []}
 
     @app.post("/openldm/jobs")
     def create_job(body: JobRequest):

@@ -1,8 +1,8 @@
 """The served page in a real browser (Debian's Chromium driven by Playwright) against a real server with the
 bundled Fashion-MNIST model: the model's capabilities shape the form, a class-conditional job shows progress and a
 live preview and lands in the gallery as a PNG carrying its parameters, errors name their field, the inpainting
-mask painter sends a mask of the image's size, and PNG parameters (file input and a real drop) fill the form.
-Writes docs/serve-page.png."""
+mask painter sends a mask of the image's size, and PNG parameters (file input and a real drop) fill the form; with
+a tiny Stable Diffusion model, the hires fix controls. Writes docs/serve-page.png."""
 from __future__ import annotations
 
 import base64
@@ -33,7 +33,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server_url():
-    app = create_app()
+    yield from _serve(create_app())
+
+
+def _serve(app):
+    """Serve ``app`` on a free local port in a thread; yields its URL, then stops it."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -69,12 +73,17 @@ def browser():
 
 @pytest.fixture
 def page(browser, server_url):
+    yield from _open(browser, server_url, "document.querySelectorAll('#class-label option').length > 1")
+
+
+def _open(browser, url: str, ready: str):
+    """A page at ``url`` once the JavaScript condition ``ready`` holds; no JavaScript errors by the end."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server_url)
-    page.wait_for_function("document.querySelectorAll('#class-label option').length > 1", timeout=TIMEOUT_S * 1000)
+    page.goto(url)
+    page.wait_for_function(ready, timeout=TIMEOUT_S * 1000)
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -311,3 +320,45 @@ def test_png_parameters_from_file_input_and_drop(page, tmp_path):
     page.set_input_files("#png-file", str(tmp_path / "plain.png"))
     page.wait_for_selector("#error:not([hidden])", timeout=TIMEOUT_S * 1000)
     assert "parameters" in page.inner_text("#error")
+
+
+@pytest.fixture(scope="module")
+def sd_url(tmp_path_factory):
+    from sd_testing import tiny_pipeline
+
+    from openldm.cli import main
+
+    tmp = tmp_path_factory.mktemp("page_sd")
+    folder, _ = tiny_pipeline(tmp)
+    assert main(["convert", str(folder), str(tmp / "tiny.safetensors"), "--to", "original"]) == 0
+    yield from _serve(create_app([str(tmp / "tiny.safetensors")]))
+
+
+def test_the_hires_fix_controls_make_a_larger_image_and_come_back_from_its_png(browser, sd_url, page, tmp_path):
+    assert page.is_hidden("#hires-row")  # the bundled model has no hires fix
+    for sd in _open(browser, sd_url, "document.querySelectorAll('#hires-upscaler option').length > 1"):
+        assert sd.is_visible("#hires-row") and sd.input_value("#hires-upscaler") == "Latent"
+        sd.fill("#prompt", "a red circle")
+        for field, value in (("#steps", "2"), ("#width", "32"), ("#height", "32"), ("#seed", "3"),
+                             ("#hires-scale", "2"), ("#hires-steps", "3")):
+            sd.fill(field, value)
+        sd.check("#hires")
+        sd.select_option("#hires-upscaler", "Latent (nearest)")
+        sd.fill("#hires-strength", "0.5")
+        generate_and_watch(sd, before=0)
+        image = decode_data_url(sd.locator("#gallery img.result-image").first.get_attribute("src"))
+        assert image.size == (64, 64)
+        parameters = image.info["parameters"]
+        assert "Size: 32x32" in parameters and "Denoising strength: 0.5" in parameters
+        assert "Hires upscale: 2, Hires upscaler: Latent (nearest), Hires steps: 3" in parameters
+
+        sd.uncheck("#hires")
+        sd.select_option("#hires-upscaler", "Lanczos")
+        path = tmp_path / "hires.png"
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+        image.save(path, pnginfo=info)
+        sd.set_input_files("#png-file", str(path))
+        sd.wait_for_function("document.getElementById('hires').checked", timeout=TIMEOUT_S * 1000)
+        assert sd.input_value("#hires-upscaler") == "Latent (nearest)" and sd.input_value("#hires-steps") == "3"
+        assert sd.input_value("#hires-strength") == "0.5" and sd.input_value("#hires-scale") == "2"

@@ -51,7 +51,8 @@ function fieldElement(field) {
     seed: "seed", sampler: "sampler", karras: "karras", steps: "steps", guidance_scale: "guidance",
     width: "width", height: "height", num_images: "num-images", mask: "mask-view",
     init_image: imageTab === "inpaint" ? "inpaint-image" : "init-image",
-    strength: imageTab === "inpaint" ? "inpaint-strength" : "strength", image: "png-file",
+    strength: { inpaint: "inpaint-strength", img2img: "strength" }[state.tab] || "hires-strength",
+    image: "png-file", hires_scale: "hires-scale", hires_upscaler: "hires-upscaler", hires_steps: "hires-steps",
   };
   const name = String(field).replace(/^inputs\./, "");
   return $(map[field] || `input-${name}`);
@@ -135,6 +136,8 @@ function applyCapabilities(caps) {
   buildInputs(caps.inputs || []);
   const hasConditions = Boolean(classes) || (caps.inputs || []).length > 0;
 
+  setVisible("hires-row", Boolean(caps.hires_fix));
+  $("hires-upscaler").replaceChildren(...(caps.hires_upscalers || []).map((u) => new Option(u, u)));
   $("tab-img2img").hidden = !caps.image_to_image;
   $("tab-inpaint").hidden = !caps.inpainting;
   $("tab-conditions").hidden = !hasConditions;
@@ -465,6 +468,12 @@ function buildRequest() {
   } else {
     request.width = numberOrNull("width");
     request.height = numberOrNull("height");
+    if (caps.hires_fix && $("hires").checked) {
+      request.hires_scale = numberOrNull("hires-scale");
+      request.hires_upscaler = $("hires-upscaler").value || null;
+      request.hires_steps = numberOrNull("hires-steps") || null;  // 0: the same as Steps
+      request.strength = Number($("hires-strength").value);
+    }
   }
   return request;
 }
@@ -652,8 +661,18 @@ async function applyParams(p) {
   for (const [key, id] of Object.entries(numbers)) {
     if (p[key] !== undefined && p[key] !== null) $(id).value = p[key];
   }
+  if (caps && caps.hires_fix) {
+    $("hires").checked = p.hires_scale !== undefined && p.hires_scale !== null;
+    if ($("hires").checked) {
+      $("hires-scale").value = p.hires_scale;
+      if ([...$("hires-upscaler").options].some((o) => o.value === p.hires_upscaler)) {
+        $("hires-upscaler").value = p.hires_upscaler;
+      }
+      $("hires-steps").value = p.hires_steps || 0;
+    }
+  }
   if (p.strength !== undefined && p.strength !== null) {
-    for (const id of ["strength", "inpaint-strength"]) {
+    for (const id of ["strength", "inpaint-strength", "hires-strength"]) {
       $(id).value = p.strength;
       $(id).dispatchEvent(new Event("input"));
     }
@@ -706,7 +725,7 @@ function setUp() {
   $("seed-random").addEventListener("click", () => { $("seed").value = -1; });
   $("seed-reuse").addEventListener("click", () => { if (state.lastSeed !== null) $("seed").value = state.lastSeed; });
   $("class-label").addEventListener("change", updateSummary);
-  for (const id of ["strength", "inpaint-strength"]) {
+  for (const id of ["strength", "inpaint-strength", "hires-strength"]) {
     $(id).addEventListener("input", () => { $(`${id}-value`).textContent = Number($(id).value).toFixed(2); });
   }
   $("init-image").addEventListener("change", async () => {
