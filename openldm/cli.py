@@ -345,7 +345,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                                                              "Diffusion weights)")
     p.add_argument("--hires-scale", type=float, default=None,
                    help="A1111's hires fix (Stable Diffusion weights): sample at --width x --height, upscale by this "
-                        "(in (1, 4]) and redraw at that size with --strength (default 0.75) (default: one pass)")
+                        "(in [1, 4]) and redraw at that size with --strength (default 0.75) (default: one pass)")
     p.add_argument("--hires-upscaler", default=None,
                    help="the hires fix's upscaler, by A1111's name: Latent (default), 'Latent (antialiased)', "
                         "'Latent (bicubic)', 'Latent (bicubic antialiased)', 'Latent (nearest)', "

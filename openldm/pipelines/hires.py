@@ -26,8 +26,8 @@ MAX_SCALE = 4.0
 
 @dataclass(frozen=True)
 class HiresFix:
-    """The second pass: ``scale`` (> 1, at most 4), ``upscaler`` (one of :data:`UPSCALERS`), ``steps`` (None: the
-    first pass's; of them the last ``int(steps * strength)`` run) and ``strength`` in [0, 1]."""
+    """The second pass: ``scale`` (1 to 4; 1 redraws at the same size), ``upscaler`` (one of :data:`UPSCALERS`),
+    ``steps`` (None: the first pass's; of them the last ``int(steps * strength)`` run) and ``strength`` in [0, 1]."""
 
     scale: float = 2.0
     upscaler: str = DEFAULT_UPSCALER
@@ -35,8 +35,8 @@ class HiresFix:
     strength: float = DEFAULT_STRENGTH
 
     def __post_init__(self):
-        if not isinstance(self.scale, (int, float)) or not 1.0 < self.scale <= MAX_SCALE:
-            raise ValueError(f"hires_scale={self.scale!r} must be a number in (1, {MAX_SCALE:g}]")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not 1 <= self.scale <= MAX_SCALE:
+            raise ValueError(f"hires_scale={self.scale!r} must be a number in [1, {MAX_SCALE:g}]")
         if self.upscaler not in UPSCALERS:
             raise ValueError(f"hires upscaler {self.upscaler!r} is not one of {', '.join(UPSCALERS)}")
         if not 0.0 <= self.strength <= 1.0:

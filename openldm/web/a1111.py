@@ -7,8 +7,8 @@ mask, mask_blur, inpainting_mask_invert, override_settings' sd_model_checkpoint 
 settings a model recommends (steps, cfg_scale, sampler, size) start from the model's own values when a request
 leaves them out; the hires fix (enable_hr, hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps,
 denoising_strength) runs as A1111's. Requests for features openldm does not have (restore faces, tiling, scripts,
-subseeds) are refused with a 4xx naming the field rather than silently ignored; every other unknown field is ignored, as
-A1111 ignores it.
+subseeds) are refused with a 4xx naming the field rather than silently ignored; every other unknown field is
+ignored, as A1111 ignores it.
 """
 from __future__ import annotations
 

@@ -103,7 +103,8 @@ def test_progress_counts_both_passes(generator):
 
 
 @pytest.mark.parametrize("change, field, says", [
-    ({"hires_scale": 1.0}, "hires_scale", "in (1, 4]"),
+    ({"hires_scale": 0.5}, "hires_scale", "in [1, 4]"),
+    ({"hires_scale": float("nan")}, "hires_scale", "in [1, 4]"),
     ({"hires_scale": 1.1}, "hires_scale", "32x32 into 35x35, which is not a multiple of"),
     ({"hires_upscaler": "R-ESRGAN 4x+"}, "hires_upscaler", "is not one of Latent"),
     ({"hires_steps": 0}, "hires_steps", "1..1000"),
