@@ -351,6 +351,11 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                         "'Latent (bicubic)', 'Latent (bicubic antialiased)', 'Latent (nearest)', "
                         "'Latent (nearest-exact)', Lanczos, Nearest, None")
     p.add_argument("--hires-steps", type=int, default=None, help="the hires pass's steps (default: --steps)")
+    p.add_argument("--styles-file", default=None, help="A1111's styles.csv (name,prompt,negative_prompt) that --style "
+                                                       "names come from")
+    p.add_argument("--style", action="append", default=[], metavar="NAME",
+                   help="apply this style of --styles-file to the prompt and negative prompt, as A1111 does "
+                        "(repeatable, applied in order)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     _dtype_arg(p)
     _compile_arg(p)
@@ -416,6 +421,20 @@ def _request(args: argparse.Namespace, inputs: dict):
         prompt_weighting=getattr(args, "prompt_weighting", "none"), vae_tiling=getattr(args, "vae_tiling", False),
         hires_scale=getattr(args, "hires_scale", None), hires_upscaler=getattr(args, "hires_upscaler", None),
         hires_steps=getattr(args, "hires_steps", None), **_cutter_fields(args))
+
+
+def _styles(path: str | None, names: list[str]) -> list:
+    """The styles ``names`` of the styles file ``path`` (checked even when no style is named)."""
+    from openldm.pipelines.styles import choose, read_styles
+
+    if path is None:
+        if names:
+            raise ConfigError("--style needs --styles-file FILE (A1111's styles.csv)")
+        return []
+    try:
+        return choose(read_styles(path), names)
+    except ValueError as e:
+        raise ConfigError(f"--style: {e}" if "no style" in str(e) else f"--styles-file: {e}") from None
 
 
 def _lora_args(args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -507,6 +526,7 @@ def _generate(args: argparse.Namespace) -> int:
     from openldm.pipelines.common import output_paths
     from openldm.pipelines.generate import process_share, request_from_params
     from openldm.pipelines.sources import load_generator
+    from openldm.pipelines.styles import apply_styles
 
     if args.model is not None:
         resolve_source(args.model)  # a missing model is named first, before any other flag
@@ -553,7 +573,11 @@ def _generate(args: argparse.Namespace) -> int:
         request = replace(request_from_params(stored), **given)
         pick = stored.batch_index if stored.num_images > 1 and "num_images" not in given else None
     request.loras = loras
+    chosen = _styles(getattr(args, "styles_file", None), getattr(args, "style", []))
+    if chosen:
+        request.prompt, request.negative_prompt = apply_styles(request.prompt or "", request.negative_prompt, chosen)
     if prompts is not None:
+        prompts = [apply_styles(p, "", chosen)[0] for p in prompts]
         request.prompt = prompts[0]
     if caps.kind == "stable-diffusion" and request.prompt is None:
         raise ConfigError("--prompt is required for Stable Diffusion weights")
@@ -647,6 +671,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                                                     "NAME.safetensors")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings that prompts of "
                                                           "Stable Diffusion models use by name")
+    p.add_argument("--styles-file", default=None, help="A1111's styles.csv (name,prompt,negative_prompt), whose styles "
+                                                       "A1111 API requests name in 'styles' (default: none)")
 
 
 @command("serve", "serve a web page and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1/...) over one job queue",
@@ -660,10 +686,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--api-auth takes USER:PASS pairs separated by commas")
     if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
         raise ConfigError(f"--lora-dir {args.lora_dir!r} is not a folder")
+    _styles(args.styles_file, [])
     serve(args.model, host=args.host, port=args.port, api_auth=args.api_auth, cors_allow_origins=origins,
           max_batch=args.max_batch, max_pixels=args.max_pixels, device=args.device,
           dtype=_chosen_dtype(args), lora_dir=args.lora_dir,
-          embeddings_dir=args.embeddings_dir, compile=args.compile)
+          embeddings_dir=args.embeddings_dir, compile=args.compile, styles_file=args.styles_file)
     return 0
 
 

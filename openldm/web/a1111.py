@@ -6,9 +6,9 @@ sampler_index, scheduler, batch_size, n_iter, steps, cfg_scale, width, height, i
 mask, mask_blur, inpainting_mask_invert, override_settings' sd_model_checkpoint and CLIP_stop_at_last_layers);
 settings a model recommends (steps, cfg_scale, sampler, size) start from the model's own values when a request
 leaves them out; the hires fix (enable_hr, hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps,
-denoising_strength) runs as A1111's. Requests for features openldm does not have (restore faces, tiling, scripts,
-subseeds) are refused with a 4xx naming the field rather than silently ignored; every other unknown field is
-ignored, as A1111 ignores it.
+denoising_strength) runs as A1111's, and ``styles`` from the server's styles.csv apply to the prompts. Requests for
+features openldm does not have (restore faces, tiling, scripts, subseeds) are refused with a 4xx naming the field
+rather than silently ignored; every other unknown field is ignored, as A1111 ignores it.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from openldm.pipelines.common import GenerationParams, png_bytes
 from openldm.pipelines.generate import GenerationRequest, RequestError
+from openldm.pipelines.styles import Style, apply_styles, choose
 
 VERSION = "openldm 0.1.0"
 
@@ -168,7 +169,7 @@ def _hires(body: Txt2ImgRequest, request: GenerationRequest) -> None:
 def _refuse_unsupported(body: Txt2ImgRequest) -> None:
     for name, asked in (("restore_faces", body.restore_faces),
                         ("tiling", body.tiling), ("script_name", body.script_name),
-                        ("alwayson_scripts", bool(body.alwayson_scripts)), ("styles", bool(body.styles)),
+                        ("alwayson_scripts", bool(body.alwayson_scripts)),
                         ("subseed_strength", body.subseed_strength > 0)):
         if asked:
             raise RequestError(name, f"{name} is not supported by openldm (leave it out, false or empty)")
@@ -179,14 +180,25 @@ def model_override(body: Txt2ImgRequest) -> str | None:
     return (body.override_settings or {}).get("sd_model_checkpoint")
 
 
-def to_request(body: Txt2ImgRequest, prompt_weighting: str = "a1111") -> GenerationRequest:
+def to_request(body: Txt2ImgRequest, prompt_weighting: str = "a1111",
+               styles: dict[str, Style] | None = None) -> GenerationRequest:
     """The generation request for an A1111 txt2img / img2img body (the seed still A1111's: -1 = random). Prompts
-    are read in A1111's syntax (``prompt_weighting="a1111"``) unless the model cannot ("none")."""
+    are read in A1111's syntax (``prompt_weighting="a1111"``) unless the model cannot ("none"); the ``styles`` the
+    body names (from the server's styles file) are applied to them."""
     _refuse_unsupported(body)
     sampler, karras = _sampler(body)
     overrides = body.override_settings or {}
+    prompt, negative_prompt = body.prompt, body.negative_prompt
+    if body.styles:
+        if not styles:
+            raise RequestError("styles", "styles: this server has no styles file; start it with --styles-file FILE "
+                               "(A1111's styles.csv)")
+        try:
+            prompt, negative_prompt = apply_styles(prompt, negative_prompt, choose(styles, body.styles))
+        except ValueError as e:
+            raise RequestError("styles", str(e)) from None
     request = GenerationRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, seed=random_seed(body.seed), sampler=sampler,
+        prompt=prompt, negative_prompt=negative_prompt, seed=random_seed(body.seed), sampler=sampler,
         karras=karras, steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
         num_images=body.batch_size, clip_skip=int(overrides.get("CLIP_stop_at_last_layers", 1)),
         prompt_weighting=prompt_weighting)
@@ -288,6 +300,11 @@ def loras(lora_dir: str | Path | None) -> list[dict[str, Any]]:
         listed.append({"name": name, "alias": alias if isinstance(alias, str) and alias else name,
                        "path": str(path), "metadata": meta})
     return listed
+
+
+def prompt_styles(styles: dict[str, Style]) -> list[dict[str, str]]:
+    """``/sdapi/v1/prompt-styles``: the server's styles file, as A1111 lists it."""
+    return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in styles.values()]
 
 
 def upscalers() -> list[dict[str, Any]]:

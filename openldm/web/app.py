@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from openldm.pipelines.common import GenerationParams
 from openldm.pipelines.generate import GenerationRequest, RequestError
 from openldm.pipelines.hires import UPSCALERS, hires_size
+from openldm.pipelines.styles import Style, read_styles
 from openldm.web import a1111
 from openldm.web.jobs import Job, JobQueue, ModelPool, UnknownModel, model_sources
 
@@ -119,17 +120,23 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
                cors_allow_origins: list[str] | None = None, max_batch: int = 8, max_pixels: int = 1024 * 1024,
                device: str = "cpu", dtype: str = "float32", preload: bool = False,
                lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
-               compile: bool = False) -> FastAPI:
+               compile: bool = False, styles_file: str | Path | None = None) -> FastAPI:
     """The app serving ``models`` (see ``model_sources``; None = the bundled model). ``app.state.pool`` holds the
     models, ``app.state.queue`` the job queue (``close()`` it to stop its worker). ``preload`` loads the first
     model now (a bad model fails here, not at the first request). ``lora_dir``: where prompts' ``<lora:NAME:W>``
     tags find their files; ``embeddings_dir``: textual-inversion embeddings for the Stable Diffusion models
     served; ``compile``: torch.compile each model's UNet, and decoder off a CPU (the graphs stay with the loaded
-    models)."""
+    models); ``styles_file``: A1111's styles.csv, which A1111 requests name in ``styles`` (read at each request, so
+    edits apply at once; a bad file fails here)."""
     pool = ModelPool(model_sources(models), device=device, dtype=dtype, lora_dir=lora_dir,
                      embeddings_dir=embeddings_dir, compile=compile)
     if preload:
         pool.get()
+
+    def styles() -> dict[str, Style]:
+        return read_styles(styles_file) if styles_file is not None else {}
+
+    styles()
     queue = JobQueue()
     credentials = _parse_auth(api_auth)
     app = FastAPI(title="openldm", version=a1111.VERSION.split()[-1], docs_url="/docs")
@@ -310,7 +317,7 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     def a1111_generate(body: a1111.Txt2ImgRequest):
         name = model_name(a1111.model_override(body), "override_settings.sd_model_checkpoint")
         weighting = "a1111" if "a1111" in pool.get(name).capabilities.prompt_weightings else "none"
-        job = finished(submit(name, a1111.to_request(body, weighting), body.n_iter, batch_field="batch_size"))
+        job = finished(submit(name, a1111.to_request(body, weighting, styles()), body.n_iter, batch_field="batch_size"))
         return a1111.response(body, job.images, job.params, name, [p.seed for p in job.params])
 
     @app.post("/sdapi/v1/txt2img")
@@ -388,6 +395,10 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     def embeddings():
         return a1111.embeddings(getattr(pool.get(), "embeddings", {}))
 
+    @app.get("/sdapi/v1/prompt-styles")
+    def prompt_styles():
+        return a1111.prompt_styles(styles())
+
     @app.get("/sdapi/v1/upscalers")
     def upscalers():
         return a1111.upscalers()
@@ -418,13 +429,14 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
 def serve(models: list[str] | None = None, *, host: str = "127.0.0.1", port: int = 7860, api_auth: str | None = None,
           cors_allow_origins: list[str] | None = None, max_batch: int = 8, max_pixels: int = 1024 * 1024,
           device: str = "cpu", dtype: str = "float32", lora_dir: str | Path | None = None,
-          embeddings_dir: str | Path | None = None, compile: bool = False) -> None:
+          embeddings_dir: str | Path | None = None, compile: bool = False,
+          styles_file: str | Path | None = None) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
     app = create_app(models, api_auth=api_auth, cors_allow_origins=cors_allow_origins, max_batch=max_batch,
                      max_pixels=max_pixels, device=device, dtype=dtype, preload=True, lora_dir=lora_dir,
-                     embeddings_dir=embeddings_dir, compile=compile)
+                     embeddings_dir=embeddings_dir, compile=compile, styles_file=styles_file)
     print(f"openldm serve: {', '.join(app.state.pool.names())} on http://{host}:{port}/ (A1111 API under /sdapi/v1)",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -209,6 +209,44 @@ def test_txt2img_hires_fix_equals_openldm_generate_hires(sd, sd_file, tmp_path):
     assert names == ["None", "Lanczos", "Nearest"] and modes[0] == "Latent" and "Latent (bicubic)" in modes
 
 
+def test_txt2img_styles_apply_as_a1111_and_equal_the_prompt_written_out(sd_file, tmp_path):
+    styles = tmp_path / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nink,"ink drawing of {prompt}",blurry\nframe,in a frame,\n')
+    app = create_app([str(sd_file)], styles_file=styles)
+    body = {"prompt": "a red circle", "negative_prompt": "blue", "seed": 3, "steps": 2, "width": 32, "height": 32,
+            "sampler_name": "Euler"}
+    try:
+        with TestClient(app) as client:
+            assert client.get("/sdapi/v1/prompt-styles").json() == [
+                {"name": "ink", "prompt": "ink drawing of {prompt}", "negative_prompt": "blurry"},
+                {"name": "frame", "prompt": "in a frame", "negative_prompt": ""}]
+            styled = client.post("/sdapi/v1/txt2img", json={**body, "styles": ["ink", "frame"]})
+            assert styled.status_code == 200, styled.text
+            written = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "ink drawing of a red circle, in a frame",
+                                                             "negative_prompt": "blue, blurry"})
+            image = unb64(styled.json()["images"][0])
+            assert np.array_equal(np.asarray(image), np.asarray(unb64(written.json()["images"][0])))
+            assert image.info["parameters"].startswith("ink drawing of a red circle, in a frame\n"
+                                                       "Negative prompt: blue, blurry\n")
+            unknown = client.post("/sdapi/v1/txt2img", json={**body, "styles": ["sepia"]})
+            assert unknown.status_code == 422 and unknown.json()["field"] == "styles"
+            assert "no style 'sepia'" in unknown.json()["error"]
+    finally:
+        app.state.queue.close()
+    out = tmp_path / "cli.png"
+    assert main(["generate", "--model", str(sd_file), "--prompt", "a red circle", "--negative-prompt", "blue",
+                 "--seed", "3", "--steps", "2", "--width", "32", "--height", "32", "--sampler", "euler",
+                 "--prompt-weighting", "a1111", "--styles-file", str(styles), "--style", "ink", "--style", "frame",
+                 "--out", str(out), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(image))
+
+
+def test_styles_need_a_styles_file(sd):
+    r = sd.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 32, "height": 32, "styles": ["ink"]})
+    assert r.status_code == 422 and r.json()["field"] == "styles" and "--styles-file" in r.json()["error"]
+    assert sd.get("/sdapi/v1/prompt-styles").json() == []
+
+
 def _text(image):
     from PIL import PngImagePlugin
     info = PngImagePlugin.PngInfo()
