@@ -463,6 +463,12 @@ class GenerationParams:
         for key, (name, convert) in conversions.items():
             if key in settings:
                 setattr(p, name, convert(settings[key]))
+        if "Hires resize" in settings and p.hires_scale is None:  # A1111's hires fix to a size rather than a scale
+            width, height = (int(v) for v in settings["Hires resize"].split("x"))
+            if width * p.height != height * p.width:
+                raise ValueError(f"in the parameters: Hires resize {width}x{height} has another aspect ratio than "
+                                 f"Size {p.width}x{p.height} (A1111 crops it), which openldm does not do")
+            p.hires_scale = width / p.width
         return p
 
 

@@ -123,3 +123,17 @@ def test_a_model_trained_here_refuses_the_hires_fix():
     with pytest.raises(RequestError) as info:
         bundled.generate(GenerationRequest(class_label=1, hires_scale=2.0))
     assert info.value.field == "hires_scale" and "no hires fix" in str(info.value)
+
+
+def test_a1111_infotexts_of_the_hires_fix_parse_by_scale_or_by_size():
+    text = ("a castle\nNegative prompt: fog\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, "
+            "Seed: 1, Size: 512x768, Model hash: abc, Denoising strength: 0.45, Hires upscale: 1.5, Hires steps: 10, "
+            "Hires upscaler: Latent (antialiased), Version: v1.10.1")
+    p = GenerationParams.from_text(text)
+    assert (p.hires_scale, p.hires_upscaler, p.hires_steps, p.strength) == (1.5, "Latent (antialiased)", 10, 0.45)
+    r = request_from_params(p)
+    assert (r.width, r.height, r.hires_scale, r.strength) == (512, 768, 1.5, 0.45)
+    by_size = GenerationParams.from_text(text.replace("Hires upscale: 1.5", "Hires resize: 1024x1536"))
+    assert by_size.hires_scale == 2.0 and by_size.hires_upscaler == "Latent (antialiased)"
+    with pytest.raises(ValueError, match="Hires resize 1024x1024 has another aspect ratio"):
+        GenerationParams.from_text(text.replace("Hires upscale: 1.5", "Hires resize: 1024x1024"))
