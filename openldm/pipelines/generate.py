@@ -36,7 +36,7 @@ from openldm.pipelines.common import (
     GenerationParams,
     StepCutters,
 )
-from openldm.pipelines.hires import DEFAULT_STRENGTH, DEFAULT_UPSCALER, HiresFix, hires_size
+from openldm.pipelines.hires import DEFAULT_STRENGTH, DEFAULT_UPSCALER, HiresError, HiresFix, hires_size
 
 ImageInput = Image.Image | str | Path
 
@@ -281,9 +281,8 @@ def _check_hires(r: GenerationRequest, caps: Capabilities) -> None:
                            "hires_scale)")
     try:
         hires = HiresFix(r.hires_scale, r.hires_upscaler, r.hires_steps, r.strength)
-    except ValueError as e:
-        field = "hires_upscaler" if "upscaler" in str(e) else "strength" if "strength" in str(e) else "hires_scale"
-        raise RequestError(field, str(e)) from None
+    except HiresError as e:
+        raise RequestError(e.field, str(e)) from None
     if r.hires_steps is not None and (isinstance(r.hires_steps, bool) or not isinstance(r.hires_steps, int)
                                       or not 1 <= r.hires_steps <= caps.max_steps):
         raise RequestError("hires_steps", f"hires_steps={r.hires_steps!r} must be an integer in 1..{caps.max_steps}")

@@ -24,6 +24,14 @@ DEFAULT_STRENGTH = 0.75  # A1111's txt2img denoising_strength
 MAX_SCALE = 4.0
 
 
+class HiresError(ValueError):
+    """A hires fix setting out of range; ``field`` names the request field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class HiresFix:
     """The second pass: ``scale`` (1 to 4; 1 redraws at the same size), ``upscaler`` (one of :data:`UPSCALERS`),
@@ -36,11 +44,11 @@ class HiresFix:
 
     def __post_init__(self):
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not 1 <= self.scale <= MAX_SCALE:
-            raise ValueError(f"hires_scale={self.scale!r} must be a number in [1, {MAX_SCALE:g}]")
+            raise HiresError("hires_scale", f"hires_scale={self.scale!r} must be a number in [1, {MAX_SCALE:g}]")
         if self.upscaler not in UPSCALERS:
-            raise ValueError(f"hires upscaler {self.upscaler!r} is not one of {', '.join(UPSCALERS)}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"the hires pass's strength={self.strength!r} must be in [0, 1]")
+            raise HiresError("hires_upscaler", f"hires upscaler {self.upscaler!r} is not one of {', '.join(UPSCALERS)}")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not 0 <= self.strength <= 1:
+            raise HiresError("strength", f"the hires pass's strength={self.strength!r} must be in [0, 1]")
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         """The second pass's (width, height) for a first pass of ``width`` x ``height``."""
