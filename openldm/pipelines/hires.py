@@ -43,16 +43,20 @@ class HiresFix:
     strength: float = DEFAULT_STRENGTH
 
     def __post_init__(self):
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not 1 <= self.scale <= MAX_SCALE:
+        if not _number_in(self.scale, 1, MAX_SCALE):
             raise HiresError("hires_scale", f"hires_scale={self.scale!r} must be a number in [1, {MAX_SCALE:g}]")
         if self.upscaler not in UPSCALERS:
             raise HiresError("hires_upscaler", f"hires upscaler {self.upscaler!r} is not one of {', '.join(UPSCALERS)}")
-        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not 0 <= self.strength <= 1:
+        if not _number_in(self.strength, 0, 1):
             raise HiresError("strength", f"the hires pass's strength={self.strength!r} must be in [0, 1]")
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         """The second pass's (width, height) for a first pass of ``width`` x ``height``."""
         return hires_size(width, height, self.scale)
+
+
+def _number_in(value: object, low: float, high: float) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= high
 
 
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
