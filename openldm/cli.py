@@ -343,6 +343,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                                                           "(default: none)")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles (Stable "
                                                              "Diffusion weights)")
+    p.add_argument("--tiling", action="store_true", help="seamless tiling (A1111's Tiling): the networks pad "
+                                                         "circularly, so the image repeats without a seam (Stable "
+                                                         "Diffusion weights)")
     p.add_argument("--hires-scale", type=float, default=None,
                    help="A1111's hires fix (Stable Diffusion weights): sample at --width x --height, upscale by this "
                         "(in [1, 4]) and redraw at that size with --strength (default 0.75) (default: one pass)")
@@ -420,7 +423,8 @@ def _request(args: argparse.Namespace, inputs: dict):
         clip_skip=getattr(args, "clip_skip", 1), chunked=getattr(args, "chunked", False),
         prompt_weighting=getattr(args, "prompt_weighting", "none"), vae_tiling=getattr(args, "vae_tiling", False),
         hires_scale=getattr(args, "hires_scale", None), hires_upscaler=getattr(args, "hires_upscaler", None),
-        hires_steps=getattr(args, "hires_steps", None), **_cutter_fields(args))
+        hires_steps=getattr(args, "hires_steps", None), tiling=getattr(args, "tiling", False),
+        **_cutter_fields(args))
 
 
 def _styles(path: str | None, names: list[str]) -> list:

@@ -387,6 +387,7 @@ class GenerationParams:
     hires_scale: float | None = None  # hires fix (text-to-image): the second pass's size over the first's
     hires_upscaler: str | None = None
     hires_steps: int | None = None  # None: the first pass's steps
+    tiling: bool = False  # seamless tiling
 
     def cutters(self) -> StepCutters:
         """The step cutters these parameters ask for."""
@@ -407,6 +408,8 @@ class GenerationParams:
             items += [("Hires upscale", _num(self.hires_scale)), ("Hires upscaler", self.hires_upscaler)]
             if self.hires_steps is not None:
                 items.append(("Hires steps", self.hires_steps))
+        if self.tiling:
+            items.append(("Tiling", "True"))  # A1111's key
         if self.clip_skip != 1:
             items.append(("Clip skip", self.clip_skip))
         if self.guidance_rescale:
@@ -459,7 +462,7 @@ class GenerationParams:
                        "Token merging ratio": ("token_merging_ratio", float),
                        "Token merging max downsample": ("token_merging_max_downsample", int),
                        "Hires upscale": ("hires_scale", float), "Hires upscaler": ("hires_upscaler", str),
-                       "Hires steps": ("hires_steps", int)}
+                       "Hires steps": ("hires_steps", int), "Tiling": ("tiling", lambda v: v == "True")}
         for key, (name, convert) in conversions.items():
             if key in settings:
                 setattr(p, name, convert(settings[key]))

@@ -97,6 +97,7 @@ class Capabilities:
     chunked_prompts: bool = False  # takes prompts over 75 tokens in chunks (A1111's ``chunked``)
     vae_tiling: bool = False  # can decode in overlapping tiles
     hires_fix: bool = False  # text-to-image in two passes, the second larger (A1111's hires fix)
+    tiling: bool = False  # seamless tiling: circular padding in the networks (A1111's "Tiling")
     device: str = "cpu"  # where the modules are: whose free memory bounds a request
     # working memory one output pixel of one image needs at least (estimates): sampling, decoding
     sample_bytes_per_pixel: float = 0.0
@@ -147,6 +148,7 @@ class GenerationRequest:
     chunked: bool = False
     prompt_weighting: str = "none"
     vae_tiling: bool = False
+    tiling: bool = False  # seamless: the image wraps around at its edges (A1111's "Tiling")
     loras: list[tuple[str | Path, float]] = field(default_factory=list)
     guidance_interval: tuple[float, float] | None = None  # the step cutters (StepCutters' fields); off by default
     deepcache_interval: int = 1
@@ -213,13 +215,17 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
         raise RequestError("prompt_weighting", f"prompt_weighting={r.prompt_weighting!r}; model {caps.name!r} takes "
                            f"{', '.join(caps.prompt_weightings)}")
     _check_hires(r, caps)
+    if r.tiling and r.vae_tiling:
+        raise RequestError("tiling", "tiling (seamless) and vae_tiling (a tiled decode) do not go together; choose "
+                           "one")
     _check_memory(r, caps)
     if isinstance(r.clip_skip, bool) or not isinstance(r.clip_skip, int) or not 1 <= r.clip_skip <= caps.max_clip_skip:
         raise RequestError("clip_skip", f"clip_skip={r.clip_skip!r} must be 1 (model {caps.name!r} has no CLIP text "
                            "encoder layers to skip)" if caps.max_clip_skip == 1 else
                            f"clip_skip={r.clip_skip!r} must be in 1..{caps.max_clip_skip} (the text encoder's layers)")
     for name, able, what in (("chunked", caps.chunked_prompts, "chunked prompt encoding"),
-                             ("vae_tiling", caps.vae_tiling, "tiled decoding")):
+                             ("vae_tiling", caps.vae_tiling, "tiled decoding"),
+                             ("tiling", caps.tiling, "seamless tiling")):
         if getattr(r, name) and not able:
             raise RequestError(name, f"{name}=True: model {caps.name!r} has no {what} (Stable Diffusion weights do)")
     if r.prompt and not caps.prompt:
@@ -407,7 +413,7 @@ def request_from_params(params: GenerationParams) -> GenerationRequest:
         height=params.height, num_images=params.num_images, strength=params.strength, paste_back=params.paste_back,
         clip_skip=params.clip_skip, chunked=params.chunked, prompt_weighting=params.prompt_weighting,
         hires_scale=params.hires_scale, hires_upscaler=params.hires_upscaler, hires_steps=params.hires_steps,
-        **{key: getattr(params, key) for key in CUTTER_FIELDS})
+        tiling=params.tiling, **{key: getattr(params, key) for key in CUTTER_FIELDS})
 
 
 OnProgress = Callable[[Progress], None]
@@ -453,7 +459,7 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
         seed=request.seed, height=height, width=width, num_images=count, clip_skip=request.clip_skip,
         chunked=request.chunked, prompt_weighting=request.prompt_weighting, strength=request.strength,
         paste_back=request.paste_back, model=model, hires_scale=request.hires_scale,
-        hires_upscaler=request.hires_upscaler, hires_steps=request.hires_steps,
+        hires_upscaler=request.hires_upscaler, hires_steps=request.hires_steps, tiling=request.tiling,
         class_label=None if request.class_label is None else str(request.class_label),
         **{key: getattr(request.cutters(), key) for key in CUTTER_FIELDS})
     return [replace(base, batch_index=i) for i in range(count)]

@@ -19,6 +19,7 @@ import torch
 
 from openldm.io.lora import Lora, read_lora
 from openldm.io.tensor_files import read_header
+from openldm.pipelines.tiling import circular_padding
 
 # <lora:NAME> or <lora:NAME:WEIGHT>; NAME may hold anything but ':' and '>'
 TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
@@ -146,15 +147,19 @@ def fused_loras(parts, loras: Sequence[tuple[Lora, float]]) -> Iterator[dict[str
                 weight.copy_(original)
 
 
+BASE = ((), False)  # LoraSwitch's key for the model as loaded: no LoRAs, zero padding
+
+
 class LoraSwitch:
-    """The LoRAs a loaded model's weights hold now. Requests asking for the same (file, weight) list run at once on
-    the same fused weights; one asking for a different list waits until the others are done and the base weights
-    are back. The last :data:`CACHED_FILES` files used stay read while their size and modification time hold."""
+    """The LoRAs a loaded model's weights hold now, and whether its convolutions pad for seamless tiling
+    (``openldm.pipelines.tiling``). Requests asking for the same (file, weight) list and tiling run at once on the
+    same model; one asking for others waits until they are done and the base model is back. The last
+    :data:`CACHED_FILES` files used stay read while their size and modification time hold."""
 
     def __init__(self, parts):
         self.parts = parts
         self._changed = threading.Condition()
-        self._active: tuple = ()
+        self._active: tuple = BASE
         self._users = 0
         self._context: contextlib.ExitStack | None = None
         self._cache: OrderedDict[Path, tuple[tuple[int, int], Lora]] = OrderedDict()
@@ -178,16 +183,19 @@ class LoraSwitch:
             return cached[1]
 
     @contextlib.contextmanager
-    def use(self, loras: Sequence[tuple[str | Path, float]]) -> Iterator[list[Lora]]:
-        """The model with ``loras`` (file, weight) fused in, for one request; yields the LoRAs read."""
+    def use(self, loras: Sequence[tuple[str | Path, float]], tiling: bool = False) -> Iterator[list[Lora]]:
+        """The model with ``loras`` (file, weight) fused in and, if ``tiling``, circular padding, for one request;
+        yields the LoRAs read."""
         read = [(self.read(Path(path)), float(weight)) for path, weight in loras]
-        key = tuple((lora.path, weight) for lora, weight in read)
+        key = (tuple((lora.path, weight) for lora, weight in read), bool(tiling))
         with self._changed:
             while self._users and self._active != key:
                 self._changed.wait()
             if self._active != key:
                 stack = contextlib.ExitStack()
                 stack.enter_context(fused_loras(self.parts, read))
+                if tiling:
+                    stack.enter_context(circular_padding(self.parts.unet, self.parts.vae))
                 self._context, self._active = stack, key
             self._users += 1
         try:
@@ -198,5 +206,5 @@ class LoraSwitch:
                 if self._users == 0:
                     if self._context is not None:
                         self._context.close()  # the base weights, bit for bit
-                    self._context, self._active = None, ()
+                    self._context, self._active = None, BASE
                     self._changed.notify_all()

@@ -62,7 +62,7 @@ class SDGenerator:
             max_steps=int(getattr(parts.schedule, "num_train_steps", 1000)), prompt_weightings=PROMPT_WEIGHTINGS,
             embeddings=tuple(sorted(self.embeddings)),
             max_clip_skip=int(parts.text_encoder.config.num_hidden_layers), chunked_prompts=True, vae_tiling=True,
-            hires_fix=True,
+            hires_fix=True, tiling=True,
             device=str(module_device_dtype(parts.unet)[0]), **bytes_per_pixel(parts.unet, parts.vae))
 
     @classmethod
@@ -95,9 +95,12 @@ class SDGenerator:
                 self.loras.read(path)  # a bad file is the request's error (read once, cached for use below)
         except (ValueError, FileNotFoundError) as e:
             raise RequestError("loras" if r.loras else "prompt", str(e)) from None
+        if r.tiling and self.compiled is not None:
+            raise RequestError("tiling", "seamless tiling is not available on a compiled model (its graphs keep "
+                               "the padding they were compiled with); load it without compile")
         if loras and self.compiled == "frozen weights":  # frozen graphs would not see the fused LoRA weights
             self.compiled = thaw_modules(self.parts.unet)
-        with self.loras.use(loras):
+        with self.loras.use(loras, r.tiling):
             return self._generate(r, prompt, negative_prompt, on_progress, should_stop, progress)
 
     def _generate(self, r: GenerationRequest, prompt: str, negative_prompt: str, on_progress: OnProgress | None,

@@ -6,8 +6,8 @@ sampler_index, scheduler, batch_size, n_iter, steps, cfg_scale, width, height, i
 mask, mask_blur, inpainting_mask_invert, override_settings' sd_model_checkpoint and CLIP_stop_at_last_layers);
 settings a model recommends (steps, cfg_scale, sampler, size) start from the model's own values when a request
 leaves them out; the hires fix (enable_hr, hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps,
-denoising_strength) runs as A1111's, and ``styles`` from the server's styles.csv apply to the prompts. Requests for
-features openldm does not have (restore faces, tiling, scripts, subseeds) are refused with a 4xx naming the field
+denoising_strength) runs as A1111's, ``tiling`` makes the image seamless, and ``styles`` from the server's styles.csv
+apply to the prompts. Requests for features openldm does not have (restore faces, scripts, subseeds) are refused with a 4xx naming the field
 rather than silently ignored; every other unknown field is ignored, as A1111 ignores it.
 """
 from __future__ import annotations
@@ -167,8 +167,7 @@ def _hires(body: Txt2ImgRequest, request: GenerationRequest) -> None:
 
 
 def _refuse_unsupported(body: Txt2ImgRequest) -> None:
-    for name, asked in (("restore_faces", body.restore_faces),
-                        ("tiling", body.tiling), ("script_name", body.script_name),
+    for name, asked in (("restore_faces", body.restore_faces), ("script_name", body.script_name),
                         ("alwayson_scripts", bool(body.alwayson_scripts)),
                         ("subseed_strength", body.subseed_strength > 0)):
         if asked:
@@ -201,7 +200,7 @@ def to_request(body: Txt2ImgRequest, prompt_weighting: str = "a1111",
         prompt=prompt, negative_prompt=negative_prompt, seed=random_seed(body.seed), sampler=sampler,
         karras=karras, steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
         num_images=body.batch_size, clip_skip=int(overrides.get("CLIP_stop_at_last_layers", 1)),
-        prompt_weighting=prompt_weighting)
+        prompt_weighting=prompt_weighting, tiling=bool(body.tiling))
     if body.enable_hr:
         if isinstance(body, Img2ImgRequest):
             raise RequestError("enable_hr", "enable_hr is for txt2img (A1111's img2img has no hires fix)")

@@ -78,6 +78,7 @@ class JobRequest(BaseModel):
     hires_scale: float | None = None  # the hires fix: GenerationRequest's names
     hires_upscaler: str | None = None
     hires_steps: int | None = None
+    tiling: bool = False
 
 
 class PngInfoRequest(BaseModel):

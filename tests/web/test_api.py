@@ -241,6 +241,19 @@ def test_txt2img_styles_apply_as_a1111_and_equal_the_prompt_written_out(sd_file,
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(image))
 
 
+def test_txt2img_tiling_equals_openldm_generate_tiling(sd, sd_file, tmp_path):
+    body = {"prompt": "a red circle", "seed": 8, "steps": 2, "width": 32, "height": 32, "sampler_name": "Euler"}
+    tiled, plain = (sd.post("/sdapi/v1/txt2img", json={**body, "tiling": t}) for t in (True, False))
+    image = unb64(tiled.json()["images"][0])
+    assert "Tiling: True" in image.info["parameters"]
+    assert not np.array_equal(np.asarray(image), np.asarray(unb64(plain.json()["images"][0])))
+    out = tmp_path / "cli.png"
+    assert main(["generate", "--model", str(sd_file), "--prompt", "a red circle", "--seed", "8", "--steps", "2",
+                 "--width", "32", "--height", "32", "--sampler", "euler", "--prompt-weighting", "a1111", "--tiling",
+                 "--out", str(out), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(image))
+
+
 def test_styles_need_a_styles_file(sd):
     r = sd.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 32, "height": 32, "styles": ["ink"]})
     assert r.status_code == 422 and r.json()["field"] == "styles" and "--styles-file" in r.json()["error"]
