@@ -85,3 +85,21 @@ def test_tiling_is_refused_where_it_cannot_run(generator):
     with pytest.raises(RequestError) as info:
         load_generator().generate(GenerationRequest(class_label=1, tiling=True))
     assert info.value.field == "tiling" and "seamless tiling" in str(info.value)
+
+
+def test_concurrent_requests_with_and_without_tiling_get_their_own_images(generator):
+    import threading
+
+    kinds = [True, False] * 3
+    alone = {t: np.asarray(generator.generate(GenerationRequest(**CALL, tiling=t)).images[0]) for t in (True, False)}
+    together: list = [None] * len(kinds)
+
+    def run(i):
+        together[i] = np.asarray(generator.generate(GenerationRequest(**CALL, tiling=kinds[i])).images[0])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(kinds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(alone[t], image) for t, image in zip(kinds, together))
