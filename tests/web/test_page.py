@@ -334,8 +334,8 @@ def sd_url(tmp_path_factory):
     yield from _serve(create_app([str(tmp / "tiny.safetensors")]))
 
 
-def test_the_hires_fix_controls_make_a_larger_image_and_come_back_from_its_png(browser, sd_url, page, tmp_path):
-    assert page.is_hidden("#hires-row")  # the bundled model has no hires fix
+def test_the_hires_fix_and_tiling_controls_make_their_image_and_come_back_from_its_png(browser, sd_url, page, tmp_path):
+    assert page.is_hidden("#hires-row") and page.is_hidden("#tiling-row")  # the bundled model has neither
     for sd in _open(browser, sd_url, "document.querySelectorAll('#hires-upscaler option').length > 1"):
         assert sd.is_visible("#hires-row") and sd.input_value("#hires-upscaler") == "Latent"
         sd.fill("#prompt", "a red circle")
@@ -343,6 +343,7 @@ def test_the_hires_fix_controls_make_a_larger_image_and_come_back_from_its_png(b
                              ("#hires-scale", "2"), ("#hires-steps", "3")):
             sd.fill(field, value)
         sd.check("#hires")
+        sd.check("#tiling")
         sd.select_option("#hires-upscaler", "Latent (nearest)")
         sd.fill("#hires-strength", "0.5")
         generate_and_watch(sd, before=0)
@@ -351,8 +352,10 @@ def test_the_hires_fix_controls_make_a_larger_image_and_come_back_from_its_png(b
         parameters = image.info["parameters"]
         assert "Size: 32x32" in parameters and "Denoising strength: 0.5" in parameters
         assert "Hires upscale: 2, Hires upscaler: Latent (nearest), Hires steps: 3" in parameters
+        assert "Tiling: True" in parameters
 
         sd.uncheck("#hires")
+        sd.uncheck("#tiling")
         sd.select_option("#hires-upscaler", "Lanczos")
         path = tmp_path / "hires.png"
         info = PngImagePlugin.PngInfo()
@@ -362,3 +365,4 @@ def test_the_hires_fix_controls_make_a_larger_image_and_come_back_from_its_png(b
         sd.wait_for_function("document.getElementById('hires').checked", timeout=TIMEOUT_S * 1000)
         assert sd.input_value("#hires-upscaler") == "Latent (nearest)" and sd.input_value("#hires-steps") == "3"
         assert sd.input_value("#hires-strength") == "0.5" and sd.input_value("#hires-scale") == "2"
+        assert sd.is_checked("#tiling")

@@ -53,6 +53,7 @@ function fieldElement(field) {
     init_image: imageTab === "inpaint" ? "inpaint-image" : "init-image",
     strength: { inpaint: "inpaint-strength", img2img: "strength" }[state.tab] || "hires-strength",
     image: "png-file", hires_scale: "hires-scale", hires_upscaler: "hires-upscaler", hires_steps: "hires-steps",
+    tiling: "tiling",
   };
   const name = String(field).replace(/^inputs\./, "");
   return $(map[field] || `input-${name}`);
@@ -137,6 +138,7 @@ function applyCapabilities(caps) {
   const hasConditions = Boolean(classes) || (caps.inputs || []).length > 0;
 
   setVisible("hires-row", Boolean(caps.hires_fix));
+  setVisible("tiling-row", Boolean(caps.tiling));
   $("hires-upscaler").replaceChildren(...(caps.hires_upscalers || []).map((u) => new Option(u, u)));
   $("tab-img2img").hidden = !caps.image_to_image;
   $("tab-inpaint").hidden = !caps.inpainting;
@@ -453,6 +455,7 @@ function buildRequest() {
     mask: null,
     paste_back: false,
     inputs: inputValues(),
+    tiling: Boolean(caps.tiling) && $("tiling").checked,
   };
   if (state.tab === "img2img") {
     if (!state.initImage) throw new ApiError("choose an init image for image-to-image", "init_image");
@@ -661,6 +664,7 @@ async function applyParams(p) {
   for (const [key, id] of Object.entries(numbers)) {
     if (p[key] !== undefined && p[key] !== null) $(id).value = p[key];
   }
+  if (caps && caps.tiling) $("tiling").checked = Boolean(p.tiling);
   if (caps && caps.hires_fix) {
     $("hires").checked = p.hires_scale !== undefined && p.hires_scale !== null;
     if ($("hires").checked) {
