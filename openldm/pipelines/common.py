@@ -354,6 +354,14 @@ def paste_unmasked(generated: torch.Tensor, original: torch.Tensor, mask: torch.
     return keep * original + (1 - keep) * generated
 
 
+class RequestError(ValueError):
+    """A request field the model cannot take; ``field`` names it (the server answers 4xx with both)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 # ------------------------------------------------------------------------------------- generation parameters
 
 @dataclass

@@ -34,19 +34,12 @@ from openldm.pipelines.common import (
     SD_SIZE,
     SD_STEPS,
     GenerationParams,
+    RequestError,
     StepCutters,
 )
-from openldm.pipelines.hires import DEFAULT_STRENGTH, DEFAULT_UPSCALER, HiresError, HiresFix, hires_size
+from openldm.pipelines.hires import DEFAULT_STRENGTH, DEFAULT_UPSCALER, HiresFix, hires_size
 
 ImageInput = Image.Image | str | Path
-
-
-class RequestError(ValueError):
-    """A request field the model cannot take; ``field`` names it (the server answers 4xx with both)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -285,10 +278,7 @@ def _check_hires(r: GenerationRequest, caps: Capabilities) -> None:
     if r.init_image is not None:
         raise RequestError("hires_scale", "the hires fix is for text-to-image; leave out the init image (or "
                            "hires_scale)")
-    try:
-        hires = HiresFix(r.hires_scale, r.hires_upscaler, r.hires_steps, r.strength)
-    except HiresError as e:
-        raise RequestError(e.field, str(e)) from None
+    hires = HiresFix(r.hires_scale, r.hires_upscaler, r.hires_steps, r.strength)
     if r.hires_steps is not None and (isinstance(r.hires_steps, bool) or not isinstance(r.hires_steps, int)
                                       or not 1 <= r.hires_steps <= caps.max_steps):
         raise RequestError("hires_steps", f"hires_steps={r.hires_steps!r} must be an integer in 1..{caps.max_steps}")

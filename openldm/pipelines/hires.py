@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from openldm.pipelines.common import ModelParts, decode_latents, encode_images, image_to_tensor, to_pil
+from openldm.pipelines.common import (
+    ModelParts,
+    RequestError,
+    decode_latents,
+    encode_images,
+    image_to_tensor,
+    to_pil,
+)
 
 # A1111's latent upscalers (interpolation mode, antialias) and its built-in pixel ones ("None" resizes with Lanczos)
 LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
@@ -24,18 +31,11 @@ DEFAULT_STRENGTH = 0.75  # A1111's txt2img denoising_strength
 MAX_SCALE = 4.0
 
 
-class HiresError(ValueError):
-    """A hires fix setting out of range; ``field`` names the request field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
 @dataclass(frozen=True)
 class HiresFix:
     """The second pass: ``scale`` (1 to 4; 1 redraws at the same size), ``upscaler`` (one of :data:`UPSCALERS`),
-    ``steps`` (None: the first pass's; of them the last ``int(steps * strength)`` run) and ``strength`` in [0, 1]."""
+    ``steps`` (None: the first pass's; of them the last ``int(steps * strength)`` run) and ``strength`` in [0, 1].
+    A value out of range raises RequestError naming the request field."""
 
     scale: float = 2.0
     upscaler: str = DEFAULT_UPSCALER
@@ -44,11 +44,12 @@ class HiresFix:
 
     def __post_init__(self):
         if not _number_in(self.scale, 1, MAX_SCALE):
-            raise HiresError("hires_scale", f"hires_scale={self.scale!r} must be a number in [1, {MAX_SCALE:g}]")
+            raise RequestError("hires_scale", f"hires_scale={self.scale!r} must be a number in [1, {MAX_SCALE:g}]")
         if self.upscaler not in UPSCALERS:
-            raise HiresError("hires_upscaler", f"hires upscaler {self.upscaler!r} is not one of {', '.join(UPSCALERS)}")
+            raise RequestError("hires_upscaler", f"hires upscaler {self.upscaler!r} is not one of "
+                               f"{', '.join(UPSCALERS)}")
         if not _number_in(self.strength, 0, 1):
-            raise HiresError("strength", f"the hires pass's strength={self.strength!r} must be in [0, 1]")
+            raise RequestError("strength", f"the hires pass's strength={self.strength!r} must be in [0, 1]")
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         """The second pass's (width, height) for a first pass of ``width`` x ``height``."""
