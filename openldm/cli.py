@@ -436,9 +436,13 @@ def _styles(path: str | None, names: list[str]) -> list:
             raise ConfigError("--style needs --styles-file FILE (A1111's styles.csv)")
         return []
     try:
-        return choose(read_styles(path), names)
+        styles = read_styles(path)
     except ValueError as e:
-        raise ConfigError(f"--style: {e}" if "no style" in str(e) else f"--styles-file: {e}") from None
+        raise ConfigError(f"--styles-file: {e}") from None
+    try:
+        return choose(styles, names)
+    except ValueError as e:
+        raise ConfigError(f"--style: {e}") from None
 
 
 def _lora_args(args: argparse.Namespace) -> list[tuple[str, float]]:

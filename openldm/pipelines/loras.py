@@ -96,14 +96,15 @@ def resolve_name(name: str, lora_dir: str | Path | None) -> Path:
     if path.is_file():
         return path
     found = sorted(p for p in root.rglob(f"{name}{SUFFIX}") if p.is_file()) if "/" not in name else []
+    named = available(root) if not found else {}
     if not found:
-        found = [p for p in available(root).values() if alias(p) == name]
+        found = [p for p in named.values() if alias(p) == name]
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
         raise ValueError(f"LoRA name {name!r} is ambiguous in {str(lora_dir)!r}: {[str(p) for p in found]}; name "
                          "it by its path under the folder, e.g. <lora:SUBFOLDER/NAME:1>")
-    known = list(available(root))
+    known = list(named)
     raise FileNotFoundError(f"no LoRA {name!r} ({name}{SUFFIX}) in {str(lora_dir)!r}; it holds "
                             f"{known[:20] or 'no .safetensors files'}")
 

@@ -141,15 +141,15 @@ def _hires(body: Txt2ImgRequest, request: GenerationRequest) -> None:
     if body.firstphase_width or body.firstphase_height:
         raise RequestError("firstphase_width", "firstphase_width / firstphase_height (A1111's old hires fields) are "
                            "not supported; give width, height and hr_scale")
-    for name, value, same in (("hr_sampler_name", body.hr_sampler_name, body.sampler_name or body.sampler_index),
-                              ("hr_scheduler", body.hr_scheduler, body.scheduler),
-                              ("hr_prompt", body.hr_prompt, body.prompt),
-                              ("hr_negative_prompt", body.hr_negative_prompt, body.negative_prompt)):
-        if value and value != same and not (name == "hr_sampler_name" and value == "Use same sampler") and not (
-                name == "hr_scheduler" and value == "Use same scheduler"):
+    # each second-pass field, the first pass's value, and A1111's word for "the same" (None: none)
+    for name, value, same, word in (
+            ("hr_sampler_name", body.hr_sampler_name, body.sampler_name or body.sampler_index, "Use same sampler"),
+            ("hr_scheduler", body.hr_scheduler, body.scheduler, "Use same scheduler"),
+            ("hr_prompt", body.hr_prompt, body.prompt, None),
+            ("hr_negative_prompt", body.hr_negative_prompt, body.negative_prompt, None),
+            ("hr_checkpoint_name", body.hr_checkpoint_name, None, "Use same checkpoint")):
+        if value and value not in (same, word):
             raise RequestError(name, f"{name}: the hires pass uses the first pass's; leave it out or the same")
-    if body.hr_checkpoint_name and body.hr_checkpoint_name != "Use same checkpoint":
-        raise RequestError("hr_checkpoint_name", "hr_checkpoint_name: the hires pass uses the first pass's model")
     scale = body.hr_scale
     if body.hr_resize_x or body.hr_resize_y:
         if body.width is None or body.height is None:

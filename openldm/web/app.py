@@ -318,7 +318,8 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     def a1111_generate(body: a1111.Txt2ImgRequest):
         name = model_name(a1111.model_override(body), "override_settings.sd_model_checkpoint")
         weighting = "a1111" if "a1111" in pool.get(name).capabilities.prompt_weightings else "none"
-        job = finished(submit(name, a1111.to_request(body, weighting, styles()), body.n_iter, batch_field="batch_size"))
+        request = a1111.to_request(body, weighting, styles())
+        job = finished(submit(name, request, body.n_iter, batch_field="batch_size"))
         return a1111.response(body, job.images, job.params, name, [p.seed for p in job.params])
 
     @app.post("/sdapi/v1/txt2img")
