@@ -50,7 +50,7 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _component_weights(folder: Path, library: str, unsafe_load: bool) -> dict[str, torch.Tensor]:
+def component_weights(folder: Path, library: str, unsafe_load: bool) -> dict[str, torch.Tensor]:
     """The (memory-mapped) state dict of one component folder; sharded checkpoints (``*.index.json``) too."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is missing: a diffusers Stable Diffusion folder needs it")
@@ -78,17 +78,17 @@ def load_diffusers(path: str | Path, *, device: torch.device | str = "cpu", dtyp
     kwargs = {"device": device, "dtype": dtype}
 
     unet_cfg = unet_keys.unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
-    unet_state = unet_keys.from_diffusers(_component_weights(folder / "unet", "diffusers", unsafe_load), unet_cfg)
+    unet_state = unet_keys.from_diffusers(component_weights(folder / "unet", "diffusers", unsafe_load), unet_cfg)
     unet = assign_module(UNet, unet_cfg, unet_state, what=f"{folder / 'unet'}", **kwargs)
 
     vae_cfg = vae_keys.autoencoder_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
     if not isinstance(vae_cfg, AutoencoderKLConfig):
         raise ValueError(f"{folder / 'vae'}: a VQ autoencoder; Stable Diffusion pipelines use AutoencoderKL")  # noqa: TRY004
-    vae_state = vae_keys.from_diffusers(_component_weights(folder / "vae", "diffusers", unsafe_load), vae_cfg)
+    vae_state = vae_keys.from_diffusers(component_weights(folder / "vae", "diffusers", unsafe_load), vae_cfg)
     vae = assign_module(AutoencoderKL, vae_cfg, vae_state, what=f"{folder / 'vae'}", **kwargs)
 
     text_cfg = clip_keys.clip_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"))
-    text_state = clip_keys.from_diffusers(_component_weights(folder / "text_encoder", "transformers", unsafe_load))
+    text_state = clip_keys.from_diffusers(component_weights(folder / "text_encoder", "transformers", unsafe_load))
     text = assign_module(CLIPTextEncoder, text_cfg, text_state, what=f"{folder / 'text_encoder'}", **kwargs)
 
     tokenizer = load_tokenizer(folder / "tokenizer")

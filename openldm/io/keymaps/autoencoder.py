@@ -285,3 +285,24 @@ def autoencoder_config_from_original(state_dict: Mapping[str, torch.Tensor], sca
         raise ValueError(f"quant_conv maps to {shape('quant_conv.weight')[0]} channels; only embed_dim == z_channels "
                          f"({2 * z}) is supported")
     return AutoencoderKLConfig(**common, z_channels=z, scaling_factor=0.18215 if scaling_factor is None else scaling_factor)
+
+
+def diffusers_config_from_state(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """The diffusers ``AutoencoderKL`` config dict that the shapes of a diffusers-layout state dict imply, for a
+    weights file that arrives without its config.json (a lone ``diffusion_pytorch_model.safetensors``). What
+    shapes cannot say (the activation, 32 groups, the scaling factor) is SD's; :func:`autoencoder_config_from_diffusers`
+    then validates it."""
+    def shape(key: str) -> torch.Size:
+        if key not in state_dict:
+            raise KeyError(f"not a diffusers-layout autoencoder state dict: {key!r} is missing")
+        return state_dict[key].shape
+
+    levels = len({k.split(".")[2] for k in state_dict if k.startswith("encoder.down_blocks.")})
+    if not levels:
+        raise KeyError("not a diffusers-layout autoencoder state dict: no encoder.down_blocks.* keys")
+    widths = [shape(f"encoder.down_blocks.{i}.resnets.0.conv2.weight")[0] for i in range(levels)]
+    layers = len({k.split(".")[4] for k in state_dict if k.startswith("encoder.down_blocks.0.resnets.")})
+    return {"in_channels": shape("encoder.conv_in.weight")[1], "out_channels": shape("decoder.conv_out.weight")[0],
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "block_out_channels": widths, "layers_per_block": layers,
+            "latent_channels": shape("decoder.conv_in.weight")[1]}
