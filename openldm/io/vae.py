@@ -35,14 +35,6 @@ _PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # an autoe
 _DIFFUSERS_MARKS = ("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")
 
 
-def is_vae_path(path: str | Path) -> bool:
-    """Whether ``path`` could be a VAE :func:`load_vae` reads (by its name or folder contents, not its tensors)."""
-    path = Path(path)
-    if path.is_file():
-        return path.suffix.lower() in SINGLE_FILE_SUFFIXES
-    return path.is_dir() and ((path / "config.json").is_file() or (path / "vae" / "config.json").is_file())
-
-
 @names_its_source
 def load_vae(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
              unsafe_load: bool = False, scaling_factor: float | None = None,

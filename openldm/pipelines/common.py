@@ -396,6 +396,7 @@ class GenerationParams:
     hires_upscaler: str | None = None
     hires_steps: int | None = None  # None: the first pass's steps
     tiling: bool = False  # seamless tiling
+    vae: str | None = None  # the VAE's name when it is not the model's own
 
     def cutters(self) -> StepCutters:
         """The step cutters these parameters ask for."""
@@ -408,6 +409,8 @@ class GenerationParams:
                  ("Seed", self.seed), ("Size", f"{self.width}x{self.height}")]
         if self.model:
             items.append(("Model", self.model))
+        if self.vae:
+            items.append(("VAE", self.vae))  # A1111's key
         if self.class_label is not None:
             items.append(("Class label", self.class_label))
         if self.strength is not None:
@@ -461,7 +464,8 @@ class GenerationParams:
         conversions = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
                        "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
                        "CFG rescale phi": ("guidance_rescale", float), "Batch size": ("num_images", int),
-                       "Batch pos": ("batch_index", int), "Model": ("model", str), "Class label": ("class_label", str),
+                       "Batch pos": ("batch_index", int), "Model": ("model", str), "VAE": ("vae", str),
+                       "Class label": ("class_label", str),
                        "Chunked prompt": ("chunked", lambda v: v == "True"),
                        "Prompt weighting": ("prompt_weighting", str),
                        "Paste back": ("paste_back", lambda v: v == "True"),

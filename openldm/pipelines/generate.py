@@ -91,6 +91,7 @@ class Capabilities:
     vae_tiling: bool = False  # can decode in overlapping tiles
     hires_fix: bool = False  # text-to-image in two passes, the second larger (A1111's hires fix)
     tiling: bool = False  # seamless tiling: circular padding in the networks (A1111's "Tiling")
+    vae_choice: bool = False  # takes another VAE by name per request (``GenerationRequest.vae``)
     device: str = "cpu"  # where the modules are: whose free memory bounds a request
     # working memory one output pixel of one image needs at least (estimates): sampling, decoding
     sample_bytes_per_pixel: float = 0.0
@@ -150,6 +151,7 @@ class GenerationRequest:
     hires_scale: float | None = None  # hires fix: a second pass at this times width x height (None: one pass)
     hires_upscaler: str | None = None  # None: A1111's "Latent"; openldm.pipelines.hires.UPSCALERS
     hires_steps: int | None = None  # the second pass's steps (None: ``steps``); its strength is ``strength``
+    vae: str | None = None  # Stable Diffusion: a VAE of the generator's VAE folder by name (None: the model's)
 
     def cutters(self) -> StepCutters:
         """The step cutters this request asks for."""
@@ -221,6 +223,9 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
                              ("tiling", caps.tiling, "seamless tiling")):
         if getattr(r, name) and not able:
             raise RequestError(name, f"{name}=True: model {caps.name!r} has no {what} (Stable Diffusion weights do)")
+    if r.vae is not None and not caps.vae_choice:
+        raise RequestError("vae", f"vae={r.vae!r}: model {caps.name!r} takes no other VAE per request (Stable "
+                           "Diffusion weights do)")
     if r.prompt and not caps.prompt:
         raise RequestError("prompt", f"model {caps.name!r} takes no prompt" + _alternatives(caps))
     if r.negative_prompt and not caps.negative_prompt:
@@ -440,8 +445,10 @@ def progress_hook(total: int, on_progress: OnProgress | None, should_stop: Shoul
     return hook
 
 
-def params_for(request: GenerationRequest, model: str, count: int, width: int, height: int) -> list[GenerationParams]:
-    """One GenerationParams per image of a resolved request."""
+def params_for(request: GenerationRequest, model: str, count: int, width: int, height: int,
+               vae: str | None = None) -> list[GenerationParams]:
+    """One GenerationParams per image of a resolved request; ``vae``: the name of the VAE that decoded them when
+    it is not the model's own."""
     base = GenerationParams(
         prompt=request.prompt or "", negative_prompt=request.negative_prompt,
         sampler=request.sampler, karras=bool(request.karras), steps=request.steps,
@@ -449,7 +456,7 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
         seed=request.seed, height=height, width=width, num_images=count, clip_skip=request.clip_skip,
         chunked=request.chunked, prompt_weighting=request.prompt_weighting, strength=request.strength,
         paste_back=request.paste_back, model=model, hires_scale=request.hires_scale,
-        hires_upscaler=request.hires_upscaler, hires_steps=request.hires_steps, tiling=request.tiling,
+        hires_upscaler=request.hires_upscaler, hires_steps=request.hires_steps, tiling=request.tiling, vae=vae,
         class_label=None if request.class_label is None else str(request.class_label),
         **{key: getattr(request.cutters(), key) for key in CUTTER_FIELDS})
     return [replace(base, batch_index=i) for i in range(count)]

@@ -1,6 +1,7 @@
 """Stable Diffusion weights behind the generation interface (``openldm.pipelines.generate``)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from openldm.pipelines.image_to_image import image_to_image
 from openldm.pipelines.inpaint import inpaint
 from openldm.pipelines.loras import LoraSwitch, request_loras
 from openldm.pipelines.text_to_image import text_to_image
+from openldm.pipelines.vaes import OWN, VaeSwitch, fitted
 from openldm.tokenizers.prompt_syntax import PROMPT_WEIGHTINGS
 
 # Latents -> RGB by one linear map: A1111's "Approx cheap" live preview of SD v1 latents (4 channels).
@@ -42,15 +44,20 @@ _SD_LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0
 
 class SDGenerator:
     """A loaded SD v1-family checkpoint (text-to-image, image-to-image, inpainting), with LoRAs per request
-    (``request.loras`` and ``<lora:NAME:WEIGHT>`` prompt tags, NAME resolved in ``lora_dir``)."""
+    (``request.loras`` and ``<lora:NAME:WEIGHT>`` prompt tags, NAME resolved in ``lora_dir``) and VAEs per request
+    (``request.vae``, a name in ``vae_dir``). ``vae_name``: what PNGs call ``parts.vae`` when it is not the
+    checkpoint's own (one given at load)."""
 
     compiled: str | None = None  # None, or what ``compile_networks`` did: "frozen weights" / "live weights"
 
     def __init__(self, parts, source: str, lora_dir: str | Path | None = None,
-                 embeddings: dict[str, torch.Tensor] | None = None):
+                 embeddings: dict[str, torch.Tensor] | None = None, vae_dir: str | Path | None = None,
+                 vae_name: str | None = None, unsafe_load: bool = False):
         self.parts = parts
         self.lora_dir = lora_dir
         self.loras = LoraSwitch(parts)
+        self.vae_dir, self.vae_name = vae_dir, vae_name
+        self.vaes = VaeSwitch(parts.vae, vae_dir, unsafe_load)
         self.embeddings = dict(embeddings or {})  # textual inversion: name -> vectors (N, D), read-only
         from openldm.registry import SAMPLERS
 
@@ -62,14 +69,17 @@ class SDGenerator:
             max_steps=int(getattr(parts.schedule, "num_train_steps", 1000)), prompt_weightings=PROMPT_WEIGHTINGS,
             embeddings=tuple(sorted(self.embeddings)),
             max_clip_skip=int(parts.text_encoder.config.num_hidden_layers), chunked_prompts=True, vae_tiling=True,
-            hires_fix=True, tiling=True,
+            hires_fix=True, tiling=True, vae_choice=True,
             device=str(module_device_dtype(parts.unet)[0]), **bytes_per_pixel(parts.unet, parts.vae))
 
     @classmethod
     def load(cls, path: str | Path, source: str | None = None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
              unsafe_load: bool = False, prediction: str | None = None, lora_dir: str | Path | None = None,
-             embeddings_dir: str | Path | None = None, compile: bool = False) -> "SDGenerator":
+             embeddings_dir: str | Path | None = None, compile: bool = False, vae: str | Path | None = None,
+             vae_dir: str | Path | None = None) -> "SDGenerator":
         """``embeddings_dir``: textual-inversion files (see ``openldm.io.embeddings``) the prompts may name.
+        ``vae``: a VAE file or folder (``openldm.io.vae``) in place of the checkpoint's own; ``vae_dir``: the VAEs
+        requests may name (``openldm.pipelines.vaes``).
         ``compile``: torch.compile the UNet and, off a CPU, the decoder (``compile_networks``), with frozen weights
         unless ``lora_dir`` is given; the first request with LoRAs recompiles a frozen UNet live (``thaw_modules``)."""
         from openldm.io.embeddings import load_embeddings
@@ -79,9 +89,12 @@ class SDGenerator:
         width = parts.text_encoder.config.hidden_size
         embeddings = load_embeddings(embeddings_dir, width) if embeddings_dir is not None else {}
         place(parts, device, dtype)  # once, at load: requests never move or cast the modules
+        if vae is not None:
+            parts = dataclasses.replace(parts, vae=fitted(vae, parts.vae, unsafe_load=unsafe_load))
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.eval().requires_grad_(False)
-        generator = cls(parts, str(path) if source is None else source, lora_dir, embeddings)
+        generator = cls(parts, str(path) if source is None else source, lora_dir, embeddings, vae_dir,
+                        None if vae is None else Path(vae).name, unsafe_load)
         if compile:
             generator.compiled = compile_networks(parts.unet, parts.vae.decoder, freeze=lora_dir is None)
         return generator
@@ -95,24 +108,30 @@ class SDGenerator:
                 self.loras.read(path)  # a bad file is the request's error (read once, cached for use below)
         except (ValueError, FileNotFoundError) as e:
             raise RequestError("loras" if r.loras else "prompt", str(e)) from None
+        try:
+            vae = self.vaes.get(r.vae)
+        except (ValueError, FileNotFoundError) as e:
+            raise RequestError("vae", str(e)) from None
+        parts = self.parts if vae is self.parts.vae else dataclasses.replace(self.parts, vae=vae)
         if r.tiling and self.compiled is not None:
             raise RequestError("tiling", "seamless tiling is not available on a compiled model (its graphs keep "
                                "the padding they were compiled with); load it without compile")
         if loras and self.compiled == "frozen weights":  # frozen graphs would not see the fused LoRA weights
             self.compiled = thaw_modules(self.parts.unet)
         with self.loras.use(loras, r.tiling):
-            return self._generate(r, prompt, negative_prompt, on_progress, should_stop, progress)
+            return self._generate(parts, r, prompt, negative_prompt, on_progress, should_stop, progress)
 
-    def _generate(self, r: GenerationRequest, prompt: str, negative_prompt: str, on_progress: OnProgress | None,
-                  should_stop: ShouldStop | None, progress: bool) -> GenerationResult:
-        """``r`` (resolved; its prompts, tags included, go to the PNG parameters) from the tag-free prompts."""
+    def _generate(self, parts, r: GenerationRequest, prompt: str, negative_prompt: str,
+                  on_progress: OnProgress | None, should_stop: ShouldStop | None, progress: bool) -> GenerationResult:
+        """``r`` (resolved; its prompts, tags included, go to the PNG parameters) from the tag-free prompts, with
+        ``parts`` (the model's, its VAE the request's)."""
         strength = r.strength if r.strength is not None else (1.0 if r.mask is not None else 0.75)
-        plan = sampling_plan(self.parts, r.sampler, r.steps, r.karras)
+        plan = sampling_plan(parts, r.sampler, r.steps, r.karras)
         total = plan.from_strength(strength).num_steps if r.init_image is not None and strength > 0 else plan.num_steps
         hires = None
         if r.hires_scale is not None:
             hires = HiresFix(r.hires_scale, r.hires_upscaler, r.hires_steps, strength)
-            second = sampling_plan(self.parts, r.sampler, r.hires_steps or r.steps, r.karras)
+            second = sampling_plan(parts, r.sampler, r.hires_steps or r.steps, r.karras)
             total += second.from_strength(strength).num_steps if strength > 0 else 0
         common = dict(negative_prompt=negative_prompt, sampler=r.sampler, karras=r.karras, steps=r.steps,
                       guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, seed=r.seed,
@@ -123,19 +142,20 @@ class SDGenerator:
         interrupted = False
         try:
             if r.mask is not None:
-                images = inpaint(self.parts, prompt, r.init_image, r.mask, strength=strength,
+                images = inpaint(parts, prompt, r.init_image, r.mask, strength=strength,
                                  paste_back=r.paste_back, height=r.height, width=r.width, **common)
             elif r.init_image is not None:
-                images = image_to_image(self.parts, prompt, r.init_image, strength=strength, height=r.height,
+                images = image_to_image(parts, prompt, r.init_image, strength=strength, height=r.height,
                                         width=r.width, **common)
             else:
-                images = text_to_image(self.parts, prompt, height=r.height, width=r.width, hires=hires, **common)
+                images = text_to_image(parts, prompt, height=r.height, width=r.width, hires=hires, **common)
         except Stopped as stop:
-            images, interrupted = to_pil(decode_latents(self.parts.vae, stop.denoised, tiling=r.vae_tiling)), True
+            images, interrupted = to_pil(decode_latents(parts.vae, stop.denoised, tiling=r.vae_tiling)), True
         if r.init_image is not None:
             r.strength = strength
         width, height = (r.width, r.height) if hires else images[0].size  # A1111's Size: the first pass's
-        params = params_for(r, self.capabilities.source, len(images), width, height)
+        vae = self.vae_name if r.vae is None or r.vae in OWN else r.vae
+        params = params_for(r, self.capabilities.source, len(images), width, height, vae)
         return GenerationResult(images, params, interrupted)
 
     def preview(self, denoised: torch.Tensor) -> Image.Image:

@@ -19,11 +19,14 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
                    dtype: str | torch.dtype = "float32", unsafe_load: bool = False, ema: bool = True,
                    vae: str | Path | None = None, step: int | None = None,
                    prediction: str | None = None, lora_dir: str | Path | None = None,
-                   embeddings_dir: str | Path | None = None, compile: bool = False) -> Generator:
+                   embeddings_dir: str | Path | None = None, compile: bool = False,
+                   vae_dir: str | Path | None = None) -> Generator:
     """Load ``source`` (see the module docstring; None = the default bundled model) behind the generation
-    interface. ``dtype`` applies to the network weights. Models trained here: ``ema`` picks the EMA weights,
-    ``vae`` decodes through another autoencoder file with the same encoder, ``step`` an EMA snapshot. Stable
-    Diffusion weights: ``prediction`` (eps | v) overrides what the model says (``openldm.io.sd.load_sd``);
+    interface. ``dtype`` applies to the network weights. ``vae``: another autoencoder file in place of the model's
+    (models trained here: one with the same encoder; Stable Diffusion: a published VAE, ``openldm.io.vae``).
+    Models trained here: ``ema`` picks the EMA weights, ``step`` an EMA snapshot. Stable Diffusion weights:
+    ``prediction`` (eps | v) overrides what the model says (``openldm.io.sd.load_sd``); ``vae_dir`` holds the VAEs
+    requests may name;
     ``lora_dir`` is where prompt tags ``<lora:NAME:WEIGHT>`` find ``NAME.safetensors``;
     ``embeddings_dir`` holds textual-inversion embeddings its prompts may name. ``compile``: torch.compile the
     UNet, and off a CPU the autoencoder's decoder (``openldm.pipelines.common.compile_networks``; graphs compile on
@@ -40,18 +43,19 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
                              "network predicts")
         from openldm.pipelines.trained_generator import TrainedGenerator
 
-        if embeddings_dir is not None:
-            raise ValueError("embeddings_dir= (--embeddings-dir) is for Stable Diffusion weights, not a model trained "
-                             "here")
+        for flag, value in (("embeddings_dir", embeddings_dir), ("vae_dir", vae_dir)):
+            if value is not None:
+                raise ValueError(f"{flag}= (--{flag.replace('_', '-')}) is for Stable Diffusion weights, not a model "
+                                 "trained here")
         return TrainedGenerator.load(path, label, device=device, dtype=dtype, ema=ema, vae=vae, step=step,
                                      compile=compile)
-    for flag, value in (("vae", vae), ("step", step)):
-        if value is not None:
-            raise ValueError(f"{flag}= is for models trained here (a run directory), not Stable Diffusion weights")
+    if step is not None:
+        raise ValueError("step= is for models trained here (a run directory), not Stable Diffusion weights")
     from openldm.pipelines.sd_generator import SDGenerator
 
     return SDGenerator.load(path, label, device=device, dtype=dtype, unsafe_load=unsafe_load, prediction=prediction,
-                            lora_dir=lora_dir, embeddings_dir=embeddings_dir, compile=compile)
+                            lora_dir=lora_dir, embeddings_dir=embeddings_dir, compile=compile, vae=vae,
+                            vae_dir=vae_dir)
 
 
 def _bundled_name(path: Path) -> str | None:
