@@ -269,9 +269,6 @@ def _trained_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-level", type=int, default=None, help="noise augmentation level of --low-res "
                                                                  "(default: the model's)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--vae", default=None, help="decode through this autoencoder file instead of the run's (one with "
-                                               "the same encoder, e.g. a decoder fine-tuned with decoder_only; "
-                                               "default: the run's own)")
     p.add_argument("--grid", action="store_true", help="write all images as one grid PNG instead of one file each")
     p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
                    help="a value for another condition of the model, by its declared name (e.g. brightness=0.8; "
@@ -341,6 +338,11 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings (.pt, .safetensors, "
                                                           ".bin; A1111 or diffusers layout) that prompts use by name "
                                                           "(default: none)")
+    p.add_argument("--vae", default=None, help="another autoencoder in place of the model's. Stable Diffusion: a "
+                                               "published VAE file or diffusers folder (CompVis or diffusers layout, "
+                                               "e.g. vae-ft-mse-840000-ema-pruned.safetensors; A1111's sd_vae); a run: "
+                                               "one with the same encoder, e.g. a decoder fine-tuned with "
+                                               "decoder_only (default: the model's own)")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles (Stable "
                                                              "Diffusion weights)")
     p.add_argument("--tiling", action="store_true", help="seamless tiling (A1111's Tiling): the networks pad "

@@ -97,6 +97,27 @@ def tiny_pipeline(tmp_path, in_channels: int = 4, seed: int = 0, scheduler: str 
     return folder, pipe
 
 
+def diffusers_vae(seed: int, widths=(32, 64)):
+    """A random diffusers VAE of the tiny pipeline's topology (or with other ``widths``)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=widths, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * len(widths),
+                        up_block_types=("UpDecoderBlock2D",) * len(widths), latent_channels=4, norm_num_groups=32,
+                        sample_size=16)
+    randomize(vae, seed)
+    return vae.eval()
+
+
+def save_compvis(vae, path) -> None:
+    """``vae``'s weights as a CompVis VAE file (vae-ft-mse-840000-ema-pruned's layout)."""
+    from safetensors.torch import save_file
+
+    cfg = vae_keys.autoencoder_config_from_diffusers(dict(vae.config))
+    state = vae_keys.to_original(vae_keys.from_diffusers(vae.state_dict(), cfg), cfg)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
 # ---- comparisons shared with the other io tests --------------------------------------------------------------
 
 def assert_same_weights(sd, pipe) -> None:

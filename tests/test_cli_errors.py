@@ -142,7 +142,10 @@ SD_BAD = [  # on a tiny random-weight Stable Diffusion folder, {sd}
     ("generate --model {sd} --prompt 'a cat' --class-label 3", "is not class-conditional"),
     ("generate --model {sd} --prompt 'a cat' --clip-skip 3", "clip_skip=3 must be in 1..2"),
     ("generate --model {sd}", "--prompt is required"),
-    ("generate --model {sd} --prompt 'a cat' --vae {tmp}/notes.txt", "vae="),
+    ("generate --model {sd} --prompt 'a cat' --vae {tmp}/notes.txt", "a VAE file must end in"),
+    ("generate --model {sd} --prompt 'a cat' --vae {tmp}/nothing.safetensors", "nothing.safetensors' does not exist"),
+    ("generate --model {sd} --prompt 'a cat' --vae {tmp}", "has no config.json"),
+    ("generate --model {sd} --prompt 'a cat' --vae {bundled}/unet_ema.safetensors", "holds a UNet, not a KL"),
     ("generate --model {sd} --prompt 'a cat' --height 31", "height=31"),
     ("generate --model {sd} --prompt 'a cat' --guidance-scale nan", "guidance_scale=nan"),
 ]

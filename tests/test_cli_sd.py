@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sd_testing import tiny_pipeline  # noqa: E402
+from sd_testing import diffusers_vae, save_compvis, tiny_pipeline  # noqa: E402
 
 from openldm.cli import main  # noqa: E402
 from openldm.pipelines import read_png_params  # noqa: E402
@@ -77,3 +77,22 @@ def test_generate_png_equals_diffusers_pipeline(tmp_path):
     a, b = np.asarray(Image.open(out), dtype=np.int16), np.asarray(ref, dtype=np.int16)
     assert a.shape == b.shape
     assert (np.abs(a - b) <= 2).mean() >= 0.99
+
+
+def test_generate_with_another_vae_equals_diffusers_given_it(tmp_path):
+    """`--vae FILE` (a CompVis-layout VAE file) gives StableDiffusionPipeline(vae=that VAE)'s image; the PNG names it."""
+    folder, pipe = tiny_pipeline(tmp_path, scheduler="EulerDiscreteScheduler", timestep_spacing="leading")
+    other = diffusers_vae(21)
+    vae_file = tmp_path / "vae-ft-tiny.safetensors"
+    save_compvis(other, vae_file)
+    out = tmp_path / "ours.png"
+    assert main(["generate", "--model", str(folder), "--prompt", "a blue square", "--sampler", "euler", "--steps", "3",
+                 "--seed", "3", "--height", "32", "--width", "32", "--vae", str(vae_file), "--out", str(out),
+                 "--quiet"]) == 0
+    pipe.vae = other
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a blue square", num_inference_steps=3, height=32, width=32,
+               generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    a, b = np.asarray(Image.open(out), dtype=np.int16), np.asarray(ref, dtype=np.int16)
+    assert np.abs(a - b).max() <= 2
+    assert read_png_params(out).vae == "vae-ft-tiny.safetensors"

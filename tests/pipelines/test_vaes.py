@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-from sd_testing import randomize, tiny_pipeline
+from sd_testing import diffusers_vae, save_compvis, tiny_pipeline
 
-from openldm.io.keymaps import autoencoder as keymap
 from openldm.pipelines.common import GenerationParams
 from openldm.pipelines.generate import GenerationRequest, RequestError
 from openldm.pipelines.sources import load_generator
@@ -22,23 +20,6 @@ CALL = {"prompt": "a red circle", "negative_prompt": "blue", "steps": 3, "width"
         "guidance_scale": 7.5}
 TOLERANCE = 2  # pixel values, out of 255
 NAME = "ft-tiny.safetensors"
-
-
-def diffusers_vae(seed: int, widths=(32, 64)):
-    """A random diffusers VAE of the tiny pipeline's topology (or with other ``widths``)."""
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=widths, layers_per_block=1,
-                                  down_block_types=("DownEncoderBlock2D",) * len(widths),
-                                  up_block_types=("UpDecoderBlock2D",) * len(widths), latent_channels=4,
-                                  norm_num_groups=32, sample_size=16)
-    randomize(vae, seed)
-    return vae.eval()
-
-
-def save_compvis(vae, path) -> None:
-    """``vae``'s weights as a CompVis VAE file (vae-ft-mse-840000-ema-pruned's layout)."""
-    cfg = keymap.autoencoder_config_from_diffusers(dict(vae.config))
-    state = keymap.to_original(keymap.from_diffusers(vae.state_dict(), cfg), cfg)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
 @pytest.fixture(scope="module")
