@@ -269,6 +269,11 @@ def _trained_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-level", type=int, default=None, help="noise augmentation level of --low-res "
                                                                  "(default: the model's)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--vae", default=None, help="another autoencoder in place of the model's. Stable Diffusion: a "
+                                               "published VAE file or diffusers folder (CompVis or diffusers layout, "
+                                               "e.g. vae-ft-mse-840000-ema-pruned.safetensors; A1111's sd_vae); a run: "
+                                               "one with the same encoder, e.g. a decoder fine-tuned with "
+                                               "decoder_only (default: the model's own)")
     p.add_argument("--grid", action="store_true", help="write all images as one grid PNG instead of one file each")
     p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
                    help="a value for another condition of the model, by its declared name (e.g. brightness=0.8; "
@@ -338,11 +343,6 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings (.pt, .safetensors, "
                                                           ".bin; A1111 or diffusers layout) that prompts use by name "
                                                           "(default: none)")
-    p.add_argument("--vae", default=None, help="another autoencoder in place of the model's. Stable Diffusion: a "
-                                               "published VAE file or diffusers folder (CompVis or diffusers layout, "
-                                               "e.g. vae-ft-mse-840000-ema-pruned.safetensors; A1111's sd_vae); a run: "
-                                               "one with the same encoder, e.g. a decoder fine-tuned with "
-                                               "decoder_only (default: the model's own)")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles (Stable "
                                                              "Diffusion weights)")
     p.add_argument("--tiling", action="store_true", help="seamless tiling (A1111's Tiling): the networks pad "
@@ -683,6 +683,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                                                           "Stable Diffusion models use by name")
     p.add_argument("--styles-file", default=None, help="A1111's styles.csv (name,prompt,negative_prompt), whose styles "
                                                        "A1111 API requests name in 'styles' (default: none)")
+    p.add_argument("--vae", default=None, help="a VAE file or diffusers folder the Stable Diffusion models take in "
+                                               "place of their own (A1111's --vae-path)")
+    p.add_argument("--vae-dir", default=None, help="folder of VAEs that requests name (A1111's models/VAE: "
+                                                   "override_settings.sd_vae, the sd_vae option, the page)")
 
 
 @command("serve", "serve a web page and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1/...) over one job queue",
@@ -694,13 +698,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     origins = [o.strip() for o in args.cors_allow_origins.split(",") if o.strip()] if args.cors_allow_origins else None
     if args.api_auth is not None and any(":" not in pair for pair in args.api_auth.split(",")):
         raise ConfigError("--api-auth takes USER:PASS pairs separated by commas")
-    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
-        raise ConfigError(f"--lora-dir {args.lora_dir!r} is not a folder")
+    for flag in ("lora_dir", "vae_dir"):
+        folder = getattr(args, flag)
+        if folder is not None and not Path(folder).is_dir():
+            raise ConfigError(f"--{flag.replace('_', '-')} {folder!r} is not a folder")
+    if args.vae is not None and not Path(args.vae).exists():
+        raise ConfigError(f"--vae {args.vae!r} does not exist")
     _styles(args.styles_file, [])
     serve(args.model, host=args.host, port=args.port, api_auth=args.api_auth, cors_allow_origins=origins,
           max_batch=args.max_batch, max_pixels=args.max_pixels, device=args.device,
           dtype=_chosen_dtype(args), lora_dir=args.lora_dir,
-          embeddings_dir=args.embeddings_dir, compile=args.compile, styles_file=args.styles_file)
+          embeddings_dir=args.embeddings_dir, compile=args.compile, styles_file=args.styles_file, vae=args.vae,
+          vae_dir=args.vae_dir)
     return 0
 
 

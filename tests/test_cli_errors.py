@@ -85,6 +85,8 @@ BAD = [
     ("serve --model {tmp}/nothing", "'{tmp}/nothing'"),
     ("serve --api-auth nocolon", "USER:PASS"),
     ("serve --dtype float64", "float64"),
+    ("serve --vae-dir {tmp}/nothing", "--vae-dir '{tmp}/nothing' is not a folder"),
+    ("serve --vae {tmp}/nothing.safetensors", "--vae '{tmp}/nothing.safetensors' does not exist"),
     # evaluate (refused before a classifier is trained or an image drawn)
     ("evaluate --num-samples 0", "num_samples=0"),
     ("evaluate --tasks bogus", "bogus"),

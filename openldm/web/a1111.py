@@ -3,7 +3,8 @@ translation to and from the generation interface.
 
 Fields A1111 clients send that decide the image are honoured (prompt, negative_prompt, seed, sampler_name /
 sampler_index, scheduler, batch_size, n_iter, steps, cfg_scale, width, height, init_images, denoising_strength,
-mask, mask_blur, inpainting_mask_invert, override_settings' sd_model_checkpoint and CLIP_stop_at_last_layers);
+mask, mask_blur, inpainting_mask_invert, override_settings' sd_model_checkpoint, sd_vae and
+CLIP_stop_at_last_layers);
 settings a model recommends (steps, cfg_scale, sampler, size) start from the model's own values when a request
 leaves them out; the hires fix (enable_hr, hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps,
 denoising_strength) runs as A1111's, ``tiling`` makes the image seamless, and ``styles`` from the server's styles.csv
@@ -27,6 +28,8 @@ from pydantic import BaseModel, ConfigDict
 from openldm.pipelines.common import GenerationParams, png_bytes
 from openldm.pipelines.generate import GenerationRequest, RequestError
 from openldm.pipelines.styles import Style, apply_styles, choose
+from openldm.pipelines.vaes import OWN
+from openldm.pipelines.vaes import available as available_vaes
 
 VERSION = "openldm 0.1.0"
 
@@ -179,11 +182,12 @@ def model_override(body: Txt2ImgRequest) -> str | None:
     return (body.override_settings or {}).get("sd_model_checkpoint")
 
 
-def to_request(body: Txt2ImgRequest, prompt_weighting: str = "a1111",
-               styles: dict[str, Style] | None = None) -> GenerationRequest:
+def to_request(body: Txt2ImgRequest, prompt_weighting: str = "a1111", styles: dict[str, Style] | None = None,
+               vae: str | None = None) -> GenerationRequest:
     """The generation request for an A1111 txt2img / img2img body (the seed still A1111's: -1 = random). Prompts
     are read in A1111's syntax (``prompt_weighting="a1111"``) unless the model cannot ("none"); the ``styles`` the
-    body names (from the server's styles file) are applied to them."""
+    body names (from the server's styles file) are applied to them. ``vae``: the server's ``sd_vae`` option, which
+    the body's ``override_settings.sd_vae`` overrides (Automatic / None: the model's own)."""
     _refuse_unsupported(body)
     sampler, karras = _sampler(body)
     overrides = body.override_settings or {}
@@ -201,6 +205,9 @@ def to_request(body: Txt2ImgRequest, prompt_weighting: str = "a1111",
         karras=karras, steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
         num_images=body.batch_size, clip_skip=int(overrides.get("CLIP_stop_at_last_layers", 1)),
         prompt_weighting=prompt_weighting, tiling=bool(body.tiling))
+    vae = overrides.get("sd_vae", vae)
+    if vae is not None and vae not in OWN:
+        request.vae = str(vae)
     if body.enable_hr:
         if isinstance(body, Img2ImgRequest):
             raise RequestError("enable_hr", "enable_hr is for txt2img (A1111's img2img has no hires fix)")
@@ -257,7 +264,8 @@ def response(body: Txt2ImgRequest, images: list[Image.Image], params: list[Gener
             ("Karras" if first.karras else "Automatic") if first else body.scheduler,
         "cfg_scale": first.guidance_scale if first else body.cfg_scale, "steps": first.steps if first else body.steps,
         "batch_size": body.batch_size, "n_iter": body.n_iter, "restore_faces": False,
-        "face_restoration_model": None, "sd_model_name": model, "sd_model_hash": None, "sd_vae_name": None,
+        "face_restoration_model": None, "sd_model_name": model, "sd_model_hash": None,
+        "sd_vae_name": first.vae if first else None,
         "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": first.strength if first else None, "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": "",
@@ -299,6 +307,14 @@ def loras(lora_dir: str | Path | None) -> list[dict[str, Any]]:
         listed.append({"name": name, "alias": alias if isinstance(alias, str) and alias else name,
                        "path": str(path), "metadata": meta})
     return listed
+
+
+def vaes(vae_dir: str | Path | None) -> list[dict[str, str]]:
+    """``/sdapi/v1/sd-vae``: the VAEs requests can name (``override_settings.sd_vae``, the ``sd_vae`` option), as
+    A1111 lists them: ``model_name`` and ``filename``. Read from the folder at each call; no folder, no VAEs."""
+    if vae_dir is None or not Path(vae_dir).is_dir():
+        return []
+    return [{"model_name": name, "filename": str(path)} for name, path in available_vaes(vae_dir).items()]
 
 
 def prompt_styles(styles: dict[str, Style]) -> list[dict[str, str]]:

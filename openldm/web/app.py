@@ -37,6 +37,8 @@ from openldm.pipelines.common import GenerationParams
 from openldm.pipelines.generate import GenerationRequest, RequestError
 from openldm.pipelines.hires import UPSCALERS, hires_size
 from openldm.pipelines.styles import Style, read_styles
+from openldm.pipelines.vaes import OWN
+from openldm.pipelines.vaes import resolve as resolve_vae
 from openldm.web import a1111
 from openldm.web.jobs import Job, JobQueue, ModelPool, UnknownModel, model_sources
 
@@ -79,6 +81,7 @@ class JobRequest(BaseModel):
     hires_upscaler: str | None = None
     hires_steps: int | None = None
     tiling: bool = False
+    vae: str | None = None  # a VAE of the server's --vae-dir by name (None: the model's)
 
 
 class PngInfoRequest(BaseModel):
@@ -121,16 +124,20 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
                cors_allow_origins: list[str] | None = None, max_batch: int = 8, max_pixels: int = 1024 * 1024,
                device: str = "cpu", dtype: str = "float32", preload: bool = False,
                lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
-               compile: bool = False, styles_file: str | Path | None = None) -> FastAPI:
+               compile: bool = False, styles_file: str | Path | None = None, vae: str | Path | None = None,
+               vae_dir: str | Path | None = None) -> FastAPI:
     """The app serving ``models`` (see ``model_sources``; None = the bundled model). ``app.state.pool`` holds the
     models, ``app.state.queue`` the job queue (``close()`` it to stop its worker). ``preload`` loads the first
     model now (a bad model fails here, not at the first request). ``lora_dir``: where prompts' ``<lora:NAME:W>``
-    tags find their files; ``embeddings_dir``: textual-inversion embeddings for the Stable Diffusion models
+    tags find their files; ``vae``: a VAE the Stable Diffusion models take in place of their own; ``vae_dir``: the
+    VAEs requests may name (A1111's ``sd_vae``: ``/sdapi/v1/sd-vae`` lists them); ``embeddings_dir``: textual-inversion embeddings for the Stable Diffusion models
     served; ``compile``: torch.compile each model's UNet, and decoder off a CPU (the graphs stay with the loaded
     models); ``styles_file``: A1111's styles.csv, which A1111 requests name in ``styles`` (read at each request, so
     edits apply at once; a bad file fails here)."""
+    if vae_dir is not None and not Path(vae_dir).is_dir():
+        raise ValueError(f"VAE folder {str(vae_dir)!r} does not exist")
     pool = ModelPool(model_sources(models), device=device, dtype=dtype, lora_dir=lora_dir,
-                     embeddings_dir=embeddings_dir, compile=compile)
+                     embeddings_dir=embeddings_dir, compile=compile, vae=vae, vae_dir=vae_dir)
     if preload:
         pool.get()
 
@@ -318,7 +325,7 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     def a1111_generate(body: a1111.Txt2ImgRequest):
         name = model_name(a1111.model_override(body), "override_settings.sd_model_checkpoint")
         weighting = "a1111" if "a1111" in pool.get(name).capabilities.prompt_weightings else "none"
-        request = a1111.to_request(body, weighting, styles())
+        request = a1111.to_request(body, weighting, styles(), app.state.options["sd_vae"])
         job = finished(submit(name, request, body.n_iter, batch_field="batch_size"))
         return a1111.response(body, job.images, job.params, name, [p.seed for p in job.params])
 
@@ -381,12 +388,19 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     def get_options():
         return {**app.state.options, "sd_model_checkpoint": pool.current}
 
-    app.state.options = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0}
+    app.state.options = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
+                         "sd_vae": OWN[0]}
 
     @app.post("/sdapi/v1/options")
     def set_options(body: Options):
         if body.sd_model_checkpoint is not None:
             pool.select(model_name(body.sd_model_checkpoint, "sd_model_checkpoint"))
+        chosen = (body.model_extra or {}).get("sd_vae")
+        if chosen is not None and chosen not in OWN:
+            try:
+                resolve_vae(str(chosen), pool.vae_dir)
+            except (ValueError, FileNotFoundError) as e:
+                raise RequestError("sd_vae", str(e)) from None
         app.state.options.update({k: v for k, v in (body.model_extra or {}).items() if k in app.state.options})
 
     @app.post("/sdapi/v1/png-info")
@@ -413,6 +427,14 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     def loras():
         return a1111.loras(pool.lora_dir)
 
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae():
+        return a1111.vaes(pool.vae_dir)
+
+    @app.post("/sdapi/v1/refresh-vae")
+    def refresh_vae():
+        return None  # /sdapi/v1/sd-vae reads the folder at each call
+
     @app.post("/sdapi/v1/refresh-loras")
     def refresh_loras():
         return None  # /sdapi/v1/loras reads the folder at each call; nothing is cached to refresh
@@ -428,17 +450,11 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     return app
 
 
-def serve(models: list[str] | None = None, *, host: str = "127.0.0.1", port: int = 7860, api_auth: str | None = None,
-          cors_allow_origins: list[str] | None = None, max_batch: int = 8, max_pixels: int = 1024 * 1024,
-          device: str = "cpu", dtype: str = "float32", lora_dir: str | Path | None = None,
-          embeddings_dir: str | Path | None = None, compile: bool = False,
-          styles_file: str | Path | None = None) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+def serve(models: list[str] | None = None, *, host: str = "127.0.0.1", port: int = 7860, **options: Any) -> None:
+    """Serve until interrupted (Ctrl-C); ``options`` are :func:`create_app`'s, the first model preloaded."""
     import uvicorn
 
-    app = create_app(models, api_auth=api_auth, cors_allow_origins=cors_allow_origins, max_batch=max_batch,
-                     max_pixels=max_pixels, device=device, dtype=dtype, preload=True, lora_dir=lora_dir,
-                     embeddings_dir=embeddings_dir, compile=compile, styles_file=styles_file)
+    app = create_app(models, preload=True, **options)
     print(f"openldm serve: {', '.join(app.state.pool.names())} on http://{host}:{port}/ (A1111 API under /sdapi/v1)",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from sd_testing import tiny_pipeline
+from sd_testing import diffusers_vae, save_compvis, tiny_pipeline
 
 from openldm.cli import main
 from openldm.pipelines.generate import GenerationRequest
@@ -251,6 +251,52 @@ def test_txt2img_tiling_equals_openldm_generate_tiling(sd, sd_file, tmp_path):
     assert main(["generate", "--model", str(sd_file), "--prompt", "a red circle", "--seed", "8", "--steps", "2",
                  "--width", "32", "--height", "32", "--sampler", "euler", "--prompt-weighting", "a1111", "--tiling",
                  "--out", str(out), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(image))
+
+
+def test_sd_vae_from_the_vae_folder_equals_openldm_generate_vae(sd_file, tmp_path):
+    """A1111's VAE choice: /sdapi/v1/sd-vae lists --vae-dir, override_settings.sd_vae and the sd_vae option pick one
+    (Automatic / None: the model's own), each image the same as `openldm generate --vae FILE`; the native job too."""
+    vae_dir = tmp_path / "VAE"
+    vae_dir.mkdir()
+    save_compvis(diffusers_vae(31), vae_dir / "ft-tiny.safetensors")
+    body = {"prompt": "a red circle", "seed": 6, "steps": 2, "width": 32, "height": 32, "sampler_name": "Euler"}
+    app = create_app([str(sd_file)], vae_dir=vae_dir)
+    try:
+        with TestClient(app) as client:
+            assert client.get("/sdapi/v1/sd-vae").json() == [
+                {"model_name": "ft-tiny.safetensors", "filename": str((vae_dir / "ft-tiny.safetensors").resolve())}]
+            assert client.post("/sdapi/v1/refresh-vae").status_code == 200
+            chosen = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "ft-tiny.safetensors"}})
+            assert chosen.status_code == 200, chosen.text
+            image = unb64(chosen.json()["images"][0])
+            assert "VAE: ft-tiny.safetensors" in image.info["parameters"]
+            assert json.loads(chosen.json()["info"])["sd_vae_name"] == "ft-tiny.safetensors"
+            own = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "Automatic"}})
+            own_image = unb64(own.json()["images"][0])
+            assert "VAE:" not in own_image.info["parameters"]
+            assert not np.array_equal(np.asarray(own_image), np.asarray(image))
+            assert client.get("/sdapi/v1/options").json()["sd_vae"] == "Automatic"
+            assert client.post("/sdapi/v1/options", json={"sd_vae": "ft-tiny.safetensors"}).status_code == 200
+            assert client.get("/sdapi/v1/options").json()["sd_vae"] == "ft-tiny.safetensors"
+            by_option = client.post("/sdapi/v1/txt2img", json=body)
+            assert np.array_equal(np.asarray(unb64(by_option.json()["images"][0])), np.asarray(image))
+            none = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "None"}})
+            assert np.array_equal(np.asarray(unb64(none.json()["images"][0])), np.asarray(own_image))
+            bad = client.post("/sdapi/v1/options", json={"sd_vae": "missing.pt"})
+            assert bad.status_code == 422 and bad.json()["field"] == "sd_vae" and "ft-tiny" in bad.json()["error"]
+            unknown = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "missing.pt"}})
+            assert unknown.status_code == 422 and unknown.json()["field"] == "vae"
+            native = _job_images(client, {"prompt": "a red circle", "seed": 6, "steps": 2, "width": 32, "height": 32,
+                                          "sampler": "euler", "prompt_weighting": "a1111",
+                                          "vae": "ft-tiny.safetensors"})
+            assert np.array_equal(native[0], np.asarray(image))
+    finally:
+        app.state.queue.close()
+    out = tmp_path / "cli.png"
+    assert main(["generate", "--model", str(sd_file), "--prompt", "a red circle", "--seed", "6", "--steps", "2",
+                 "--width", "32", "--height", "32", "--sampler", "euler", "--prompt-weighting", "a1111", "--vae",
+                 str(vae_dir / "ft-tiny.safetensors"), "--out", str(out), "--quiet"]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(image))
 
 
