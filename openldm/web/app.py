@@ -254,7 +254,8 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
         except UnknownModel as e:
             raise HTTPException(404, str(e)) from None
         return {**caps.to_dict(), "sampler_labels": {s: a1111_name(s) for s in caps.samplers},
-                "hires_upscalers": list(UPSCALERS) if caps.hires_fix else []}
+                "hires_upscalers": list(UPSCALERS) if caps.hires_fix else [],
+                "vaes": [v["model_name"] for v in a1111.vaes(pool.vae_dir)] if caps.vae_choice else []}
 
     @app.post("/openldm/jobs")
     def create_job(body: JobRequest):

@@ -324,18 +324,22 @@ def test_png_parameters_from_file_input_and_drop(page, tmp_path):
 
 @pytest.fixture(scope="module")
 def sd_url(tmp_path_factory):
-    from sd_testing import tiny_pipeline
+    from sd_testing import diffusers_vae, save_compvis, tiny_pipeline
 
     from openldm.cli import main
 
     tmp = tmp_path_factory.mktemp("page_sd")
     folder, _ = tiny_pipeline(tmp)
     assert main(["convert", str(folder), str(tmp / "tiny.safetensors"), "--to", "original"]) == 0
-    yield from _serve(create_app([str(tmp / "tiny.safetensors")]))
+    (tmp / "VAE").mkdir()
+    save_compvis(diffusers_vae(41), tmp / "VAE" / "ft-tiny.safetensors")
+    yield from _serve(create_app([str(tmp / "tiny.safetensors")], vae_dir=tmp / "VAE"))
 
 
-def test_the_hires_fix_and_tiling_controls_make_their_image_and_come_back_from_its_png(browser, sd_url, page, tmp_path):
+def test_the_hires_fix_tiling_and_vae_controls_make_their_image_and_come_back_from_its_png(browser, sd_url, page,
+                                                                                           tmp_path):
     assert page.is_hidden("#hires-row") and page.is_hidden("#tiling-row")  # the bundled model has neither
+    assert page.is_hidden("#vae-row")
     for sd in _open(browser, sd_url, "document.querySelectorAll('#hires-upscaler option').length > 1"):
         assert sd.is_visible("#hires-row") and sd.input_value("#hires-upscaler") == "Latent"
         sd.fill("#prompt", "a red circle")
@@ -344,6 +348,8 @@ def test_the_hires_fix_and_tiling_controls_make_their_image_and_come_back_from_i
             sd.fill(field, value)
         sd.check("#hires")
         sd.check("#tiling")
+        assert sd.is_visible("#vae-row") and sd.input_value("#vae") == ""
+        sd.select_option("#vae", "ft-tiny.safetensors")
         sd.select_option("#hires-upscaler", "Latent (nearest)")
         sd.fill("#hires-strength", "0.5")
         generate_and_watch(sd, before=0)
@@ -352,10 +358,11 @@ def test_the_hires_fix_and_tiling_controls_make_their_image_and_come_back_from_i
         parameters = image.info["parameters"]
         assert "Size: 32x32" in parameters and "Denoising strength: 0.5" in parameters
         assert "Hires upscale: 2, Hires upscaler: Latent (nearest), Hires steps: 3" in parameters
-        assert "Tiling: True" in parameters
+        assert "Tiling: True" in parameters and "VAE: ft-tiny.safetensors" in parameters
 
         sd.uncheck("#hires")
         sd.uncheck("#tiling")
+        sd.select_option("#vae", "")
         sd.select_option("#hires-upscaler", "Lanczos")
         path = tmp_path / "hires.png"
         info = PngImagePlugin.PngInfo()
@@ -365,4 +372,4 @@ def test_the_hires_fix_and_tiling_controls_make_their_image_and_come_back_from_i
         sd.wait_for_function("document.getElementById('hires').checked", timeout=TIMEOUT_S * 1000)
         assert sd.input_value("#hires-upscaler") == "Latent (nearest)" and sd.input_value("#hires-steps") == "3"
         assert sd.input_value("#hires-strength") == "0.5" and sd.input_value("#hires-scale") == "2"
-        assert sd.is_checked("#tiling")
+        assert sd.is_checked("#tiling") and sd.input_value("#vae") == "ft-tiny.safetensors"

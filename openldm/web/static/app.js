@@ -53,7 +53,7 @@ function fieldElement(field) {
     init_image: imageTab === "inpaint" ? "inpaint-image" : "init-image",
     strength: { inpaint: "inpaint-strength", img2img: "strength" }[state.tab] || "hires-strength",
     image: "png-file", hires_scale: "hires-scale", hires_upscaler: "hires-upscaler", hires_steps: "hires-steps",
-    tiling: "tiling",
+    tiling: "tiling", vae: "vae",
   };
   const name = String(field).replace(/^inputs\./, "");
   return $(map[field] || `input-${name}`);
@@ -139,6 +139,9 @@ function applyCapabilities(caps) {
 
   setVisible("hires-row", Boolean(caps.hires_fix));
   setVisible("tiling-row", Boolean(caps.tiling));
+  const vaes = caps.vaes || [];
+  $("vae").replaceChildren(new Option("Automatic (the model's own)", ""), ...vaes.map((v) => new Option(v, v)));
+  setVisible("vae-row", vaes.length > 0);
   $("hires-upscaler").replaceChildren(...(caps.hires_upscalers || []).map((u) => new Option(u, u)));
   $("tab-img2img").hidden = !caps.image_to_image;
   $("tab-inpaint").hidden = !caps.inpainting;
@@ -456,6 +459,7 @@ function buildRequest() {
     paste_back: false,
     inputs: inputValues(),
     tiling: Boolean(caps.tiling) && $("tiling").checked,
+    vae: $("vae").value || null,
   };
   if (state.tab === "img2img") {
     if (!state.initImage) throw new ApiError("choose an init image for image-to-image", "init_image");
@@ -665,6 +669,7 @@ async function applyParams(p) {
     if (p[key] !== undefined && p[key] !== null) $(id).value = p[key];
   }
   if (caps && caps.tiling) $("tiling").checked = Boolean(p.tiling);
+  if ([...$("vae").options].some((o) => o.value === (p.vae || ""))) $("vae").value = p.vae || "";
   if (caps && caps.hires_fix) {
     $("hires").checked = p.hires_scale !== undefined && p.hires_scale !== null;
     if ($("hires").checked) {
