@@ -397,6 +397,9 @@ class GenerationParams:
     hires_steps: int | None = None  # None: the first pass's steps
     tiling: bool = False  # seamless tiling
     vae: str | None = None  # the VAE's name when it is not the model's own
+    subseed: int | None = None  # A1111's variation seed, with its strength; and the seed resize's (width, height)
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None
 
     def cutters(self) -> StepCutters:
         """The step cutters these parameters ask for."""
@@ -407,6 +410,10 @@ class GenerationParams:
         items = [("Steps", self.steps), ("Sampler", _a1111_sampler(self.sampler)),
                  ("Schedule type", "Karras" if self.karras else "Automatic"), ("CFG scale", _num(self.guidance_scale)),
                  ("Seed", self.seed), ("Size", f"{self.width}x{self.height}")]
+        if self.subseed_strength:
+            items += [("Variation seed", self.subseed), ("Variation seed strength", _num(self.subseed_strength))]
+        if self.seed_resize_from is not None:
+            items.append(("Seed resize from", "{}x{}".format(*self.seed_resize_from)))
         if self.model:
             items.append(("Model", self.model))
         if self.vae:
@@ -472,6 +479,8 @@ class GenerationParams:
                        "Guidance interval": ("guidance_interval", lambda v: tuple(float(x) for x in v.split(","))),
                        "DeepCache interval": ("deepcache_interval", int),
                        "Token merging ratio": ("token_merging_ratio", float),
+                       "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+                       "Seed resize from": ("seed_resize_from", lambda v: tuple(int(x) for x in v.split("x"))),
                        "Token merging max downsample": ("token_merging_max_downsample", int),
                        "Hires upscale": ("hires_scale", float), "Hires upscaler": ("hires_upscaler", str),
                        "Hires steps": ("hires_steps", int), "Tiling": ("tiling", lambda v: v == "True")}

@@ -38,6 +38,7 @@ from openldm.pipelines.common import (
     StepCutters,
 )
 from openldm.pipelines.hires import DEFAULT_STRENGTH, DEFAULT_UPSCALER, HiresFix, hires_size
+from openldm.pipelines.seeds import SeedVariation
 
 ImageInput = Image.Image | str | Path
 
@@ -152,6 +153,16 @@ class GenerationRequest:
     hires_upscaler: str | None = None  # None: A1111's "Latent"; openldm.pipelines.hires.UPSCALERS
     hires_steps: int | None = None  # the second pass's steps (None: ``steps``); its strength is ``strength``
     vae: str | None = None  # Stable Diffusion: a VAE of the generator's VAE folder by name (None: the model's)
+    subseed: int | None = None  # A1111's variation seed (openldm.pipelines.seeds); needs subseed_strength > 0
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None  # (width, height): keep the noise of this image size
+
+    def variation(self) -> SeedVariation | None:
+        """The variation seed / seed resize this request asks for (None: the plain seed's noise)."""
+        if not self.subseed_strength and self.seed_resize_from is None:
+            return None
+        return SeedVariation(subseed=self.subseed or 0, strength=self.subseed_strength,
+                             resize_from=None if self.seed_resize_from is None else tuple(self.seed_resize_from))
 
     def cutters(self) -> StepCutters:
         """The step cutters this request asks for."""
@@ -223,6 +234,7 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
                              ("tiling", caps.tiling, "seamless tiling")):
         if getattr(r, name) and not able:
             raise RequestError(name, f"{name}=True: model {caps.name!r} has no {what} (Stable Diffusion weights do)")
+    _check_variation(r, caps)
     if r.vae is not None and not caps.vae_choice:
         raise RequestError("vae", f"vae={r.vae!r}: model {caps.name!r} takes no other VAE per request (Stable "
                            "Diffusion weights do)")
@@ -270,6 +282,19 @@ def _check(r: GenerationRequest, caps: Capabilities) -> None:
             raise RequestError("loras", f"loras entry {item!r} must be a (file, weight) pair with a finite weight")
     if caps.kind == "stable-diffusion" and not r.prompt and r.prompt != "":
         r.prompt = ""
+
+
+def _check_variation(r: GenerationRequest, caps: Capabilities) -> None:
+    if r.subseed_strength and r.subseed is None:
+        raise RequestError("subseed", f"subseed_strength={r.subseed_strength} needs a subseed (the variation seed)")
+    try:
+        r.variation()
+    except ValueError as e:
+        field = str(e).split("=", 1)[0]
+        raise RequestError(field if field in ("subseed", "subseed_strength") else "seed_resize_from", str(e)) from None
+    if r.seed_resize_from is not None and min(r.seed_resize_from) < caps.size_multiple:
+        raise RequestError("seed_resize_from", f"seed_resize_from={tuple(r.seed_resize_from)} must be at least "
+                           f"{caps.size_multiple} a side (one latent pixel)")
 
 
 def _check_hires(r: GenerationRequest, caps: Capabilities) -> None:
@@ -408,7 +433,8 @@ def request_from_params(params: GenerationParams) -> GenerationRequest:
         height=params.height, num_images=params.num_images, strength=params.strength, paste_back=params.paste_back,
         clip_skip=params.clip_skip, chunked=params.chunked, prompt_weighting=params.prompt_weighting,
         hires_scale=params.hires_scale, hires_upscaler=params.hires_upscaler, hires_steps=params.hires_steps,
-        tiling=params.tiling, **{key: getattr(params, key) for key in CUTTER_FIELDS})
+        tiling=params.tiling, subseed=params.subseed, subseed_strength=params.subseed_strength,
+        seed_resize_from=params.seed_resize_from, **{key: getattr(params, key) for key in CUTTER_FIELDS})
 
 
 OnProgress = Callable[[Progress], None]
@@ -457,6 +483,8 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
         chunked=request.chunked, prompt_weighting=request.prompt_weighting, strength=request.strength,
         paste_back=request.paste_back, model=model, hires_scale=request.hires_scale,
         hires_upscaler=request.hires_upscaler, hires_steps=request.hires_steps, tiling=request.tiling, vae=vae,
+        subseed=request.subseed if request.subseed_strength else None, subseed_strength=request.subseed_strength,
+        seed_resize_from=None if request.seed_resize_from is None else tuple(request.seed_resize_from),
         class_label=None if request.class_label is None else str(request.class_label),
         **{key: getattr(request.cutters(), key) for key in CUTTER_FIELDS})
     return [replace(base, batch_index=i) for i in range(count)]

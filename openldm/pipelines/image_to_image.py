@@ -17,7 +17,6 @@ from openldm.pipelines.common import (
     StepCutters,
     decode_latents,
     denoise_and_decode,
-    draw_noise,
     encode_images,
     encode_text,
     image_to_tensor,
@@ -28,6 +27,7 @@ from openldm.pipelines.common import (
     sampling_plan,
     to_pil,
 )
+from openldm.pipelines.seeds import SeedVariation, initial_noise
 from openldm.samplers.base import OnStep
 
 
@@ -38,10 +38,12 @@ def image_to_image(parts: ModelParts, prompt: str | Sequence[str], image: Image.
                    clip_skip: int = 1, chunked: bool = False, prompt_weighting: str = "none",
                    embeddings: Mapping[str, torch.Tensor] | None = None, device: str | torch.device | None = None,
                    dtype: str | torch.dtype | None = None, vae_tiling: bool = False, progress: bool = True,
-                   on_step: OnStep | None = None, cutters: StepCutters | None = None) -> list[Image.Image]:
+                   on_step: OnStep | None = None, cutters: StepCutters | None = None,
+                   variation: SeedVariation | None = None) -> list[Image.Image]:
     """``image`` redrawn after ``prompt``, as diffusers' StableDiffusionImg2ImgPipeline with the same seed: of
     ``steps`` steps the last ``int(steps * strength)`` run. ``strength=0`` returns the autoencoder round trip of
-    the image. ``height``/``width`` resize the image (default: its own size, a multiple of 8)."""
+    the image. ``height``/``width`` resize the image (default: its own size, a multiple of 8). ``variation``:
+    A1111's variation seed / seed resize for the added noise (``openldm.pipelines.seeds``)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     place(parts, device, dtype)
@@ -53,20 +55,23 @@ def image_to_image(parts: ModelParts, prompt: str | Sequence[str], image: Image.
     known = encode_images(parts.vae, init, generator, tiling=vae_tiling).expand(shape[0], -1, -1, -1)
     return to_pil(redraw(parts, known, cond, uncond, strength=strength, sampler=sampler, karras=karras, steps=steps,
                          guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator,
-                         vae_tiling=vae_tiling, progress=progress, on_step=on_step, cutters=cutters))
+                         vae_tiling=vae_tiling, progress=progress, on_step=on_step, cutters=cutters, seed=seed,
+                         variation=variation))
 
 
 def redraw(parts: ModelParts, known: torch.Tensor, cond: Slots, uncond: Slots, *, strength: float, sampler: str,
            karras: bool, steps: int, guidance_scale: float, guidance_rescale: float, generator: torch.Generator,
            vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None,
-           cutters: StepCutters | None = None) -> torch.Tensor:
+           cutters: StepCutters | None = None, seed: int = 0,
+           variation: SeedVariation | None = None) -> torch.Tensor:
     """The latents ``known`` noised to ``strength`` of the way up the schedule of ``steps`` (noise from
-    ``generator``), sampled back down and decoded: images (B, 3, H, W) in [0, 1]; at strength 0, ``known``
-    decoded."""
+    ``generator``, or per image from ``seed`` and ``variation``), sampled back down and decoded: images (B, 3, H, W)
+    in [0, 1]; at strength 0, ``known`` decoded."""
     if strength == 0.0:
         return decode_latents(parts.vae, known, tiling=vae_tiling)
     plan = sampling_plan(parts, sampler, steps, karras).from_strength(strength)
-    noise = draw_noise(known.shape, generator, *module_device_dtype(parts.unet))
+    noise = initial_noise(known.shape, generator, *module_device_dtype(parts.unet), seed=seed, variation=variation,
+                          factor=int(parts.vae.downsampling_factor))
     x = plan.noised_input(known.to(noise.device, noise.dtype), noise)
     return denoise_and_decode(parts, x, plan, cond, uncond, sampler=sampler, guidance_scale=guidance_scale,
                               guidance_rescale=guidance_rescale, generator=generator, on_step=on_step,

@@ -26,7 +26,6 @@ from openldm.pipelines.common import (
     StepCutters,
     chain_hooks,
     denoise_and_decode,
-    draw_noise,
     encode_images,
     encode_text,
     image_to_tensor,
@@ -38,6 +37,7 @@ from openldm.pipelines.common import (
     sampling_plan,
     to_pil,
 )
+from openldm.pipelines.seeds import SeedVariation, initial_noise
 from openldm.registry import CONDITIONERS
 from openldm.samplers.base import OnStep, blend_known
 
@@ -50,9 +50,10 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
             prompt_weighting: str = "none", embeddings: Mapping[str, torch.Tensor] | None = None,
             device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
             vae_tiling: bool = False, progress: bool = True, on_step: OnStep | None = None,
-            cutters: StepCutters | None = None) -> list[Image.Image]:
+            cutters: StepCutters | None = None, variation: SeedVariation | None = None) -> list[Image.Image]:
     """``image`` with the white region of ``mask`` (grey levels binarised at 0.5) redrawn, as diffusers'
-    StableDiffusionInpaintPipeline with the same seed. The kind of UNet (4 or 9 input channels) picks the method."""
+    StableDiffusionInpaintPipeline with the same seed. The kind of UNet (4 or 9 input channels) picks the method.
+    ``variation``: A1111's variation seed / seed resize for the starting noise (``openldm.pipelines.seeds``)."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     place(parts, device, dtype)
@@ -76,7 +77,8 @@ def inpaint(parts: ModelParts, prompt: str | Sequence[str], image: Image.Image |
     if concat_channels == 0 or strength < 1.0:
         known = encode_images(parts.vae, init, generator, tiling=vae_tiling).to(device, dtype)
         known = known.expand(B, -1, -1, -1)
-    noise = draw_noise(shape, generator, device, dtype)
+    noise = initial_noise(shape, generator, device, dtype, seed=seed, variation=variation,
+                          factor=int(parts.vae.downsampling_factor))
     x = plan.initial_sample(noise) if strength == 1.0 else plan.noised_input(known, noise)
 
     hooks = [on_step]

@@ -138,7 +138,7 @@ class SDGenerator:
                       num_images=r.num_images, clip_skip=r.clip_skip, chunked=r.chunked,
                       prompt_weighting=r.prompt_weighting, embeddings=self.embeddings, vae_tiling=r.vae_tiling,
                       progress=progress, on_step=progress_hook(total, on_progress, should_stop),
-                      cutters=r.cutters())
+                      cutters=r.cutters(), variation=r.variation())
         interrupted = False
         try:
             if r.mask is not None:

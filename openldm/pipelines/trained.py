@@ -47,13 +47,13 @@ from openldm.pipelines.common import (
     StepCutters,
     chain_hooks,
     check_size,
-    draw_noise,
     guided_denoiser,
     make_generator,
     module_device_dtype,
     run_sampler,
     sampling_plan,
 )
+from openldm.pipelines.seeds import SeedVariation, initial_noise
 from openldm.samplers.base import OnStep, blend_known
 
 
@@ -295,7 +295,7 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
                    guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None,
                    width: int | None = None, crop: bool = True, progress: bool = False,
                    on_step: OnStep | None = None, inputs: dict[str, Any] | None = None,
-                   cutters: StepCutters | None = None) -> torch.Tensor:
+                   cutters: StepCutters | None = None, variation: SeedVariation | None = None) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] from a trained model; B = ``num_images`` per class label / prompt (a list of
     labels or prompts gives ``num_images`` each, label-major). Samples at the training size come back cropped to
     the dataset's own size when its images were padded (Fashion-MNIST 28 px padded to 32), unless ``crop=False``.
@@ -305,7 +305,8 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
     ``init_image``: start from the image noised to that fraction of the schedule. Classifier-free guidance pairs the
     conditions with the conditioner's null (Ho & Salimans 2022); at ``guidance_scale <= 1`` only the conditional pass
     runs. ``height``/``width`` default to the training images' size. ``inputs``: values for other conditions'
-    request fields by name (``Conditioner.request_fields``, e.g. ``{"brightness": 0.8}``)."""
+    request fields by name (``Conditioner.request_fields``, e.g. ``{"brightness": 0.8}``). ``variation``: A1111's
+    variation seed / seed resize for the starting noise (``openldm.pipelines.seeds``)."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if not 0.0 < strength <= 1.0:
@@ -324,7 +325,8 @@ def sample_trained(model: TrainedModel, *, class_label: int | str | Sequence[int
     device, _ = module_device_dtype(model.unet)
 
     generator = make_generator(seed)
-    noise = draw_noise((B, channels, *latent_size), generator, device, torch.float32)
+    noise = initial_noise((B, channels, *latent_size), generator, device, torch.float32, seed=seed,
+                          variation=variation, factor=f)
     values = {**(inputs or {}), "class_label": class_label, "prompt": prompt, "mask": mask, "low_res": low_res,
               "noise_level": noise_level, "init_image": init_image}
     batch, given = _conditions_batch(model, B, (height, width), per=num_images, values=values)

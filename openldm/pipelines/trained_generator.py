@@ -79,7 +79,7 @@ class TrainedGenerator:
                 num_images=r.num_images, sampler=r.sampler, karras=r.karras, steps=r.steps,
                 guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, seed=r.seed, height=r.height,
                 width=r.width, progress=progress, on_step=progress_hook(total, on_progress, should_stop),
-                cutters=r.cutters())
+                cutters=r.cutters(), variation=r.variation())
             return images, False
         except Stopped as stop:
             return crop_output(self.model, decode(self.model, stop.denoised)), True
