@@ -74,6 +74,14 @@ def _int_in(low: int, high: int | None = None, what: str = "") -> Callable[[str]
     return convert
 
 
+def _size(text: str) -> tuple[int, int]:
+    """An argparse type: WIDTHxHEIGHT in pixels, both positive."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit() or not int(width) or not int(height):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT with positive integers, e.g. 512x768")
+    return int(width), int(height)
+
+
 def _seed(text: str) -> int:
     """An argparse type: a seed, an integer in [0, 2^64) (what a torch.Generator takes)."""
     try:
@@ -238,6 +246,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help=f"classifier-free guidance scale, 1 = off ({said})")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--subseed", type=_seed, default=None, metavar="SEED",
+                   help="A1111's variation seed: with --subseed-strength, each image's noise moves that far towards "
+                        "this seed's (image i of a batch: SEED + i, all on the one --seed)")
+    p.add_argument("--subseed-strength", type=float, default=0.0, metavar="S",
+                   help="how far towards the variation seed, in [0, 1] (default 0 = off)")
+    p.add_argument("--seed-resize-from", type=_size, default=None, metavar="WxH",
+                   help="A1111's seed resize: keep the noise the seed gives at this size, in the middle of the image")
     p.add_argument("--height", type=int, default=None, help=f"image height in pixels ({said})")
     p.add_argument("--width", type=int, default=None, help=f"image width in pixels ({said})")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt/label; files get -0, -1, ... suffixes")
@@ -426,6 +441,7 @@ def _request(args: argparse.Namespace, inputs: dict):
         prompt_weighting=getattr(args, "prompt_weighting", "none"), vae_tiling=getattr(args, "vae_tiling", False),
         hires_scale=getattr(args, "hires_scale", None), hires_upscaler=getattr(args, "hires_upscaler", None),
         hires_steps=getattr(args, "hires_steps", None), tiling=getattr(args, "tiling", False),
+        subseed=args.subseed, subseed_strength=args.subseed_strength, seed_resize_from=args.seed_resize_from,
         **_cutter_fields(args))
 
 

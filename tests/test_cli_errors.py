@@ -149,6 +149,10 @@ SD_BAD = [  # on a tiny random-weight Stable Diffusion folder, {sd}
     ("generate --model {sd} --prompt 'a cat' --vae {tmp}", "has no config.json"),
     ("generate --model {sd} --prompt 'a cat' --vae {bundled}/unet_ema.safetensors", "holds a UNet, not a KL"),
     ("generate --model {sd} --prompt 'a cat' --height 31", "height=31"),
+    ("generate --model {sd} --prompt 'a cat' --subseed-strength 0.5", "needs a subseed"),
+    ("generate --model {sd} --prompt 'a cat' --subseed 3 --subseed-strength 2", "subseed_strength=2.0 must be in"),
+    ("generate --model {sd} --prompt 'a cat' --seed-resize-from 512", "'512' is not WIDTHxHEIGHT"),
+    ("generate --model {sd} --prompt 'a cat' --subseed -4 --subseed-strength 0.5", "seed=-4 must be"),
     ("generate --model {sd} --prompt 'a cat' --guidance-scale nan", "guidance_scale=nan"),
 ]
 NEEDS_NO_CUDA = [  # valid where CUDA is

@@ -96,3 +96,18 @@ def test_generate_with_another_vae_equals_diffusers_given_it(tmp_path):
     a, b = np.asarray(Image.open(out), dtype=np.int16), np.asarray(ref, dtype=np.int16)
     assert np.abs(a - b).max() <= 2
     assert read_png_params(out).vae == "vae-ft-tiny.safetensors"
+
+
+def test_a_variation_seed_from_the_cli_regenerates_from_its_png(single_file, tmp_path):
+    out, plain = tmp_path / "varied.png", tmp_path / "plain.png"
+    common = ["generate", "--model", str(single_file), "--prompt", "a red circle", "--steps", "2", "--height", "32",
+              "--width", "32", "--seed", "7", "--quiet"]
+    assert main([*common, "--subseed", "11", "--subseed-strength", "0.4", "--seed-resize-from", "48x48", "--out",
+                 str(out)]) == 0
+    params = read_png_params(out)
+    assert (params.subseed, params.subseed_strength, params.seed_resize_from) == (11, 0.4, (48, 48))
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "--model", str(single_file), "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    assert main([*common, "--out", str(plain)]) == 0
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(out)))
