@@ -4,12 +4,12 @@ translation to and from the generation interface.
 Fields A1111 clients send that decide the image are honoured (prompt, negative_prompt, seed, sampler_name /
 sampler_index, scheduler, batch_size, n_iter, steps, cfg_scale, width, height, init_images, denoising_strength,
 mask, mask_blur, inpainting_mask_invert, override_settings' sd_model_checkpoint, sd_vae and
-CLIP_stop_at_last_layers);
-settings a model recommends (steps, cfg_scale, sampler, size) start from the model's own values when a request
+CLIP_stop_at_last_layers); settings a model recommends (steps, cfg_scale, sampler, size) start from the model's own values when a request
 leaves them out; the hires fix (enable_hr, hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps,
-denoising_strength) runs as A1111's, ``tiling`` makes the image seamless, and ``styles`` from the server's styles.csv
-apply to the prompts. Requests for features openldm does not have (restore faces, scripts, subseeds) are refused with a 4xx naming the field
-rather than silently ignored; every other unknown field is ignored, as A1111 ignores it.
+denoising_strength) runs as A1111's, ``tiling`` makes the image seamless, ``subseed`` / ``subseed_strength`` /
+``seed_resize_from_w`` / ``_h`` are A1111's variation seed and seed resize, and ``styles`` from the server's styles.csv
+apply to the prompts. Requests for features openldm does not have (restore faces, scripts) are refused with a 4xx
+naming the field rather than silently ignored; every other unknown field is ignored, as A1111 ignores it.
 """
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ class Txt2ImgRequest(BaseModel):
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
     sampler_name: str | None = None
     sampler_index: str | None = None  # older clients' name for sampler_name
     scheduler: str | None = None
@@ -171,8 +173,7 @@ def _hires(body: Txt2ImgRequest, request: GenerationRequest) -> None:
 
 def _refuse_unsupported(body: Txt2ImgRequest) -> None:
     for name, asked in (("restore_faces", body.restore_faces), ("script_name", body.script_name),
-                        ("alwayson_scripts", bool(body.alwayson_scripts)),
-                        ("subseed_strength", body.subseed_strength > 0)):
+                        ("alwayson_scripts", bool(body.alwayson_scripts))):
         if asked:
             raise RequestError(name, f"{name} is not supported by openldm (leave it out, false or empty)")
 
@@ -204,7 +205,10 @@ def to_request(body: Txt2ImgRequest, prompt_weighting: str = "a1111", styles: di
         prompt=prompt, negative_prompt=negative_prompt, seed=random_seed(body.seed), sampler=sampler,
         karras=karras, steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
         num_images=body.batch_size, clip_skip=int(overrides.get("CLIP_stop_at_last_layers", 1)),
-        prompt_weighting=prompt_weighting, tiling=bool(body.tiling))
+        prompt_weighting=prompt_weighting, tiling=bool(body.tiling), subseed_strength=body.subseed_strength,
+        subseed=random_seed(body.subseed) if body.subseed_strength else None)
+    if body.seed_resize_from_w > 0 and body.seed_resize_from_h > 0:  # A1111: both, or no seed resize
+        request.seed_resize_from = (body.seed_resize_from_w, body.seed_resize_from_h)
     vae = overrides.get("sd_vae", vae)
     if vae is not None and vae not in OWN:
         request.vae = str(vae)
@@ -255,10 +259,13 @@ def response(body: Txt2ImgRequest, images: list[Image.Image], params: list[Gener
     ``info`` (a JSON string)."""
     first = params[0] if params else None
     infotexts = [p.to_text() for p in params]
+    subseeds = [p.subseed + p.batch_index if p.subseed is not None else -1 for p in params]
+    resize = first.seed_resize_from if first and first.seed_resize_from else (-1, -1)
     info = {
         "prompt": body.prompt, "all_prompts": [p.prompt for p in params], "negative_prompt": body.negative_prompt,
         "all_negative_prompts": [p.negative_prompt for p in params], "seed": seeds[0] if seeds else body.seed,
-        "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "all_seeds": seeds, "subseed": subseeds[0] if subseeds else body.subseed, "all_subseeds": subseeds,
+        "subseed_strength": first.subseed_strength if first else body.subseed_strength,
         "width": first.width if first else body.width, "height": first.height if first else body.height,
         "sampler_name": _a1111(first.sampler) if first else body.sampler_name, "scheduler":
             ("Karras" if first.karras else "Automatic") if first else body.scheduler,
@@ -266,7 +273,7 @@ def response(body: Txt2ImgRequest, images: list[Image.Image], params: list[Gener
         "batch_size": body.batch_size, "n_iter": body.n_iter, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": model, "sd_model_hash": None,
         "sd_vae_name": first.vae if first else None,
-        "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "sd_vae_hash": None, "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
         "denoising_strength": first.strength if first else None, "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": "",
         "clip_skip": first.clip_skip if first else 1, "is_using_inpainting_conditioning": False, "version": VERSION}

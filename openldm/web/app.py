@@ -82,6 +82,9 @@ class JobRequest(BaseModel):
     hires_steps: int | None = None
     tiling: bool = False
     vae: str | None = None  # a VAE of the server's --vae-dir by name (None: the model's)
+    subseed: int = -1  # A1111's variation seed (-1: drawn) when subseed_strength > 0
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None
 
 
 class PngInfoRequest(BaseModel):
@@ -260,8 +263,9 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     @app.post("/openldm/jobs")
     def create_job(body: JobRequest):
         name = model_name(body.model, "model")
-        fields = body.model_dump(exclude={"model", "iterations", "seed", "init_image", "mask"})
-        request = GenerationRequest(**fields, seed=a1111.random_seed(body.seed))
+        fields = body.model_dump(exclude={"model", "iterations", "seed", "subseed", "init_image", "mask"})
+        request = GenerationRequest(**fields, seed=a1111.random_seed(body.seed),
+                                    subseed=a1111.random_seed(body.subseed) if body.subseed_strength else None)
         if body.init_image is not None:
             request.init_image = a1111.decode_image(body.init_image, "init_image")
         if body.mask is not None:

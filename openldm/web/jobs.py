@@ -3,7 +3,8 @@
 - :class:`ModelPool`: the models served (a name per source), each loaded once on first use behind the generation
   interface and kept; switching the current model never reloads one that is loaded.
 - :class:`JobQueue`: one worker thread runs jobs in order. A job is a resolved :class:`GenerationRequest` repeated
-  ``iterations`` times (A1111's ``n_iter``; iteration k uses seed + k * batch size, as A1111 does); it reports step,
+  ``iterations`` times (A1111's ``n_iter``; iteration k uses seed + k * batch size, or with a variation seed
+  subseed + k * batch size, as A1111 does); it reports step,
   total and ETA, keeps the sampler's latest estimate for a preview made on demand, and stops on ``interrupt``
   (the whole job) or ``skip`` (the current iteration), returning what was made so far.
 """
@@ -158,15 +159,18 @@ class Job:
         latest = self.latest
         return None if latest is None else self.generator.preview(latest)
 
-    def seed_of(self, iteration: int) -> int:
-        return self.request.seed + iteration * self.request.num_images
+    def request_of(self, iteration: int) -> GenerationRequest:
+        """Iteration k's request, as A1111 counts: the seed moves on by k batches, or with a variation seed the
+        variation seed does (the seed stays, so every image is a variation of the one image)."""
+        r, step = self.request, iteration * self.request.num_images
+        return replace(r, subseed=r.subseed + step) if r.subseed_strength else replace(r, seed=r.seed + step)
 
     def _run(self) -> None:
         self.state, self.started = "running", time.time()
         try:
             for k in range(self.iterations):
                 self.iteration, self.step, self.skip_flag = k, 0, False
-                request = replace(self.request, seed=self.seed_of(k))
+                request = self.request_of(k)
                 result = self.generator.generate(request, on_progress=self._on_progress,
                                                  should_stop=lambda: self.interrupt_flag or self.skip_flag)
                 self.images += result.images

@@ -300,6 +300,30 @@ def test_sd_vae_from_the_vae_folder_equals_openldm_generate_vae(sd_file, tmp_pat
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(image))
 
 
+def test_txt2img_variation_seeds_count_as_a1111s_and_equal_openldm_generate(sd, sd_file, tmp_path):
+    body = {"prompt": "a red circle", "seed": 7, "subseed": 4, "subseed_strength": 0.3, "steps": 2, "width": 32,
+            "height": 32, "sampler_name": "Euler", "batch_size": 2, "n_iter": 2, "seed_resize_from_w": 48,
+            "seed_resize_from_h": 40}
+    r = sd.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["all_seeds"] == [7, 7, 7, 7] and info["all_subseeds"] == [4, 5, 6, 7]
+    assert (info["subseed"], info["subseed_strength"]) == (4, 0.3)
+    assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (48, 40)
+    images = [unb64(image) for image in r.json()["images"]]
+    assert "Variation seed: 6, Variation seed strength: 0.3, Seed resize from: 48x40" in images[2].info["parameters"]
+    out = tmp_path / "cli.png"
+    assert main(["generate", "--model", str(sd_file), "--prompt", "a red circle", "--seed", "7", "--subseed", "6",
+                 "--subseed-strength", "0.3", "--seed-resize-from", "48x40", "--steps", "2", "--width", "32",
+                 "--height", "32", "--sampler", "euler", "--prompt-weighting", "a1111", "--out", str(out),
+                 "--quiet"]) == 0  # the second iteration's first image
+    assert np.abs(np.asarray(Image.open(out), dtype=np.int16) - np.asarray(images[2], dtype=np.int16)).max() <= 1
+    drawn = sd.post("/sdapi/v1/txt2img", json={**body, "subseed": -1, "n_iter": 1, "batch_size": 1})
+    assert json.loads(drawn.json()["info"])["subseed"] >= 0
+    off = sd.post("/sdapi/v1/txt2img", json={**body, "subseed_strength": 0, "n_iter": 1, "batch_size": 1})
+    assert json.loads(off.json()["info"])["all_subseeds"] == [-1]
+
+
 def test_styles_need_a_styles_file(sd):
     r = sd.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 32, "height": 32, "styles": ["ink"]})
     assert r.status_code == 422 and r.json()["field"] == "styles" and "--styles-file" in r.json()["error"]
