@@ -336,8 +336,8 @@ def sd_url(tmp_path_factory):
     yield from _serve(create_app([str(tmp / "tiny.safetensors")], vae_dir=tmp / "VAE"))
 
 
-def test_the_hires_fix_tiling_and_vae_controls_make_their_image_and_come_back_from_its_png(browser, sd_url, page,
-                                                                                           tmp_path):
+def test_the_hires_tiling_vae_and_variation_controls_make_their_image_and_come_back_from_its_png(browser, sd_url,
+                                                                                                  page, tmp_path):
     assert page.is_hidden("#hires-row") and page.is_hidden("#tiling-row")  # the bundled model has neither
     assert page.is_hidden("#vae-row")
     for sd in _open(browser, sd_url, "document.querySelectorAll('#hires-upscaler option').length > 1"):
@@ -350,6 +350,8 @@ def test_the_hires_fix_tiling_and_vae_controls_make_their_image_and_come_back_fr
         sd.check("#tiling")
         assert sd.is_visible("#vae-row") and sd.input_value("#vae") == ""
         sd.select_option("#vae", "ft-tiny.safetensors")
+        sd.fill("#subseed", "5")
+        sd.fill("#subseed-strength", "0.4")
         sd.select_option("#hires-upscaler", "Latent (nearest)")
         sd.fill("#hires-strength", "0.5")
         generate_and_watch(sd, before=0)
@@ -359,10 +361,13 @@ def test_the_hires_fix_tiling_and_vae_controls_make_their_image_and_come_back_fr
         assert "Size: 32x32" in parameters and "Denoising strength: 0.5" in parameters
         assert "Hires upscale: 2, Hires upscaler: Latent (nearest), Hires steps: 3" in parameters
         assert "Tiling: True" in parameters and "VAE: ft-tiny.safetensors" in parameters
+        assert "Variation seed: 5, Variation seed strength: 0.4" in parameters
 
         sd.uncheck("#hires")
         sd.uncheck("#tiling")
         sd.select_option("#vae", "")
+        sd.fill("#subseed-strength", "0")
+        sd.fill("#subseed", "-1")
         sd.select_option("#hires-upscaler", "Lanczos")
         path = tmp_path / "hires.png"
         info = PngImagePlugin.PngInfo()
@@ -373,3 +378,4 @@ def test_the_hires_fix_tiling_and_vae_controls_make_their_image_and_come_back_fr
         assert sd.input_value("#hires-upscaler") == "Latent (nearest)" and sd.input_value("#hires-steps") == "3"
         assert sd.input_value("#hires-strength") == "0.5" and sd.input_value("#hires-scale") == "2"
         assert sd.is_checked("#tiling") and sd.input_value("#vae") == "ft-tiny.safetensors"
+        assert sd.input_value("#subseed") == "5" and sd.input_value("#subseed-strength") == "0.4"

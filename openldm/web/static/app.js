@@ -53,7 +53,7 @@ function fieldElement(field) {
     init_image: imageTab === "inpaint" ? "inpaint-image" : "init-image",
     strength: { inpaint: "inpaint-strength", img2img: "strength" }[state.tab] || "hires-strength",
     image: "png-file", hires_scale: "hires-scale", hires_upscaler: "hires-upscaler", hires_steps: "hires-steps",
-    tiling: "tiling", vae: "vae",
+    tiling: "tiling", vae: "vae", subseed: "subseed", subseed_strength: "subseed-strength",
   };
   const name = String(field).replace(/^inputs\./, "");
   return $(map[field] || `input-${name}`);
@@ -460,6 +460,8 @@ function buildRequest() {
     inputs: inputValues(),
     tiling: Boolean(caps.tiling) && $("tiling").checked,
     vae: $("vae").value || null,
+    subseed: Math.trunc(numberOrNull("subseed") ?? -1),
+    subseed_strength: numberOrNull("subseed-strength") || 0,
   };
   if (state.tab === "img2img") {
     if (!state.initImage) throw new ApiError("choose an init image for image-to-image", "init_image");
@@ -670,6 +672,8 @@ async function applyParams(p) {
   }
   if (caps && caps.tiling) $("tiling").checked = Boolean(p.tiling);
   if ([...$("vae").options].some((o) => o.value === (p.vae || ""))) $("vae").value = p.vae || "";
+  $("subseed-strength").value = p.subseed_strength || 0;
+  if (p.subseed !== undefined && p.subseed !== null) $("subseed").value = p.subseed;
   if (caps && caps.hires_fix) {
     $("hires").checked = p.hires_scale !== undefined && p.hires_scale !== null;
     if ($("hires").checked) {
