@@ -80,7 +80,7 @@ def test_generate_png_equals_diffusers_pipeline(tmp_path):
 
 
 def test_generate_with_another_vae_equals_diffusers_given_it(tmp_path):
-    """`--vae FILE` (a CompVis-layout VAE file) gives StableDiffusionPipeline(vae=that VAE)'s image; the PNG names it."""
+    """`--vae FILE` (a CompVis-layout file) gives StableDiffusionPipeline(vae=that VAE)'s image; the PNG names it."""
     folder, pipe = tiny_pipeline(tmp_path, scheduler="EulerDiscreteScheduler", timestep_spacing="leading")
     other = diffusers_vae(21)
     vae_file = tmp_path / "vae-ft-tiny.safetensors"

@@ -148,7 +148,7 @@ def fused_loras(parts, loras: Sequence[tuple[Lora, float]]) -> Iterator[dict[str
                 weight.copy_(original)
 
 
-BASE = ((), False)  # LoraSwitch's key for the model as loaded: no LoRAs, zero padding
+BASE = ((), False, None)  # LoraSwitch's key for the model as loaded: no LoRAs, zero padding
 
 
 class LoraSwitch:
@@ -184,11 +184,13 @@ class LoraSwitch:
             return cached[1]
 
     @contextlib.contextmanager
-    def use(self, loras: Sequence[tuple[str | Path, float]], tiling: bool = False) -> Iterator[list[Lora]]:
+    def use(self, loras: Sequence[tuple[str | Path, float]], tiling: bool = False,
+            vae: torch.nn.Module | None = None) -> Iterator[list[Lora]]:
         """The model with ``loras`` (file, weight) fused in and, if ``tiling``, circular padding, for one request;
-        yields the LoRAs read."""
+        yields the LoRAs read. ``vae``: the request's VAE when it is not the model's own (padded with the model)."""
         read = [(self.read(Path(path)), float(weight)) for path, weight in loras]
-        key = (tuple((lora.path, weight) for lora, weight in read), bool(tiling))
+        other_vae = vae if tiling and vae is not None and vae is not self.parts.vae else None
+        key = (tuple((lora.path, weight) for lora, weight in read), bool(tiling), other_vae)
         with self._changed:
             while self._users and self._active != key:
                 self._changed.wait()
@@ -196,7 +198,8 @@ class LoraSwitch:
                 stack = contextlib.ExitStack()
                 stack.enter_context(fused_loras(self.parts, read))
                 if tiling:
-                    stack.enter_context(circular_padding(self.parts.unet, self.parts.vae))
+                    vae_used = self.parts.vae if other_vae is None else other_vae
+                    stack.enter_context(circular_padding(self.parts.unet, vae_used))
                 self._context, self._active = stack, key
             self._users += 1
         try:

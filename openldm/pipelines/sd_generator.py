@@ -118,7 +118,7 @@ class SDGenerator:
                                "the padding they were compiled with); load it without compile")
         if loras and self.compiled == "frozen weights":  # frozen graphs would not see the fused LoRA weights
             self.compiled = thaw_modules(self.parts.unet)
-        with self.loras.use(loras, r.tiling):
+        with self.loras.use(loras, r.tiling, vae):
             return self._generate(parts, r, prompt, negative_prompt, on_progress, should_stop, progress)
 
     def _generate(self, parts, r: GenerationRequest, prompt: str, negative_prompt: str,

@@ -4,11 +4,11 @@ translation to and from the generation interface.
 Fields A1111 clients send that decide the image are honoured (prompt, negative_prompt, seed, sampler_name /
 sampler_index, scheduler, batch_size, n_iter, steps, cfg_scale, width, height, init_images, denoising_strength,
 mask, mask_blur, inpainting_mask_invert, override_settings' sd_model_checkpoint, sd_vae and
-CLIP_stop_at_last_layers); settings a model recommends (steps, cfg_scale, sampler, size) start from the model's own values when a request
-leaves them out; the hires fix (enable_hr, hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps,
-denoising_strength) runs as A1111's, ``tiling`` makes the image seamless, ``subseed`` / ``subseed_strength`` /
-``seed_resize_from_w`` / ``_h`` are A1111's variation seed and seed resize, and ``styles`` from the server's styles.csv
-apply to the prompts. Requests for features openldm does not have (restore faces, scripts) are refused with a 4xx
+CLIP_stop_at_last_layers); settings a model recommends (steps, cfg_scale, sampler, size) start from the model's own
+values when a request leaves them out; the hires fix (enable_hr, hr_scale or hr_resize_x/y, hr_upscaler,
+hr_second_pass_steps, denoising_strength) runs as A1111's, ``tiling`` makes the image seamless, ``subseed`` /
+``subseed_strength`` / ``seed_resize_from_w`` / ``_h`` are A1111's variation seed and seed resize, and ``styles``
+from the server's styles.csv apply to the prompts. Requests for features openldm does not have (restore faces, scripts) are refused with a 4xx
 naming the field rather than silently ignored; every other unknown field is ignored, as A1111 ignores it.
 """
 from __future__ import annotations

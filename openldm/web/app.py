@@ -133,9 +133,9 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     models, ``app.state.queue`` the job queue (``close()`` it to stop its worker). ``preload`` loads the first
     model now (a bad model fails here, not at the first request). ``lora_dir``: where prompts' ``<lora:NAME:W>``
     tags find their files; ``vae``: a VAE the Stable Diffusion models take in place of their own; ``vae_dir``: the
-    VAEs requests may name (A1111's ``sd_vae``: ``/sdapi/v1/sd-vae`` lists them); ``embeddings_dir``: textual-inversion embeddings for the Stable Diffusion models
-    served; ``compile``: torch.compile each model's UNet, and decoder off a CPU (the graphs stay with the loaded
-    models); ``styles_file``: A1111's styles.csv, which A1111 requests name in ``styles`` (read at each request, so
+    VAEs requests may name (A1111's ``sd_vae``: ``/sdapi/v1/sd-vae`` lists them); ``embeddings_dir``:
+    textual-inversion embeddings for the Stable Diffusion models served; ``compile``: torch.compile each model's
+    UNet, and decoder off a CPU (the graphs stay with the loaded models); ``styles_file``: A1111's styles.csv, which A1111 requests name in ``styles`` (read at each request, so
     edits apply at once; a bad file fails here)."""
     if vae_dir is not None and not Path(vae_dir).is_dir():
         raise ValueError(f"VAE folder {str(vae_dir)!r} does not exist")
@@ -329,8 +329,10 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
     # ----------------------------------------------------------------------------------------- A1111 API
     def a1111_generate(body: a1111.Txt2ImgRequest):
         name = model_name(a1111.model_override(body), "override_settings.sd_model_checkpoint")
-        weighting = "a1111" if "a1111" in pool.get(name).capabilities.prompt_weightings else "none"
-        request = a1111.to_request(body, weighting, styles(), app.state.options["sd_vae"])
+        caps = pool.get(name).capabilities
+        weighting = "a1111" if "a1111" in caps.prompt_weightings else "none"
+        vae = app.state.options["sd_vae"] if caps.vae_choice else None  # the setting is for models that take one
+        request = a1111.to_request(body, weighting, styles(), vae)
         job = finished(submit(name, request, body.n_iter, batch_field="batch_size"))
         return a1111.response(body, job.images, job.params, name, [p.seed for p in job.params])
 

@@ -61,8 +61,8 @@ def model_sources(models: list[str | Path] | None) -> dict[str, str]:
 class ModelPool:
     """The served models by name, loaded lazily (one load per model, even under concurrent first requests).
     ``lora_dir``: where Stable Diffusion models find the LoRAs that prompts name (``<lora:NAME:WEIGHT>``);
-    ``vae``: a VAE they take in place of their own; ``vae_dir``: the VAEs requests may name. ``compile``: torch.compile each loaded model's UNet (and decoder off a CPU; kept with the model, so compiled
-    once)."""
+    ``vae``: a VAE they take in place of their own; ``vae_dir``: the VAEs requests may name. ``compile``:
+    torch.compile each loaded model's UNet (and decoder off a CPU; kept with the model, so compiled once)."""
 
     def __init__(self, sources: dict[str, str], *, device: str = "cpu", dtype: str = "float32",
                  lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,

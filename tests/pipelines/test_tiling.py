@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sd_testing import tiny_pipeline
+from sd_testing import diffusers_vae, save_compvis, tiny_pipeline
 
 from openldm.pipelines.common import (
     GenerationParams,
@@ -71,6 +71,20 @@ def test_a_tiling_request_gives_that_image_and_leaves_the_model_as_it_was(genera
     assert np.array_equal(before, after)
     text = tiled.params[0].to_text()
     assert "Tiling: True" in text and GenerationParams.from_text(text).tiling
+
+
+def test_a_tiling_request_with_another_vae_pads_that_vae(generator, tmp_path):
+    """The VAE a request picks (openldm.pipelines.vaes) wraps around too, and pads with zeros afterwards."""
+    (tmp_path / "VAE").mkdir()
+    save_compvis(diffusers_vae(51), tmp_path / "VAE" / "other.safetensors")
+    swapped = load_generator(generator.capabilities.source, vae_dir=tmp_path / "VAE")
+    tiled = swapped.generate(GenerationRequest(**CALL, tiling=True, vae="other.safetensors"))
+    other = swapped.vaes.get("other.safetensors")
+    parts = swapped.parts.__class__(**{**swapped.parts.__dict__, "vae": other})
+    with circular_padding(parts.unet, other):
+        expect = np.asarray(to_pil(_images(parts))[0], dtype=np.int16)
+    assert np.abs(np.asarray(tiled.images[0], dtype=np.int16) - expect).max() <= 1
+    assert all(m.padding_mode == "zeros" for m in other.modules() if isinstance(m, torch.nn.Conv2d))
 
 
 def test_tiling_is_refused_where_it_cannot_run(generator):

@@ -267,7 +267,8 @@ def test_sd_vae_from_the_vae_folder_equals_openldm_generate_vae(sd_file, tmp_pat
             assert client.get("/sdapi/v1/sd-vae").json() == [
                 {"model_name": "ft-tiny.safetensors", "filename": str((vae_dir / "ft-tiny.safetensors").resolve())}]
             assert client.post("/sdapi/v1/refresh-vae").status_code == 200
-            chosen = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "ft-tiny.safetensors"}})
+            chosen = client.post("/sdapi/v1/txt2img",
+                                 json={**body, "override_settings": {"sd_vae": "ft-tiny.safetensors"}})
             assert chosen.status_code == 200, chosen.text
             image = unb64(chosen.json()["images"][0])
             assert "VAE: ft-tiny.safetensors" in image.info["parameters"]
