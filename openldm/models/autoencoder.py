@@ -174,8 +174,8 @@ class LatentCodec:
             encoded = self.autoencoder.tiled_encode(x, tile_size=tile_size, overlap=tile_size // 8)
         else:
             encoded = self.autoencoder.encode(x)
-        if generator is None:
-            z = latent_mode(encoded)  # KL posterior's mode, or VQ's continuous latents
+        if generator is None or isinstance(encoded, torch.Tensor):  # deterministic encoders draw nothing
+            z = latent_mode(encoded)  # KL posterior's mode, or VQ's / TAESD's latents
         else:
             eps = torch.randn(tuple(encoded.mean.shape), generator=generator, dtype=torch.float32)
             z = encoded.mean + encoded.std * eps.to(device, encoded.mean.dtype)

@@ -122,3 +122,69 @@ def test_files_that_are_no_vae_name_the_problem(reference, tmp_path):
         load_vae(empty)
     with pytest.raises(ValueError, match="holds a VQAutoencoder, not a KL autoencoder"):
         load_vae(save_model(VQAutoencoder(tiny_vq()), tmp_path / "vq.safetensors"))
+
+
+# ---- TAESD ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+    """A random diffusers AutoencoderTiny (narrower than TAESD, the same structure) saved with save_pretrained."""
+    from diffusers import AutoencoderTiny
+
+    vae = AutoencoderTiny(encoder_block_out_channels=(32, 32, 32), decoder_block_out_channels=(32, 32, 32),
+                          num_encoder_blocks=(1, 2, 1), num_decoder_blocks=(2, 1, 1), latent_channels=4)
+    randomize(vae, 9)
+    vae.eval()
+    folder = tmp_path_factory.mktemp("taesd") / "taesd-tiny"
+    vae.save_pretrained(str(folder))
+    return folder, vae
+
+
+def published_halves(vae) -> tuple[dict, dict]:
+    """The reference's weights as madebyollin publishes them (diffusers' converter's rule, inverted: encoder indices
+    as they are, decoder indices one higher, the clamp being layer 0)."""
+    encoder, decoder = {}, {}
+    for key, value in vae.state_dict().items():
+        half, _, index, rest = key.split(".", 3)
+        target = encoder if half == "encoder" else decoder
+        target[f"{int(index) + (half == 'decoder')}.{rest}"] = value.contiguous()
+    return encoder, decoder
+
+
+@torch.no_grad()
+def assert_same_as_tiny(ours, ref, encoder: bool = True) -> None:
+    g = torch.Generator().manual_seed(4)
+    if encoder:
+        image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+        torch.testing.assert_close(ours.encode(image), ref.encode(image).latents, atol=1e-5, rtol=0)
+    z = torch.randn(1, 4, 4, 4, generator=g)
+    torch.testing.assert_close(ours.decode(z), ref.decode(z).sample, atol=1e-5, rtol=0)
+
+
+def test_taesd_as_diffusers_saves_it_and_as_madebyollin_publishes_it(tiny_reference, tmp_path):
+    from openldm.models.tiny_autoencoder import TinyAutoencoder
+
+    folder, ref = tiny_reference
+    ours = load_vae(folder, scaling_factor=0.18215)  # a TAESD keeps its own scale: it decodes scaled latents
+    assert isinstance(ours, TinyAutoencoder) and ours.config.scaling_factor == 1.0
+    assert ours.downsampling_factor == 4 and ours.config.encoder_blocks == (1, 2, 1)
+    assert_same_as_tiny(ours, ref)
+    lone = tmp_path / "taesd-lone.safetensors"
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", lone)
+    assert_same_as_tiny(load_vae(lone), ref)
+
+    encoder, decoder = published_halves(ref)
+    save_file(decoder, str(tmp_path / "taesd_decoder.safetensors"))
+    alone = load_vae(tmp_path / "taesd_decoder.safetensors")  # no encoder beside it: decodes only
+    assert alone.encoder is None
+    assert_same_as_tiny(alone, ref, encoder=False)
+    with pytest.raises(ValueError, match="decoder only"):
+        alone.encode(torch.zeros(1, 3, 16, 16))
+    save_file(encoder, str(tmp_path / "taesd_encoder.safetensors"))
+    assert_same_as_tiny(load_vae(tmp_path / "taesd_decoder.safetensors"), ref)
+    torch.save(decoder, tmp_path / "taesd_decoder.pth")  # A1111's download: the .pth halves
+    torch.save(encoder, tmp_path / "taesd_encoder.pth")
+    assert_same_as_tiny(load_vae(tmp_path / "taesd_decoder.pth"), ref)
+    with pytest.raises(ValueError, match="TAESD's encoder alone"):
+        load_vae(tmp_path / "taesd_encoder.safetensors")
+    again = load_vae(save_model(load_vae(folder), tmp_path / "ours-taesd.safetensors"))
+    assert_same_as_tiny(again, ref)

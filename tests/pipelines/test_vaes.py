@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sd_testing import diffusers_vae, save_compvis, tiny_pipeline
+from sd_testing import diffusers_vae, randomize, save_compvis, tiny_pipeline
 
 from openldm.pipelines.common import GenerationParams
 from openldm.pipelines.generate import GenerationRequest, RequestError
@@ -107,3 +107,22 @@ def test_bad_choices_name_the_field(setup, tmp_path):
     with pytest.raises(RequestError, match="takes no other VAE per request") as e:
         load_generator().generate(GenerationRequest(vae=NAME))
     assert e.value.field == "vae"
+
+
+def test_taesd_in_place_of_the_vae_matches_diffusers_given_it(setup, tmp_path):
+    """A TAESD (diffusers' AutoencoderTiny folder) decodes the model's scaled latents directly; image-to-image
+    encodes with it and draws no posterior noise, as diffusers' pipelines do."""
+    folder, pipe, _, _ = setup
+    taesd = diffusers.AutoencoderTiny(encoder_block_out_channels=(32, 32), decoder_block_out_channels=(32, 32),
+                                      num_encoder_blocks=(1, 2), num_decoder_blocks=(2, 1), latent_channels=4)
+    randomize(taesd, 13)
+    taesd.eval()
+    vae_dir = tmp_path / "VAE"
+    taesd.save_pretrained(str(vae_dir / "taesd"))
+    generator = load_generator(folder, vae_dir=vae_dir)
+    ours, params = _ours(generator, vae="taesd")
+    assert np.abs(ours - _theirs(pipe, taesd)).max() <= TOLERANCE
+    assert params.vae == "taesd"
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    ours, _ = _ours(generator, vae="taesd", init_image=init, strength=0.7, width=None, height=None)
+    assert np.abs(ours - _theirs(pipe, taesd, init)).max() <= TOLERANCE
