@@ -15,6 +15,7 @@ guided UNet calls), "decode" the time from the last step to the images (VAE deco
     python benchmarks/sd15.py --gpu                            # + UNet iterations/s at 512x512, batch 2, bf16 (CUDA)
     python benchmarks/sd15.py --size 256 --dtype bfloat16 --compile   # + ours with torch.compile (openldm --compile)
     python benchmarks/sd15.py --steps 20 --dtype bfloat16 --cutters   # + ours with the step cutters on
+    python benchmarks/sd15.py --steps 20 --dtype bfloat16 --cutters --taesd   # + cutters with TAESD decoding
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from benchlib import (  # noqa: E402
 )
 
 # ours first, diffusers last (the reference of every ratio); --compile and --cutters add the middle ones
-SIDES = ("ours", "ours-compiled", "ours-cutters", "ours-compiled-cutters", "diffusers")
+SIDES = ("ours", "ours-compiled", "ours-cutters", "ours-compiled-cutters", "ours-cutters-taesd", "diffusers")
 
 
 # ---- one side in its own process -------------------------------------------------------------------------------
@@ -68,6 +69,12 @@ def worker(side: str, args: argparse.Namespace) -> dict:
         from openldm.pipelines.text_to_image import text_to_image
 
         sd = load_sd(single, device=args.device, dtype=dtype)
+        if "taesd" in side:  # TAESD in place of the VAE: the decode a swapped-in --vae taesd gives
+            import dataclasses
+
+            from openldm.io.vae import load_vae
+
+            sd = dataclasses.replace(sd, vae=load_vae(taesd_folder(args.cache), device=args.device, dtype=dtype))
         if "compiled" in side:  # as --compile (no LoRAs): graphs compile during the warm-up image (compile_s)
             compile_networks(sd.unet, sd.vae.decoder, freeze=True)
         cutters = None
@@ -121,6 +128,17 @@ def worker(side: str, args: argparse.Namespace) -> dict:
 
     return {"load_s": load_s, "rss_load_mib": rss_load, "rss_peak_mib": rss_peak_mib(), "image_s": image_s,
             "step_s": step_s, "decode_s": decode_s, "compile_s": compile_seconds()}
+
+
+def taesd_folder(cache: Path) -> Path:
+    """A random-weight TAESD (diffusers' AutoencoderTiny, its default topology) saved once beside the checkpoint."""
+    folder = Path(cache) / "taesd"
+    if not (folder / "config.json").is_file():
+        from diffusers import AutoencoderTiny
+
+        torch.manual_seed(0)
+        AutoencoderTiny().save_pretrained(str(folder))
+    return folder
 
 
 def run_worker(side: str, args: argparse.Namespace, dtype: str) -> dict:
@@ -307,6 +325,8 @@ def main() -> None:
     parser.add_argument("--cutters", nargs="?", const=CUTTER_ROW, choices=[name for name, _ in variants()[1:]],
                         metavar="ROW", help="also ours with the step cutters of a row of step_cutters.py (default "
                         f"{CUTTER_ROW!r}), compiled too with --compile; rows marked 'cutters'")
+    parser.add_argument("--taesd", action="store_true",
+                        help="with --cutters: also ours with the cutters and TAESD (random weights) as the VAE")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2:
@@ -328,7 +348,7 @@ def main() -> None:
     step_medians: dict[tuple[str, str], float] = {}
     for dtype in args.dtype:
         sides = tuple(side for side in SIDES if (args.compile or "compiled" not in side)
-                      and (args.cutters or "cutters" not in side))
+                      and (args.cutters or "cutters" not in side) and (args.taesd or "taesd" not in side))
         results: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(args.rounds):
             for side in (sides if r % 2 == 0 else sides[::-1]):
