@@ -703,6 +703,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                                                "place of their own (A1111's --vae-path)")
     p.add_argument("--vae-dir", default=None, help="folder of VAEs that requests name (A1111's models/VAE: "
                                                    "override_settings.sd_vae, the sd_vae option, the page)")
+    p.add_argument("--preview-vae", default=None, help="a VAE the live previews of Stable Diffusion models decode "
+                                                       "with, e.g. taesd_decoder.pth (A1111's TAESD live preview; "
+                                                       "default: a linear map of the latents)")
 
 
 @command("serve", "serve a web page and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1/...) over one job queue",
@@ -718,14 +721,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         folder = getattr(args, flag)
         if folder is not None and not Path(folder).is_dir():
             raise ConfigError(f"--{flag.replace('_', '-')} {folder!r} is not a folder")
-    if args.vae is not None and not Path(args.vae).exists():
-        raise ConfigError(f"--vae {args.vae!r} does not exist")
+    for flag in ("vae", "preview_vae"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"--{flag.replace('_', '-')} {path!r} does not exist")
     _styles(args.styles_file, [])
     serve(args.model, host=args.host, port=args.port, api_auth=args.api_auth, cors_allow_origins=origins,
           max_batch=args.max_batch, max_pixels=args.max_pixels, device=args.device,
           dtype=_chosen_dtype(args), lora_dir=args.lora_dir,
           embeddings_dir=args.embeddings_dir, compile=args.compile, styles_file=args.styles_file, vae=args.vae,
-          vae_dir=args.vae_dir)
+          vae_dir=args.vae_dir, preview_vae=args.preview_vae)
     return 0
 
 

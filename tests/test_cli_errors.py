@@ -87,6 +87,7 @@ BAD = [
     ("serve --dtype float64", "float64"),
     ("serve --vae-dir {tmp}/nothing", "--vae-dir '{tmp}/nothing' is not a folder"),
     ("serve --vae {tmp}/nothing.safetensors", "--vae '{tmp}/nothing.safetensors' does not exist"),
+    ("serve --preview-vae {tmp}/nothing.pth", "--preview-vae '{tmp}/nothing.pth' does not exist"),
     # evaluate (refused before a classifier is trained or an image drawn)
     ("evaluate --num-samples 0", "num_samples=0"),
     ("evaluate --tasks bogus", "bogus"),

@@ -46,9 +46,11 @@ class SDGenerator:
     """A loaded SD v1-family checkpoint (text-to-image, image-to-image, inpainting), with LoRAs per request
     (``request.loras`` and ``<lora:NAME:WEIGHT>`` prompt tags, NAME resolved in ``lora_dir``) and VAEs per request
     (``request.vae``, a name in ``vae_dir``). ``vae_name``: what PNGs call ``parts.vae`` when it is not the
-    checkpoint's own (one given at load)."""
+    checkpoint's own (one given at load). ``preview_vae``: what live previews decode with (A1111's "TAESD" live
+    preview); None: A1111's "Approx cheap" linear map."""
 
     compiled: str | None = None  # None, or what ``compile_networks`` did: "frozen weights" / "live weights"
+    preview_vae: torch.nn.Module | None = None
 
     def __init__(self, parts, source: str, lora_dir: str | Path | None = None,
                  embeddings: dict[str, torch.Tensor] | None = None, vae_dir: str | Path | None = None,
@@ -76,10 +78,10 @@ class SDGenerator:
     def load(cls, path: str | Path, source: str | None = None, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
              unsafe_load: bool = False, prediction: str | None = None, lora_dir: str | Path | None = None,
              embeddings_dir: str | Path | None = None, compile: bool = False, vae: str | Path | None = None,
-             vae_dir: str | Path | None = None) -> "SDGenerator":
+             vae_dir: str | Path | None = None, preview_vae: str | Path | None = None) -> "SDGenerator":
         """``embeddings_dir``: textual-inversion files (see ``openldm.io.embeddings``) the prompts may name.
         ``vae``: a VAE file or folder (``openldm.io.vae``) in place of the checkpoint's own; ``vae_dir``: the VAEs
-        requests may name (``openldm.pipelines.vaes``).
+        requests may name (``openldm.pipelines.vaes``); ``preview_vae``: a VAE (a TAESD, say) for live previews.
         ``compile``: torch.compile the UNet and, off a CPU, the decoder (``compile_networks``), with frozen weights
         unless ``lora_dir`` is given; the first request with LoRAs recompiles a frozen UNet live (``thaw_modules``)."""
         from openldm.io.embeddings import load_embeddings
@@ -95,6 +97,8 @@ class SDGenerator:
             module.eval().requires_grad_(False)
         generator = cls(parts, str(path) if source is None else source, lora_dir, embeddings, vae_dir,
                         None if vae is None else Path(vae).name, unsafe_load)
+        if preview_vae is not None:
+            generator.preview_vae = fitted(preview_vae, parts.vae, unsafe_load=unsafe_load)
         if compile:
             generator.compiled = compile_networks(parts.unet, parts.vae.decoder, freeze=lora_dir is None)
         return generator
@@ -159,8 +163,11 @@ class SDGenerator:
         return GenerationResult(images, params, interrupted)
 
     def preview(self, denoised: torch.Tensor) -> Image.Image:
-        """The first image of a batch of latents, cheaply: a linear map for SD's 4 channels, else a decode."""
+        """The first image of a batch of latents, cheaply: decoded by ``preview_vae``, else a linear map for SD's 4
+        channels, else a decode."""
         z = denoised[:1].float().cpu()
+        if self.preview_vae is not None:
+            return to_pil(decode_latents(self.preview_vae, z))[0]
         if z.shape[1] != 4:
             return to_pil(decode_latents(self.parts.vae, z))[0]
         rgb = torch.einsum("bchw,cr->brhw", z, _SD_LATENT_RGB)

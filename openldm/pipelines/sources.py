@@ -20,13 +20,13 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
                    vae: str | Path | None = None, step: int | None = None,
                    prediction: str | None = None, lora_dir: str | Path | None = None,
                    embeddings_dir: str | Path | None = None, compile: bool = False,
-                   vae_dir: str | Path | None = None) -> Generator:
+                   vae_dir: str | Path | None = None, preview_vae: str | Path | None = None) -> Generator:
     """Load ``source`` (see the module docstring; None = the default bundled model) behind the generation
     interface. ``dtype`` applies to the network weights. ``vae``: another autoencoder file in place of the model's
     (models trained here: one with the same encoder; Stable Diffusion: a published VAE, ``openldm.io.vae``).
     Models trained here: ``ema`` picks the EMA weights, ``step`` an EMA snapshot. Stable Diffusion weights:
     ``prediction`` (eps | v) overrides what the model says (``openldm.io.sd.load_sd``); ``vae_dir`` holds the VAEs
-    requests may name;
+    requests may name; ``preview_vae`` decodes the live previews (a TAESD, say);
     ``lora_dir`` is where prompt tags ``<lora:NAME:WEIGHT>`` find ``NAME.safetensors``;
     ``embeddings_dir`` holds textual-inversion embeddings its prompts may name. ``compile``: torch.compile the
     UNet, and off a CPU the autoencoder's decoder (``openldm.pipelines.common.compile_networks``; graphs compile on
@@ -43,7 +43,7 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
                              "network predicts")
         from openldm.pipelines.trained_generator import TrainedGenerator
 
-        for flag, value in (("embeddings_dir", embeddings_dir), ("vae_dir", vae_dir)):
+        for flag, value in (("embeddings_dir", embeddings_dir), ("vae_dir", vae_dir), ("preview_vae", preview_vae)):
             if value is not None:
                 raise ValueError(f"{flag}= (--{flag.replace('_', '-')}) is for Stable Diffusion weights, not a model "
                                  "trained here")
@@ -55,7 +55,7 @@ def load_generator(source: str | Path | None = None, *, device: str | torch.devi
 
     return SDGenerator.load(path, label, device=device, dtype=dtype, unsafe_load=unsafe_load, prediction=prediction,
                             lora_dir=lora_dir, embeddings_dir=embeddings_dir, compile=compile, vae=vae,
-                            vae_dir=vae_dir)
+                            vae_dir=vae_dir, preview_vae=preview_vae)
 
 
 def _bundled_name(path: Path) -> str | None:

@@ -128,19 +128,21 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
                device: str = "cpu", dtype: str = "float32", preload: bool = False,
                lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
                compile: bool = False, styles_file: str | Path | None = None, vae: str | Path | None = None,
-               vae_dir: str | Path | None = None) -> FastAPI:
+               vae_dir: str | Path | None = None, preview_vae: str | Path | None = None) -> FastAPI:
     """The app serving ``models`` (see ``model_sources``; None = the bundled model). ``app.state.pool`` holds the
     models, ``app.state.queue`` the job queue (``close()`` it to stop its worker). ``preload`` loads the first
     model now (a bad model fails here, not at the first request). ``lora_dir``: where prompts' ``<lora:NAME:W>``
     tags find their files; ``vae``: a VAE the Stable Diffusion models take in place of their own; ``vae_dir``: the
-    VAEs requests may name (A1111's ``sd_vae``: ``/sdapi/v1/sd-vae`` lists them); ``embeddings_dir``:
+    VAEs requests may name (A1111's ``sd_vae``: ``/sdapi/v1/sd-vae`` lists them); ``preview_vae``: what their live
+    previews decode with (a TAESD: A1111's "TAESD" live preview); ``embeddings_dir``:
     textual-inversion embeddings for the Stable Diffusion models served; ``compile``: torch.compile each model's
     UNet, and decoder off a CPU (the graphs stay with the loaded models); ``styles_file``: A1111's styles.csv, which A1111 requests name in ``styles`` (read at each request, so
     edits apply at once; a bad file fails here)."""
     if vae_dir is not None and not Path(vae_dir).is_dir():
         raise ValueError(f"VAE folder {str(vae_dir)!r} does not exist")
     pool = ModelPool(model_sources(models), device=device, dtype=dtype, lora_dir=lora_dir,
-                     embeddings_dir=embeddings_dir, compile=compile, vae=vae, vae_dir=vae_dir)
+                     embeddings_dir=embeddings_dir, compile=compile, vae=vae, vae_dir=vae_dir,
+                     preview_vae=preview_vae)
     if preload:
         pool.get()
 

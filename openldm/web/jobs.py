@@ -61,18 +61,21 @@ def model_sources(models: list[str | Path] | None) -> dict[str, str]:
 class ModelPool:
     """The served models by name, loaded lazily (one load per model, even under concurrent first requests).
     ``lora_dir``: where Stable Diffusion models find the LoRAs that prompts name (``<lora:NAME:WEIGHT>``);
-    ``vae``: a VAE they take in place of their own; ``vae_dir``: the VAEs requests may name. ``compile``:
+    ``vae``: a VAE they take in place of their own; ``vae_dir``: the VAEs requests may name; ``preview_vae``: what
+    their live previews decode with. ``compile``:
     torch.compile each loaded model's UNet (and decoder off a CPU; kept with the model, so compiled once)."""
 
     def __init__(self, sources: dict[str, str], *, device: str = "cpu", dtype: str = "float32",
                  lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
-                 compile: bool = False, vae: str | Path | None = None, vae_dir: str | Path | None = None):
+                 compile: bool = False, vae: str | Path | None = None, vae_dir: str | Path | None = None,
+                 preview_vae: str | Path | None = None):
         if not sources:
             raise ValueError("a server needs at least one model")
         self.sources = dict(sources)
         self.device, self.dtype, self.compile = device, dtype, compile
         # for the Stable Diffusion models among them
         self.lora_dir, self.embeddings_dir, self.vae, self.vae_dir = lora_dir, embeddings_dir, vae, vae_dir
+        self.preview_vae = preview_vae
         self.current = next(iter(self.sources))
         self._loaded: dict[str, Generator] = {}
         self._locks = {name: threading.Lock() for name in self.sources}
@@ -104,7 +107,9 @@ class ModelPool:
                                                     lora_dir=self.lora_dir if sd else None,
                                                     embeddings_dir=self.embeddings_dir if sd else None,
                                                     vae=self.vae if sd else None,
-                                                    vae_dir=self.vae_dir if sd else None, compile=self.compile)
+                                                    vae_dir=self.vae_dir if sd else None,
+                                                    preview_vae=self.preview_vae if sd else None,
+                                                    compile=self.compile)
             return self._loaded[name]
 
     def select(self, name: str) -> str:

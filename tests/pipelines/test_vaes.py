@@ -109,16 +109,21 @@ def test_bad_choices_name_the_field(setup, tmp_path):
     assert e.value.field == "vae"
 
 
+def diffusers_taesd(folder):
+    """A random diffusers AutoencoderTiny for the tiny pipeline (downsampling 2), saved in ``folder``."""
+    taesd = diffusers.AutoencoderTiny(encoder_block_out_channels=(32, 32), decoder_block_out_channels=(32, 32),
+                                      num_encoder_blocks=(1, 2), num_decoder_blocks=(2, 1), latent_channels=4)
+    randomize(taesd, 13)
+    taesd.eval().save_pretrained(str(folder))
+    return taesd
+
+
 def test_taesd_in_place_of_the_vae_matches_diffusers_given_it(setup, tmp_path):
     """A TAESD (diffusers' AutoencoderTiny folder) decodes the model's scaled latents directly; image-to-image
     encodes with it and draws no posterior noise, as diffusers' pipelines do."""
     folder, pipe, _, _ = setup
-    taesd = diffusers.AutoencoderTiny(encoder_block_out_channels=(32, 32), decoder_block_out_channels=(32, 32),
-                                      num_encoder_blocks=(1, 2), num_decoder_blocks=(2, 1), latent_channels=4)
-    randomize(taesd, 13)
-    taesd.eval()
     vae_dir = tmp_path / "VAE"
-    taesd.save_pretrained(str(vae_dir / "taesd"))
+    taesd = diffusers_taesd(vae_dir / "taesd")
     generator = load_generator(folder, vae_dir=vae_dir)
     ours, params = _ours(generator, vae="taesd")
     assert np.abs(ours - _theirs(pipe, taesd)).max() <= TOLERANCE
@@ -126,3 +131,19 @@ def test_taesd_in_place_of_the_vae_matches_diffusers_given_it(setup, tmp_path):
     init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     ours, _ = _ours(generator, vae="taesd", init_image=init, strength=0.7, width=None, height=None)
     assert np.abs(ours - _theirs(pipe, taesd, init)).max() <= TOLERANCE
+
+
+@torch.no_grad()
+def test_live_previews_decode_with_the_preview_vae(setup, tmp_path):
+    folder = setup[0]
+    taesd = diffusers_taesd(tmp_path / "taesd")
+    generator = load_generator(folder, preview_vae=tmp_path / "taesd")
+    seen = []
+    generator.generate(GenerationRequest(sampler="euler", **CALL), on_progress=seen.append)
+    latents = seen[-1].denoised
+    preview = np.asarray(generator.preview(latents), dtype=np.int16)
+    theirs = ((taesd.decode(latents[:1].float()).sample / 2 + 0.5).clamp(0, 1) * 255).round()
+    assert preview.shape == (32, 32, 3)
+    assert np.abs(preview - theirs[0].permute(1, 2, 0).numpy()).max() <= 1
+    plain = load_generator(folder).preview(latents)  # A1111's cheap linear map: one pixel per latent
+    assert plain.size == (16, 16)
