@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from openldm.io.components import SINGLE_FILE_SUFFIXES
-from openldm.io.vae import load_vae
+from openldm.io.vae import VAE, load_vae
 from openldm.models.autoencoder import AutoencoderKL
 from openldm.pipelines.common import module_device_dtype
 
@@ -46,9 +46,9 @@ def resolve(name: str, vae_dir: str | Path | None) -> Path:
                      f"(or {' / '.join(OWN)}: the checkpoint's own)")
 
 
-def fitted(path: str | Path, own: AutoencoderKL, *, unsafe_load: bool = False) -> AutoencoderKL:
-    """The VAE at ``path`` for the model whose own VAE is ``own``: its latent scale, device, dtype and layout, in
-    eval mode; a ValueError when its latents are not the model's (channels, downsampling)."""
+def fitted(path: str | Path, own: AutoencoderKL, *, unsafe_load: bool = False) -> VAE:
+    """The VAE at ``path`` for the model whose own VAE is ``own``: its latent scale (a TAESD keeps its own), device,
+    dtype and layout, in eval mode; a ValueError when its latents are not the model's (channels, downsampling)."""
     device, dtype = module_device_dtype(own)
     vae = load_vae(path, device=device, dtype=dtype, unsafe_load=unsafe_load,
                    scaling_factor=own.config.scaling_factor, shift_factor=own.config.shift_factor)
@@ -65,10 +65,10 @@ class VaeSwitch:
 
     def __init__(self, own: AutoencoderKL, vae_dir: str | Path | None = None, unsafe_load: bool = False):
         self.own, self.vae_dir, self.unsafe_load = own, vae_dir, unsafe_load
-        self._loaded: tuple[Path, AutoencoderKL] | None = None
+        self._loaded: tuple[Path, VAE] | None = None
         self._lock = threading.Lock()
 
-    def get(self, name: str | None) -> AutoencoderKL:
+    def get(self, name: str | None) -> VAE:
         if name is None or name in OWN:
             return self.own
         path = resolve(name, self.vae_dir)
