@@ -1,5 +1,7 @@
 """`openldm convert` and `openldm generate` end to end on a tiny random-weight SD model written by diffusers."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -95,7 +97,10 @@ def test_generate_with_another_vae_equals_diffusers_given_it(tmp_path):
                generator=torch.Generator("cpu").manual_seed(3)).images[0]
     a, b = np.asarray(Image.open(out), dtype=np.int16), np.asarray(ref, dtype=np.int16)
     assert np.abs(a - b).max() <= 2
-    assert read_png_params(out).vae == "vae-ft-tiny.safetensors"
+    params = read_png_params(out)
+    assert params.vae == "vae-ft-tiny.safetensors"
+    assert params.vae_hash == hashlib.sha256(vae_file.read_bytes()).hexdigest()[:10]  # A1111's "VAE hash"
+    assert params.model_hash is None  # a diffusers folder: A1111 hashes files only
 
 
 def test_a_variation_seed_from_the_cli_regenerates_from_its_png(single_file, tmp_path):
@@ -106,6 +111,7 @@ def test_a_variation_seed_from_the_cli_regenerates_from_its_png(single_file, tmp
                  str(out)]) == 0
     params = read_png_params(out)
     assert (params.subseed, params.subseed_strength, params.seed_resize_from) == (11, 0.4, (48, 48))
+    assert params.model_hash == hashlib.sha256(single_file.read_bytes()).hexdigest()[:10]  # A1111's "Model hash"
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(out), "--model", str(single_file), "--out", str(again), "--quiet"]) == 0
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))

@@ -8,7 +8,6 @@ Inception-feature FID of the literature.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +17,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from openldm.data.idx import FASHION_MNIST_ROOT, IDXConfig, IDXDataset
+from openldm.io.files import cache_dir
 from openldm.io.native import load_model, read_metadata, save_model
 from openldm.registry import MODELS
 
-CACHE_ENV = "OPENLDM_CACHE"
 CLASSIFIER_FILE = "fmnist_classifier.safetensors"
 ACCURACY_KEY = "openldm.test_accuracy"
 
@@ -185,8 +184,7 @@ def train_classifier(*, root: str | Path = FASHION_MNIST_ROOT, epochs: int = 3, 
 
 def default_classifier_path() -> Path:
     """``$OPENLDM_CACHE/fmnist_classifier.safetensors`` (OPENLDM_CACHE defaults to ~/.cache/openldm)."""
-    cache = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "openldm"
-    return Path(cache) / CLASSIFIER_FILE
+    return cache_dir() / CLASSIFIER_FILE
 
 
 def classifier_accuracy(path: str | Path) -> float | None:

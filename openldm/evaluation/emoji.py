@@ -13,7 +13,6 @@ are scored the same way, so every figure has the real one beside it at the same 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from torch.nn import functional as F
 
 from openldm.data import build_dataset
 from openldm.data.emoji import ART
-from openldm.evaluation.classifier import CACHE_ENV, ClassifierConfig, ImageClassifier, accuracy
+from openldm.evaluation.classifier import ClassifierConfig, ImageClassifier, accuracy
 from openldm.evaluation.metrics import fid, kid
+from openldm.io.files import cache_dir
 from openldm.io.native import load_model, save_model
 from openldm.models.contrastive import SmallCLIP
 
@@ -83,8 +83,7 @@ def default_style_judge_path(root: str | None = None, size: int = 64) -> Path:
     and image size."""
     options = {"split": "train", "size": size, **({"root": root} if root else {})}
     build = hashlib.sha256(build_dataset("emoji", options).fingerprint().encode()).hexdigest()[:12]
-    cache = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "openldm"
-    return Path(cache) / STYLE_JUDGE_FILE.format(build)
+    return cache_dir() / STYLE_JUDGE_FILE.format(build)
 
 
 def load_style_judge(path: str | Path | None = None, root: str | None = None, size: int = 64) -> ImageClassifier:

@@ -1,5 +1,5 @@
-"""File helpers: atomic writes (temporary file in the same folder + rename), shared by every writer, and finding a
-file a run's config names."""
+"""File helpers: atomic writes (temporary file in the same folder + rename), shared by every writer; finding a
+file a run's config names; openldm's cache folder; files' SHA-256 (A1111's model hashes), cached."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +7,50 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+CACHE_ENV = "OPENLDM_CACHE"  # where openldm keeps what it computes once (default ~/.cache/openldm)
+HASHES_FILE = "hashes.json"
+SHORT_HASH = 10  # hex digits of A1111's short hash ("Model hash", "VAE hash")
+
+
+def cache_dir() -> Path:
+    """``$OPENLDM_CACHE``, else ``~/.cache/openldm`` (not created here)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "openldm")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), as A1111 hashes checkpoints, VAEs and LoRAs. Kept in
+    ``cache_dir() / hashes.json`` by resolved path, size and modification time, so a file is read once while it
+    is unchanged (several GB take seconds); a cache that cannot be read or written is skipped."""
+    import hashlib
+    import json
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
+    cache_file = cache_dir() / HASHES_FILE
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(key) if isinstance(cache, dict) else None
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    cache = {k: v for k, v in cache.items() if os.path.exists(k)} if isinstance(cache, dict) else {}  # drop gone files
+    cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    with contextlib.suppress(OSError):
+        with atomic_path(cache_file) as tmp:
+            tmp.write_text(json.dumps(cache, indent=1), encoding="utf-8")
+    return cache[key]["sha256"]
+
+
+def short_hash(path: str | Path) -> str | None:
+    """A1111's short hash of a file (the first :data:`SHORT_HASH` hex digits of its SHA-256); None for a folder."""
+    return file_sha256(path)[:SHORT_HASH] if Path(path).is_file() else None
 
 
 @contextlib.contextmanager

@@ -397,6 +397,8 @@ class GenerationParams:
     hires_steps: int | None = None  # None: the first pass's steps
     tiling: bool = False  # seamless tiling
     vae: str | None = None  # the VAE's name when it is not the model's own
+    model_hash: str | None = None  # A1111's short hashes: the first 10 hex digits of the file's SHA-256
+    vae_hash: str | None = None
     subseed: int | None = None  # A1111's variation seed, with its strength; and the seed resize's (width, height)
     subseed_strength: float = 0.0
     seed_resize_from: tuple[int, int] | None = None
@@ -414,10 +416,14 @@ class GenerationParams:
             items += [("Variation seed", self.subseed), ("Variation seed strength", _num(self.subseed_strength))]
         if self.seed_resize_from is not None:
             items.append(("Seed resize from", "{}x{}".format(*self.seed_resize_from)))
+        if self.model_hash:
+            items.append(("Model hash", self.model_hash))  # A1111's keys and order
         if self.model:
             items.append(("Model", self.model))
+        if self.vae_hash:
+            items.append(("VAE hash", self.vae_hash))
         if self.vae:
-            items.append(("VAE", self.vae))  # A1111's key
+            items.append(("VAE", self.vae))
         if self.class_label is not None:
             items.append(("Class label", self.class_label))
         if self.strength is not None:
@@ -472,6 +478,7 @@ class GenerationParams:
                        "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
                        "CFG rescale phi": ("guidance_rescale", float), "Batch size": ("num_images", int),
                        "Batch pos": ("batch_index", int), "Model": ("model", str), "VAE": ("vae", str),
+                       "Model hash": ("model_hash", str), "VAE hash": ("vae_hash", str),
                        "Class label": ("class_label", str),
                        "Chunked prompt": ("chunked", lambda v: v == "True"),
                        "Prompt weighting": ("prompt_weighting", str),

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from openldm.io.files import SHORT_HASH, file_sha256, short_hash
 from openldm.pipelines.common import (
     compile_networks,
     decode_latents,
@@ -35,6 +36,7 @@ from openldm.pipelines.inpaint import inpaint
 from openldm.pipelines.loras import LoraSwitch, request_loras
 from openldm.pipelines.text_to_image import text_to_image
 from openldm.pipelines.vaes import OWN, VaeSwitch, fitted
+from openldm.pipelines.vaes import resolve as resolve_vae
 from openldm.tokenizers.prompt_syntax import PROMPT_WEIGHTINGS
 
 # Latents -> RGB by one linear map: A1111's "Approx cheap" live preview of SD v1 latents (4 channels).
@@ -60,6 +62,8 @@ class SDGenerator:
         self.loras = LoraSwitch(parts)
         self.vae_dir, self.vae_name = vae_dir, vae_name
         self.vaes = VaeSwitch(parts.vae, vae_dir, unsafe_load)
+        self.model_sha256: str | None = None  # the checkpoint file's SHA-256 (A1111's hashes); None: a folder
+        self.vae_hash: str | None = None  # the short hash of a VAE given at load
         self.embeddings = dict(embeddings or {})  # textual inversion: name -> vectors (N, D), read-only
         from openldm.registry import SAMPLERS
 
@@ -97,6 +101,8 @@ class SDGenerator:
             module.eval().requires_grad_(False)
         generator = cls(parts, str(path) if source is None else source, lora_dir, embeddings, vae_dir,
                         None if vae is None else Path(vae).name, unsafe_load)
+        generator.model_sha256 = file_sha256(path) if Path(path).is_file() else None
+        generator.vae_hash = None if vae is None else short_hash(vae)
         if preview_vae is not None:
             generator.preview_vae = fitted(preview_vae, parts.vae, unsafe_load=unsafe_load)
         if compile:
@@ -158,8 +164,11 @@ class SDGenerator:
         if r.init_image is not None:
             r.strength = strength
         width, height = (r.width, r.height) if hires else images[0].size  # A1111's Size: the first pass's
-        vae = self.vae_name if r.vae is None or r.vae in OWN else r.vae
-        params = params_for(r, self.capabilities.source, len(images), width, height, vae)
+        own = r.vae is None or r.vae in OWN
+        vae = self.vae_name if own else r.vae
+        vae_hash = self.vae_hash if own else short_hash(resolve_vae(r.vae, self.vae_dir))
+        model_hash = None if self.model_sha256 is None else self.model_sha256[:SHORT_HASH]
+        params = params_for(r, self.capabilities.source, len(images), width, height, vae, model_hash, vae_hash)
         return GenerationResult(images, params, interrupted)
 
     def preview(self, denoised: torch.Tensor) -> Image.Image:

@@ -271,9 +271,10 @@ def response(body: Txt2ImgRequest, images: list[Image.Image], params: list[Gener
             ("Karras" if first.karras else "Automatic") if first else body.scheduler,
         "cfg_scale": first.guidance_scale if first else body.cfg_scale, "steps": first.steps if first else body.steps,
         "batch_size": body.batch_size, "n_iter": body.n_iter, "restore_faces": False,
-        "face_restoration_model": None, "sd_model_name": model, "sd_model_hash": None,
+        "face_restoration_model": None, "sd_model_name": model,
+        "sd_model_hash": first.model_hash if first else None,
         "sd_vae_name": first.vae if first else None,
-        "sd_vae_hash": None, "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
+        "sd_vae_hash": first.vae_hash if first else None, "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
         "denoising_strength": first.strength if first else None, "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": "",
         "clip_skip": first.clip_skip if first else 1, "is_using_inpainting_conditioning": False, "version": VERSION}

@@ -33,6 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from openldm.io.files import SHORT_HASH
 from openldm.pipelines.common import GenerationParams
 from openldm.pipelines.generate import GenerationRequest, RequestError
 from openldm.pipelines.hires import UPSCALERS, hires_size
@@ -390,8 +391,18 @@ def create_app(models: list[str | Path] | None = None, *, api_auth: str | None =
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models():
-        return [{"title": n, "model_name": n, "hash": None, "sha256": None, "filename": pool.sources[n],
-                 "config": None} for n in pool.names()]
+        """A1111's listing; ``hash`` / ``sha256`` of the checkpoint files loaded so far (hashing a model not yet
+        loaded would read gigabytes for a listing)."""
+        def sha256(name: str) -> str | None:
+            return getattr(pool.get(name), "model_sha256", None) if pool.is_loaded(name) else None
+
+        listed = []
+        for n in pool.names():
+            digest = sha256(n)
+            title = f"{n} [{digest[:SHORT_HASH]}]" if digest else n  # A1111's title: "name [short hash]"
+            listed.append({"title": title, "model_name": n, "hash": digest[:SHORT_HASH] if digest else None,
+                           "sha256": digest, "filename": pool.sources[n], "config": None})
+        return listed
 
     @app.get("/sdapi/v1/options")
     def get_options():

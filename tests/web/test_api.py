@@ -1,6 +1,7 @@
 """The server's API on the bundled model and on a tiny random-weight SD model: every route, the 4xx errors, auth,
 parity with `openldm generate`, PNG parameters, a bounded load test and interrupts."""
 import base64
+import hashlib
 import io
 import json
 import threading
@@ -311,6 +312,10 @@ def test_txt2img_variation_seeds_count_as_a1111s_and_equal_openldm_generate(sd, 
     assert info["all_seeds"] == [7, 7, 7, 7] and info["all_subseeds"] == [4, 5, 6, 7]
     assert (info["subseed"], info["subseed_strength"]) == (4, 0.3)
     assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (48, 40)
+    short = hashlib.sha256(sd_file.read_bytes()).hexdigest()[:10]
+    assert info["sd_model_hash"] == short and f"Model hash: {short}, Model: " in info["infotexts"][0]
+    listed = sd.get("/sdapi/v1/sd-models").json()[0]
+    assert listed["hash"] == short and listed["title"].endswith(f" [{short}]")
     images = [unb64(image) for image in r.json()["images"]]
     assert "Variation seed: 6, Variation seed strength: 0.3, Seed resize from: 48x40" in images[2].info["parameters"]
     out = tmp_path / "cli.png"
