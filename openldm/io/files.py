@@ -11,6 +11,7 @@ from typing import Iterator
 CACHE_ENV = "OPENLDM_CACHE"  # where openldm keeps what it computes once (default ~/.cache/openldm)
 HASHES_FILE = "hashes.json"
 SHORT_HASH = 10  # hex digits of A1111's short hash ("Model hash", "VAE hash")
+LORA_SHORT_HASH = 12  # hex digits of A1111's "Lora hashes" entries
 
 
 def cache_dir() -> Path:
@@ -18,16 +19,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "openldm")
 
 
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes (hex), as A1111 hashes checkpoints, VAEs and LoRAs. Kept in
-    ``cache_dir() / hashes.json`` by resolved path, size and modification time, so a file is read once while it
-    is unchanged (several GB take seconds); a cache that cannot be read or written is skipped."""
+def file_sha256(path: str | Path, *, tensors_only: bool = False) -> str:
+    """The SHA-256 of a file's bytes (hex), as A1111 hashes checkpoints and VAEs; ``tensors_only``: of a
+    safetensors file's bytes after its header (kohya's and A1111's LoRA hash, which metadata edits leave alone).
+    Kept in ``cache_dir() / hashes.json`` by resolved path, size and modification time, so a file is read once
+    while it is unchanged (several GB take seconds); a cache that cannot be read or written is skipped."""
     import hashlib
     import json
 
     path = Path(path).resolve()
     stat = path.stat()
-    key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
+    key, stamp = str(path) + ("#tensors" if tensors_only else ""), [stat.st_size, stat.st_mtime_ns]
     cache_file = cache_dir() / HASHES_FILE
     try:
         cache = json.loads(cache_file.read_text(encoding="utf-8"))
@@ -38,9 +40,12 @@ def file_sha256(path: str | Path) -> str:
         return entry["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if tensors_only:  # safetensors: an 8-byte little-endian header length, the JSON header, then the tensors
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
-    cache = {k: v for k, v in cache.items() if os.path.exists(k)} if isinstance(cache, dict) else {}  # drop gone files
+    cache = ({k: v for k, v in cache.items() if os.path.exists(k.removesuffix("#tensors"))}  # drop gone files
+             if isinstance(cache, dict) else {})
     cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
     with contextlib.suppress(OSError):
         with atomic_path(cache_file) as tmp:

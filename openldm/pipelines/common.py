@@ -399,6 +399,7 @@ class GenerationParams:
     vae: str | None = None  # the VAE's name when it is not the model's own
     model_hash: str | None = None  # A1111's short hashes: the first 10 hex digits of the file's SHA-256
     vae_hash: str | None = None
+    lora_hashes: str | None = None  # A1111's "NAME: HASH, ..." of the LoRAs applied
     subseed: int | None = None  # A1111's variation seed, with its strength; and the seed resize's (width, height)
     subseed_strength: float = 0.0
     seed_resize_from: tuple[int, int] | None = None
@@ -428,6 +429,8 @@ class GenerationParams:
             items.append(("Class label", self.class_label))
         if self.strength is not None:
             items.append(("Denoising strength", _num(self.strength)))
+        if self.lora_hashes:
+            items.append(("Lora hashes", self.lora_hashes))
         if self.hires_scale is not None:
             items += [("Hires upscale", _num(self.hires_scale)), ("Hires upscaler", self.hires_upscaler)]
             if self.hires_steps is not None:
@@ -479,6 +482,7 @@ class GenerationParams:
                        "CFG rescale phi": ("guidance_rescale", float), "Batch size": ("num_images", int),
                        "Batch pos": ("batch_index", int), "Model": ("model", str), "VAE": ("vae", str),
                        "Model hash": ("model_hash", str), "VAE hash": ("vae_hash", str),
+                       "Lora hashes": ("lora_hashes", str),
                        "Class label": ("class_label", str),
                        "Chunked prompt": ("chunked", lambda v: v == "True"),
                        "Prompt weighting": ("prompt_weighting", str),

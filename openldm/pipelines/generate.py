@@ -472,8 +472,8 @@ def progress_hook(total: int, on_progress: OnProgress | None, should_stop: Shoul
 
 
 def params_for(request: GenerationRequest, model: str, count: int, width: int, height: int,
-               vae: str | None = None, model_hash: str | None = None,
-               vae_hash: str | None = None) -> list[GenerationParams]:
+               vae: str | None = None, model_hash: str | None = None, vae_hash: str | None = None,
+               lora_hashes: str | None = None) -> list[GenerationParams]:
     """One GenerationParams per image of a resolved request; ``vae``: the name of the VAE that decoded them when
     it is not the model's own; the hashes: A1111's short hashes of the files."""
     base = GenerationParams(
@@ -484,7 +484,7 @@ def params_for(request: GenerationRequest, model: str, count: int, width: int, h
         chunked=request.chunked, prompt_weighting=request.prompt_weighting, strength=request.strength,
         paste_back=request.paste_back, model=model, hires_scale=request.hires_scale,
         hires_upscaler=request.hires_upscaler, hires_steps=request.hires_steps, tiling=request.tiling, vae=vae,
-        model_hash=model_hash, vae_hash=vae_hash,
+        model_hash=model_hash, vae_hash=vae_hash, lora_hashes=lora_hashes,
         subseed=request.subseed if request.subseed_strength else None, subseed_strength=request.subseed_strength,
         seed_resize_from=None if request.seed_resize_from is None else tuple(request.seed_resize_from),
         class_label=None if request.class_label is None else str(request.class_label),

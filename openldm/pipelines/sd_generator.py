@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from openldm.io.files import SHORT_HASH, file_sha256, short_hash
+from openldm.io.files import LORA_SHORT_HASH, SHORT_HASH, file_sha256, short_hash
 from openldm.pipelines.common import (
     compile_networks,
     decode_latents,
@@ -129,7 +129,13 @@ class SDGenerator:
         if loras and self.compiled == "frozen weights":  # frozen graphs would not see the fused LoRA weights
             self.compiled = thaw_modules(self.parts.unet)
         with self.loras.use(loras, r.tiling, vae):
-            return self._generate(parts, r, prompt, negative_prompt, on_progress, should_stop, progress)
+            result = self._generate(parts, r, prompt, negative_prompt, on_progress, should_stop, progress)
+        if loras:  # A1111's "Lora hashes": each file once, by the name its stem gives
+            named = {Path(path).stem: file_sha256(path, tensors_only=Path(path).suffix.lower() == ".safetensors")
+                     [:LORA_SHORT_HASH] for path, _ in loras}
+            text = ", ".join(f"{name}: {digest}" for name, digest in named.items())
+            result.params = [dataclasses.replace(p, lora_hashes=text) for p in result.params]
+        return result
 
     def _generate(self, parts, r: GenerationRequest, prompt: str, negative_prompt: str,
                   on_progress: OnProgress | None, should_stop: ShouldStop | None, progress: bool) -> GenerationResult:

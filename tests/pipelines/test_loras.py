@@ -3,6 +3,7 @@ layout on UNet and text encoder, two weights, two LoRAs stacked; base tensors bi
 resolved in a LoRA folder; `openldm generate --lora` and the server's API."""
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 
@@ -15,6 +16,7 @@ from sd_testing import tiny_pipeline
 
 from openldm.cli import main
 from openldm.pipelines import read_png_params
+from openldm.pipelines.common import GenerationParams
 from openldm.pipelines.generate import GenerationRequest, RequestError
 from openldm.pipelines.loras import available, extract_tags, request_loras, resolve_name
 from openldm.pipelines.sources import load_generator
@@ -134,6 +136,12 @@ def test_a_prompt_tag_equals_the_explicit_lora(tiny, generator):
     # the parameters (the PNG's) keep the prompt as written, tag included, so the image can be regenerated
     result = generator.generate(GenerationRequest(sampler="euler", **{**CALL, "prompt": "a red <lora:peft:0.8>circle"}))
     assert result.params[0].prompt == "a red <lora:peft:0.8>circle"
+    raw = (tiny[2] / "peft.safetensors").read_bytes()  # A1111's LoRA hash: the bytes after the safetensors header
+    digest = hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()[:12]
+    text = result.params[0].to_text()
+    assert f'Lora hashes: "peft: {digest}"' in text
+    assert GenerationParams.from_text(text).lora_hashes == f"peft: {digest}"
+    assert generator.generate(GenerationRequest(sampler="euler", **CALL)).params[0].lora_hashes is None
 
 
 def test_tags_are_parsed_and_removed():
