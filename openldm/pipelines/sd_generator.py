@@ -35,8 +35,7 @@ from openldm.pipelines.image_to_image import image_to_image
 from openldm.pipelines.inpaint import inpaint
 from openldm.pipelines.loras import LoraSwitch, request_loras
 from openldm.pipelines.text_to_image import text_to_image
-from openldm.pipelines.vaes import OWN, VaeSwitch, fitted
-from openldm.pipelines.vaes import resolve as resolve_vae
+from openldm.pipelines.vaes import ChosenVae, VaeSwitch, fitted
 from openldm.tokenizers.prompt_syntax import PROMPT_WEIGHTINGS
 
 # Latents -> RGB by one linear map: A1111's "Approx cheap" live preview of SD v1 latents (4 channels).
@@ -47,8 +46,8 @@ _SD_LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0
 class SDGenerator:
     """A loaded SD v1-family checkpoint (text-to-image, image-to-image, inpainting), with LoRAs per request
     (``request.loras`` and ``<lora:NAME:WEIGHT>`` prompt tags, NAME resolved in ``lora_dir``) and VAEs per request
-    (``request.vae``, a name in ``vae_dir``). ``vae_name``: what PNGs call ``parts.vae`` when it is not the
-    checkpoint's own (one given at load). ``preview_vae``: what live previews decode with (A1111's "TAESD" live
+    (``request.vae``, a name in ``vae_dir``). ``vae_name`` / ``vae_hash``: what PNGs say of ``parts.vae`` when it
+    is not the checkpoint's own (one given at load). ``preview_vae``: what live previews decode with (A1111's "TAESD" live
     preview); None: A1111's "Approx cheap" linear map."""
 
     compiled: str | None = None  # None, or what ``compile_networks`` did: "frozen weights" / "live weights"
@@ -56,14 +55,12 @@ class SDGenerator:
 
     def __init__(self, parts, source: str, lora_dir: str | Path | None = None,
                  embeddings: dict[str, torch.Tensor] | None = None, vae_dir: str | Path | None = None,
-                 vae_name: str | None = None, unsafe_load: bool = False):
+                 vae_name: str | None = None, vae_hash: str | None = None, unsafe_load: bool = False):
         self.parts = parts
         self.lora_dir = lora_dir
         self.loras = LoraSwitch(parts)
-        self.vae_dir, self.vae_name = vae_dir, vae_name
-        self.vaes = VaeSwitch(parts.vae, vae_dir, unsafe_load)
+        self.vaes = VaeSwitch(ChosenVae(parts.vae, vae_name, vae_hash), vae_dir, unsafe_load)
         self.model_sha256: str | None = None  # the checkpoint file's SHA-256 (A1111's hashes); None: a folder
-        self.vae_hash: str | None = None  # the short hash of a VAE given at load
         self.embeddings = dict(embeddings or {})  # textual inversion: name -> vectors (N, D), read-only
         from openldm.registry import SAMPLERS
 
@@ -100,9 +97,9 @@ class SDGenerator:
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.eval().requires_grad_(False)
         generator = cls(parts, str(path) if source is None else source, lora_dir, embeddings, vae_dir,
-                        None if vae is None else Path(vae).name, unsafe_load)
+                        None if vae is None else Path(vae).name, None if vae is None else short_hash(vae),
+                        unsafe_load)
         generator.model_sha256 = file_sha256(path) if Path(path).is_file() else None
-        generator.vae_hash = None if vae is None else short_hash(vae)
         if preview_vae is not None:
             generator.preview_vae = fitted(preview_vae, parts.vae, unsafe_load=unsafe_load)
         if compile:
@@ -122,14 +119,14 @@ class SDGenerator:
             vae = self.vaes.get(r.vae)
         except (ValueError, FileNotFoundError) as e:
             raise RequestError("vae", str(e)) from None
-        parts = self.parts if vae is self.parts.vae else dataclasses.replace(self.parts, vae=vae)
+        parts = self.parts if vae.module is self.parts.vae else dataclasses.replace(self.parts, vae=vae.module)
         if r.tiling and self.compiled is not None:
             raise RequestError("tiling", "seamless tiling is not available on a compiled model (its graphs keep "
                                "the padding they were compiled with); load it without compile")
         if loras and self.compiled == "frozen weights":  # frozen graphs would not see the fused LoRA weights
             self.compiled = thaw_modules(self.parts.unet)
-        with self.loras.use(loras, r.tiling, vae):
-            result = self._generate(parts, r, prompt, negative_prompt, on_progress, should_stop, progress)
+        with self.loras.use(loras, r.tiling, vae.module):
+            result = self._generate(parts, vae, r, prompt, negative_prompt, on_progress, should_stop, progress)
         if loras:  # A1111's "Lora hashes": each file once, by the name its stem gives
             named = {Path(path).stem: file_sha256(path, tensors_only=Path(path).suffix.lower() == ".safetensors")
                      [:LORA_SHORT_HASH] for path, _ in loras}
@@ -137,10 +134,10 @@ class SDGenerator:
             result.params = [dataclasses.replace(p, lora_hashes=text) for p in result.params]
         return result
 
-    def _generate(self, parts, r: GenerationRequest, prompt: str, negative_prompt: str,
+    def _generate(self, parts, vae: ChosenVae, r: GenerationRequest, prompt: str, negative_prompt: str,
                   on_progress: OnProgress | None, should_stop: ShouldStop | None, progress: bool) -> GenerationResult:
         """``r`` (resolved; its prompts, tags included, go to the PNG parameters) from the tag-free prompts, with
-        ``parts`` (the model's, its VAE the request's)."""
+        ``parts`` (the model's, its VAE the request's ``vae``)."""
         strength = r.strength if r.strength is not None else (1.0 if r.mask is not None else 0.75)
         plan = sampling_plan(parts, r.sampler, r.steps, r.karras)
         total = plan.from_strength(strength).num_steps if r.init_image is not None and strength > 0 else plan.num_steps
@@ -170,11 +167,8 @@ class SDGenerator:
         if r.init_image is not None:
             r.strength = strength
         width, height = (r.width, r.height) if hires else images[0].size  # A1111's Size: the first pass's
-        own = r.vae is None or r.vae in OWN
-        vae = self.vae_name if own else r.vae
-        vae_hash = self.vae_hash if own else short_hash(resolve_vae(r.vae, self.vae_dir))
         model_hash = None if self.model_sha256 is None else self.model_sha256[:SHORT_HASH]
-        params = params_for(r, self.capabilities.source, len(images), width, height, vae, model_hash, vae_hash)
+        params = params_for(r, self.capabilities.source, len(images), width, height, vae.name, model_hash, vae.hash)
         return GenerationResult(images, params, interrupted)
 
     def preview(self, denoised: torch.Tensor) -> Image.Image:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from openldm.io.components import SINGLE_FILE_SUFFIXES
+from openldm.io.files import short_hash
 from openldm.io.vae import VAE, load_vae
 from openldm.models.autoencoder import AutoencoderKL
 from openldm.pipelines.common import module_device_dtype
@@ -59,21 +61,32 @@ def fitted(path: str | Path, own: AutoencoderKL, *, unsafe_load: bool = False) -
     return vae.to(memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
-class VaeSwitch:
-    """A model's VAEs by request: its own (None, or a name in :data:`OWN`), or one from ``vae_dir`` by name, loaded
-    on first use and kept until another is asked for (one extra VAE in memory at a time, as A1111)."""
+class ChosenVae(NamedTuple):
+    """A VAE to decode with, and what PNGs say of it: its name and A1111's short hash (None: the checkpoint's own,
+    or a folder, which has no hash)."""
 
-    def __init__(self, own: AutoencoderKL, vae_dir: str | Path | None = None, unsafe_load: bool = False):
+    module: VAE
+    name: str | None = None
+    hash: str | None = None
+
+
+class VaeSwitch:
+    """A model's VAEs by request: its own (None, or a name in :data:`OWN`; ``own`` with the name and hash PNGs give
+    it), or one from ``vae_dir`` by name, loaded and hashed on first use and kept until another is asked for (one
+    extra VAE in memory at a time, as A1111)."""
+
+    def __init__(self, own: ChosenVae, vae_dir: str | Path | None = None, unsafe_load: bool = False):
         self.own, self.vae_dir, self.unsafe_load = own, vae_dir, unsafe_load
-        self._loaded: tuple[Path, VAE] | None = None
+        self._loaded: tuple[Path, ChosenVae] | None = None
         self._lock = threading.Lock()
 
-    def get(self, name: str | None) -> VAE:
+    def get(self, name: str | None) -> ChosenVae:
         if name is None or name in OWN:
             return self.own
         path = resolve(name, self.vae_dir)
         with self._lock:
             if self._loaded is None or self._loaded[0] != path:
                 self._loaded = None  # the previous one goes before the next loads
-                self._loaded = (path, fitted(path, self.own, unsafe_load=self.unsafe_load))
+                module = fitted(path, self.own.module, unsafe_load=self.unsafe_load)
+                self._loaded = (path, ChosenVae(module, name, short_hash(path)))
             return self._loaded[1]

@@ -79,7 +79,7 @@ def test_a_tiling_request_with_another_vae_pads_that_vae(generator, tmp_path):
     save_compvis(diffusers_vae(51), tmp_path / "VAE" / "other.safetensors")
     swapped = load_generator(generator.capabilities.source, vae_dir=tmp_path / "VAE")
     tiled = swapped.generate(GenerationRequest(**CALL, tiling=True, vae="other.safetensors"))
-    other = swapped.vaes.get("other.safetensors")
+    other = swapped.vaes.get("other.safetensors").module
     parts = swapped.parts.__class__(**{**swapped.parts.__dict__, "vae": other})
     with circular_padding(parts.unet, other):
         expect = np.asarray(to_pil(_images(parts))[0], dtype=np.int16)
